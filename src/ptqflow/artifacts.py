@@ -1,0 +1,163 @@
+"""Artifact rules every stage keeps: atomic writes, manifests, fingerprints.
+
+An output directory is built in a temporary sibling and renamed into place only when complete,
+so an interrupted stage never leaves half an output for DVC to cache, and a stage that fails
+leaves the previous output untouched. Each output directory carries ``manifest.json``: the
+stage, the params it used and their hash, the fingerprints of its inputs, package versions and
+the git revision. Manifests hold no timestamps, so equal inputs give equal bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("ptqflow", "torch", "transformers", "tokenizers", "safetensors", "gguf")
+
+
+def to_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, fixed layout, trailing newline."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def sha256_tensor(t: torch.Tensor) -> str:
+    """Hash of a tensor's dtype, shape and raw bytes (contiguous, CPU)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_revision(cwd: str | Path = ".") -> str:
+    """``HEAD``'s commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces ``target`` when the block succeeds.
+
+    On an exception the temporary directory is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_manifest(
+    out_dir: str | Path,
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    outputs: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write ``manifest.json`` into ``out_dir`` and return it.
+
+    Args:
+        stage: the stage name.
+        params: the exact params the stage used (plain JSON types).
+        inputs: fingerprints of what it read: model weights, upstream artifacts.
+        outputs: facts about what it wrote (counts, tensor hashes).
+    """
+    manifest = {
+        "stage": stage,
+        "params": dict(params),
+        "params_hash": params_hash(params),
+        "inputs": dict(inputs),
+        "outputs": dict(outputs or {}),
+        "packages": package_versions(),
+        "git_revision": git_revision(),
+    }
+    (Path(out_dir) / MANIFEST).write_text(to_json(manifest), encoding="utf-8")
+    return manifest
+
+
+def read_manifest(out_dir: str | Path, stage: str) -> dict:
+    """Read an upstream stage's manifest, with a clear error if it is missing or foreign."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run the '{stage}' stage first (`dvc repro {stage}`)"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("stage") != stage:
+        raise ValueError(f"{path} was written by stage '{manifest.get('stage')}', not '{stage}'")
+    return manifest
+
+
+def check_inputs(manifest: Mapping[str, Any], expected: Mapping[str, str]) -> None:
+    """Refuse an upstream artifact whose input fingerprints differ from the current ones.
+
+    Raises:
+        ValueError: naming every fingerprint that differs, and how to refresh the artifact.
+    """
+    have = manifest.get("inputs", {})
+    diffs = [
+        f"{key}: artifact has {have.get(key)!r}, current is {value!r}"
+        for key, value in expected.items()
+        if have.get(key) != value
+    ]
+    if diffs:
+        raise ValueError(
+            f"upstream '{manifest.get('stage')}' output does not match the current config "
+            f"({'; '.join(diffs)}); rerun it (`dvc repro {manifest.get('stage')}`)"
+        )

@@ -1,0 +1,77 @@
+"""Calibration token blocks, built the way llm-awq builds them.
+
+Documents are shuffled with a seeded permutation (``numpy.random.default_rng(seed)``, the same
+permutation ``datasets.Dataset.shuffle(seed=...)`` draws), each is encoded with the tokenizer's
+defaults, documents longer than ``seqlen`` tokens are skipped, the first ``n_samples`` kept
+documents are concatenated, and the stream is re-cut into ``seqlen``-token blocks (the tail that
+does not fill a block is dropped). Short documents (Wikipedia lead sections) therefore give
+fewer blocks than documents: the count is recorded, not fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+TOKENS_FILE = "tokens.safetensors"
+
+
+@dataclass(frozen=True)
+class CalibStats:
+    documents_seen: int
+    documents_kept: int
+    documents_too_long: int
+    tokens: int
+    blocks: int
+
+
+def build_blocks(
+    docs: list[str], tokenizer, n_samples: int, seqlen: int, seed: int
+) -> tuple[torch.Tensor, CalibStats]:
+    """Token blocks ``int64 [n_blocks, seqlen]`` from ``docs`` (see module docstring).
+
+    Raises:
+        ValueError: the text yields no full block of ``seqlen`` tokens.
+    """
+    order = np.random.default_rng(seed).permutation(len(docs))
+    kept: list[list[int]] = []
+    seen = too_long = 0
+    for i in order:
+        seen += 1
+        ids = tokenizer.encode(docs[int(i)])
+        if len(ids) > seqlen:
+            too_long += 1
+            continue
+        if ids:
+            kept.append(ids)
+        if len(kept) == n_samples:
+            break
+    stream = [t for ids in kept for t in ids]
+    n_blocks = len(stream) // seqlen
+    stats = CalibStats(seen, len(kept), too_long, len(stream), n_blocks)
+    if n_blocks == 0:
+        raise ValueError(
+            f"calibration text gives no block of seqlen={seqlen} tokens: {len(kept)} documents "
+            f"of at most {seqlen} tokens hold {len(stream)} tokens ({too_long} longer documents "
+            "skipped); lower calib.seqlen, raise calib.n_samples, or give more text"
+        )
+    blocks = torch.tensor(stream[: n_blocks * seqlen], dtype=torch.int64).reshape(n_blocks, seqlen)
+    return blocks, stats
+
+
+def save_blocks(blocks: torch.Tensor, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / TOKENS_FILE
+    save_file({"input_ids": blocks.contiguous()}, str(path))
+    return path
+
+
+def load_blocks(out_dir: str | Path) -> torch.Tensor:
+    """Read the token blocks written by :func:`save_blocks`."""
+    path = Path(out_dir) / TOKENS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the calib-data stage first")
+    return load_file(str(path))["input_ids"]

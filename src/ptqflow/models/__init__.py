@@ -1,0 +1,172 @@
+"""Loading models and tokenizers from a hub id, a local directory or a GGUF file.
+
+A model source is one string: a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local
+directory holding ``config.json``, a ``.gguf`` file, or ``pkg://<dist>/<file>.gguf`` for a GGUF
+shipped inside an installed package (the embedded default). :func:`resolve_model` checks the
+source without loading weights, so bad input fails before any heavy work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptqflow.models.adapters import Adapter, ScaleGroup, get_adapter, supported_model_types
+from ptqflow.sources import PKG_SCHEME, is_offline, resolve_path
+
+__all__ = [
+    "Adapter",
+    "ModelRef",
+    "ScaleGroup",
+    "get_adapter",
+    "linear_layers",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "model_fingerprint",
+    "resolve_model",
+    "supported_model_types",
+]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model source: ``kind`` is ``gguf``, ``dir`` or ``hub``.
+
+    ``location`` is the directory (gguf, dir) or hub id; ``gguf_file`` the file name in it.
+    """
+
+    spec: str
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+    def hf_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Check a model source and say what it is, without loading anything heavy.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, a directory without ``config.json``, or a
+            hub id that is neither cached nor reachable (offline).
+    """
+    if not spec:
+        raise ValueError("model.source is empty: give a hub id, a local directory or a .gguf file")
+    if spec.startswith(PKG_SCHEME) or spec.endswith(".gguf"):
+        path = resolve_path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"model GGUF file '{spec}' does not exist")
+        return ModelRef(spec, "gguf", str(path.parent), path.name)
+    path = resolve_path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model directory '{spec}' has no config.json; point model.source at a "
+                "transformers checkpoint directory, a .gguf file or a hub id"
+            )
+        return ModelRef(spec, "dir", str(path))
+    looks_like_path = spec.startswith((".", "/", "~")) or path.suffix in (".safetensors", ".bin")
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise FileNotFoundError(f"model source '{spec}' is not an existing file or directory")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json")
+    if not isinstance(cached, str) and is_offline():
+        raise FileNotFoundError(
+            f"model '{spec}' is not in the local hub cache and this process is offline "
+            "(HF_HUB_OFFLINE is set); download it once with a network, or use a local "
+            "directory or .gguf file"
+        )
+    return ModelRef(spec, "hub", spec)
+
+
+@contextmanager
+def _hub_errors(ref: ModelRef, what: str):
+    """Turn a failed hub download into one clear message; local errors pass through."""
+    try:
+        yield
+    except OSError as e:
+        if ref.kind != "hub":
+            raise
+        raise FileNotFoundError(
+            f"could not load {what} for '{ref.spec}' from the hub (no network, or no such "
+            f"model?): {e}. Offline, use a local directory or a .gguf file."
+        ) from e
+
+
+def load_config(ref: ModelRef):
+    """The transformers config (fast: reads metadata only)."""
+    from transformers import AutoConfig
+
+    with _hub_errors(ref, "the config"):
+        return AutoConfig.from_pretrained(ref.location, **ref.hf_kwargs())
+
+
+def load_tokenizer(ref: ModelRef):
+    """The tokenizer shipped with the model."""
+    from transformers import AutoTokenizer
+
+    with _hub_errors(ref, "the tokenizer"):
+        return AutoTokenizer.from_pretrained(ref.location, **ref.hf_kwargs())
+
+
+def load_model(ref: ModelRef, dtype: str = "float32") -> nn.Module:
+    """Load the causal LM in ``dtype`` (GGUF weights are dequantized to it), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"model dtype '{dtype}' is not one of {sorted(_DTYPES)}")
+    with _hub_errors(ref, "the weights"):
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.location, dtype=_DTYPES[dtype], **ref.hf_kwargs()
+        )
+    return model.eval()
+
+
+def linear_layers(config) -> list[tuple[str, int | None, int]]:
+    """Every linear of the model ``config`` describes, as ``(path, layer, in_features)``.
+
+    Builds the module tree on the meta device, so no weights are read or allocated: this is how
+    a recipe is checked against a model before loading it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    adapter = get_adapter(config.model_type)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return adapter.linears(skeleton)
+
+
+def model_fingerprint(ref: ModelRef) -> str:
+    """A stable identity for the weights: sha256 of the weight files, or the hub commit."""
+    if ref.kind == "hub":
+        cfg = load_config(ref)
+        return f"hub:{ref.spec}@{getattr(cfg, '_commit_hash', None) or 'unknown'}"
+    root = Path(ref.location)
+    files = (
+        [root / ref.gguf_file]
+        if ref.gguf_file
+        else sorted(
+            p
+            for p in root.iterdir()
+            if p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json"
+        )
+    )
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()

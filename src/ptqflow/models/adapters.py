@@ -1,0 +1,99 @@
+"""Architecture adapters: where the decoder blocks are and which linears follow which op.
+
+The quantization passes are written against this small interface, so supporting a new decoder
+family means describing its module layout here, not touching the passes. An adapter answers:
+
+- ``blocks(model)``: the decoder blocks, in order, and ``block_prefix``: their module path;
+- ``scale_groups(block)``: for the AWQ search, each (previous op -> following linears) group,
+  with the module whose output scores the search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that read the output of one op, so one per-channel scale can be folded into it.
+
+    Paths are relative to the decoder block. ``inspect`` is the module whose output measures the
+    quantization error of the group (the whole attention or MLP, or the linear itself).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+
+
+class Adapter:
+    """Base adapter; subclasses set ``model_types`` and ``block_prefix`` and list scale groups."""
+
+    model_types: tuple[str, ...] = ()
+    block_prefix: str = ""
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.block_prefix)
+
+    def scale_groups(self, block: nn.Module) -> list[ScaleGroup]:
+        raise NotImplementedError
+
+    def linears(self, model: nn.Module) -> list[tuple[str, int | None, int]]:
+        """Every ``nn.Linear`` as ``(path, decoder layer number or None, in_features)``."""
+        prefix = self.block_prefix + "."
+        out = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                layer = None
+                if name.startswith(prefix):
+                    layer = int(name[len(prefix) :].split(".", 1)[0])
+                out.append((name, layer, module.in_features))
+        return out
+
+
+class LlamaAdapter(Adapter):
+    """Llama and the families that share its block (Mistral, Qwen2; SmolLM2 is Llama).
+
+    Groups, as in AWQ: input norm -> q,k,v (inspect the attention); v -> o when their shapes
+    match (no grouped-query attention); post-attention norm -> gate,up (inspect the MLP);
+    up -> down.
+    """
+
+    model_types = ("llama", "mistral", "qwen2")
+    block_prefix = "model.layers"
+
+    def scale_groups(self, block: nn.Module) -> list[ScaleGroup]:
+        attn = "self_attn"
+        groups = [
+            ScaleGroup(
+                "input_layernorm", (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"), attn
+            )
+        ]
+        v, o = block.self_attn.v_proj, block.self_attn.o_proj
+        if v.weight.shape == o.weight.shape:
+            groups.append(ScaleGroup(f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj"))
+        groups += [
+            ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+            ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+        ]
+        return groups
+
+
+ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(),)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def get_adapter(model_type: str) -> Adapter:
+    """The adapter for a ``config.model_type``; an unsupported type lists the supported ones."""
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise ValueError(
+        f"unsupported architecture '{model_type}'; ptqflow supports: "
+        f"{', '.join(supported_model_types())}"
+    )

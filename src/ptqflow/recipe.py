@@ -1,0 +1,172 @@
+"""Per-layer quantization recipe: which linear gets which quant config.
+
+A recipe is an ordered list of rules plus a default, in the spirit of Megatron-core's
+quantization config. Each rule matches module paths by glob (``model.layers.*.mlp.*``) or by
+regex (prefix ``re:``), optionally restricted to a range of decoder-layer numbers, and maps to a
+named quant config or to ``skip``. The first matching rule wins; layers no rule matches get the
+default. Rules are checked eagerly: a rule that matches no layer, a config name that does not
+exist, or a group size that does not divide a layer's input features is an error that names
+the rule and the layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ptqflow.quant import QuantSpec
+
+SKIP = "skip"
+
+
+def parse_layers(spec: str | int | None) -> range | None:
+    """Parse a layer-number range: ``None`` (any module), ``5``, ``"2:10"``, ``"4:"``, ``":8"``.
+
+    Ranges are Python-style: start inclusive, stop exclusive. A range only matches modules that
+    sit inside a decoder block, so ``"0:"`` means "every decoder layer" and excludes ``lm_head``.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return range(spec, spec + 1)
+    m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", str(spec))
+    if m is None:
+        if str(spec).strip().isdigit():
+            n = int(spec)
+            return range(n, n + 1)
+        raise ValueError(f"layers={spec!r} is not a layer range; use e.g. 5, '2:10', '4:' or ':8'")
+    start = int(m.group(1)) if m.group(1) else 0
+    stop = int(m.group(2)) if m.group(2) else 1 << 30
+    if stop <= start:
+        raise ValueError(f"layers={spec!r} is an empty range")
+    return range(start, stop)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One recipe rule.
+
+    Attributes:
+        modules: glob over full module paths, or ``re:<regex>`` (full match).
+        config: a quant config name from the recipe's configs, or ``"skip"``.
+        layers: optional decoder-layer range (see :func:`parse_layers`).
+        name: label used in error messages; defaults to the pattern.
+    """
+
+    modules: str
+    config: str
+    layers: str | int | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError("a recipe rule needs a non-empty 'modules' pattern")
+        if self.modules.startswith("re:"):
+            try:
+                re.compile(self.modules[3:])
+            except re.error as e:
+                raise ValueError(f"rule '{self.label}': bad regex {self.modules[3:]!r}: {e}") from e
+        parse_layers(self.layers)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.modules
+
+    def matches(self, module: str, layer: int | None) -> bool:
+        rng = parse_layers(self.layers)
+        if rng is not None and (layer is None or layer not in rng):
+            return False
+        if self.modules.startswith("re:"):
+            return re.fullmatch(self.modules[3:], module) is not None
+        return fnmatch.fnmatchcase(module, self.modules)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Ordered rules, a default, and the named quant configs they may refer to."""
+
+    name: str = "custom"
+    rules: tuple[Rule, ...] = ()
+    default: str = SKIP
+    configs: Mapping[str, QuantSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for rule in self.rules:
+            self._check_name(rule.config, f"rule '{rule.label}'")
+        self._check_name(self.default, "the recipe default")
+
+    def _check_name(self, name: str, where: str) -> None:
+        if name != SKIP and name not in self.configs:
+            known = sorted(self.configs) + [SKIP]
+            raise ValueError(f"{where} names unknown quant config '{name}'; known: {known}")
+
+    @classmethod
+    def from_dict(
+        cls,
+        d: Mapping,
+        base_configs: Mapping[str, QuantSpec] | None = None,
+    ) -> Recipe:
+        """Build from plain config: ``{name, rules: [...], default, configs: {name: {...}}}``.
+
+        ``base_configs`` (e.g. ``{"quant": <the chosen quant config>}``) are available to rules
+        under their names alongside the recipe's own ``configs``.
+        """
+        unknown = sorted(set(d) - {"name", "rules", "default", "configs"})
+        if unknown:
+            raise ValueError(f"unknown recipe key(s) {unknown}; use name, rules, default, configs")
+        configs = dict(base_configs or {})
+        for name, c in (d.get("configs") or {}).items():
+            configs[name] = c if isinstance(c, QuantSpec) else QuantSpec(**dict(c))
+        rules = tuple(Rule(**dict(r)) for r in (d.get("rules") or ()))
+        return cls(
+            name=d.get("name", "custom"),
+            rules=rules,
+            default=d.get("default", SKIP),
+            configs=configs,
+        )
+
+    def spec_for(self, module: str, layer: int | None) -> tuple[QuantSpec | None, str]:
+        """The spec for one module (``None`` = keep in full precision) and the deciding rule."""
+        for rule in self.rules:
+            if rule.matches(module, layer):
+                return self._spec(rule.config), rule.label
+        return self._spec(self.default), "default"
+
+    def _spec(self, name: str) -> QuantSpec | None:
+        return None if name == SKIP else self.configs[name]
+
+    def resolve(
+        self, linears: Sequence[tuple[str, int | None, int]]
+    ) -> dict[str, QuantSpec | None]:
+        """Assign a spec to every linear, checking the whole recipe against the model.
+
+        Args:
+            linears: ``(module path, decoder layer number or None, in_features)`` for every
+                linear layer of the model, in model order.
+
+        Returns:
+            ``{module path: spec or None}`` in model order.
+
+        Raises:
+            ValueError: a rule matches no layer, or a group size does not divide a layer.
+        """
+        plan: dict[str, QuantSpec | None] = {}
+        for module, layer, in_features in linears:
+            spec, label = self.spec_for(module, layer)
+            if spec is not None:
+                try:
+                    spec.check_divides(in_features, module)
+                except ValueError as e:
+                    raise ValueError(f"recipe rule '{label}': {e}") from None
+            plan[module] = spec
+        for rule in self.rules:
+            if not any(rule.matches(m, layer) for m, layer, _ in linears):
+                sample = ", ".join(m for m, _, _ in linears[:4])
+                raise ValueError(
+                    f"recipe rule '{rule.label}' (modules={rule.modules!r}, "
+                    f"layers={rule.layers!r}) matches no linear layer of this model; "
+                    f"module paths look like: {sample}, ..."
+                )
+        return plan

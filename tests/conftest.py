@@ -1,0 +1,127 @@
+"""Shared fixtures: a tiny random Llama with a locally built tokenizer, small seeded texts, and
+the real Hydra config composed with overrides that point at them. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "stages"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = (
+    "the of and a to in is was for on as with by at from his her an were are which this that "
+    "city river music war king film team school house light water stone north south early "
+    "later first second year century people world state army church"
+).split()
+
+
+def make_text(seed: int, n_docs: int, min_words: int, max_words: int) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        n = rng.randint(min_words, max_words)
+        docs.append(" ".join(rng.choice(WORDS) for _ in range(n)) + ".")
+    return docs
+
+
+def build_tokenizer(out_dir: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", ".", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_llama(out_dir: Path, vocab_size: int, **overrides) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64) with its tokenizer, saved like a hub checkpoint."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer(out)
+    build_tiny_llama(out, vocab_size=len(tok))
+    return out
+
+
+@pytest.fixture(scope="session")
+def texts(tmp_path_factory) -> dict[str, Path]:
+    """A calibration JSONL (60 short documents) and an evaluation .txt."""
+    out = tmp_path_factory.mktemp("texts")
+    calib = out / "calib.jsonl"
+    calib.write_text(
+        "\n".join(json.dumps({"text": d}) for d in make_text(1, 60, 5, 40)) + "\n"
+    )
+    ev = out / "eval.txt"
+    ev.write_text("\n\n".join(make_text(2, 40, 20, 60)) + "\n")
+    return {"calib": calib, "eval": ev}
+
+
+def compose(overrides: list[str]) -> dict:
+    """The real config from conf/, with overrides, as plain types (what stages receive)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def tiny_overrides(model_dir: Path, texts: dict[str, Path], work: Path) -> list[str]:
+    return [
+        "model=local",
+        f"model.source={model_dir}",
+        f"calib.source={texts['calib']}",
+        "calib.n_samples=40",
+        "calib.seqlen=32",
+        f"eval.source={texts['eval']}",
+        "eval.seqlen=32",
+        "eval.n_windows=6",
+        "eval.batch_size=2",
+        "quant.group_size=32",
+        f"paths.artifacts={work / 'artifacts'}",
+        f"paths.reports={work / 'reports'}",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir, texts, tmp_path):
+    """Compose the real config pointed at the tiny model, texts and a scratch work dir."""
+
+    def make(*extra: str) -> dict:
+        return compose(tiny_overrides(tiny_model_dir, texts, tmp_path) + list(extra))
+
+    return make

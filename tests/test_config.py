@@ -1,0 +1,92 @@
+"""The real config: composition, params.yaml drift, every preset parses."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, compose
+
+from ptqflow.config import (
+    CalibConfig,
+    EvalConfig,
+    ModelConfig,
+    PathsConfig,
+    TrackingConfig,
+    parse,
+    parse_quant,
+    parse_recipe,
+)
+
+
+def test_params_yaml_equals_composition_of_conf(tmp_path):
+    """params.yaml must be exactly what DVC's Hydra mode composes from conf/ (`make params`)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(ROOT), [])
+    committed = (ROOT / "params.yaml").read_text()
+    assert committed == out.read_text(), "params.yaml is stale: run `make params` and commit it"
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def test_default_config_parses():
+    cfg = compose([])
+    assert parse(ModelConfig, "model", cfg["model"]).name == "smollm2_135m"
+    assert parse(CalibConfig, "calib", cfg["calib"]) == CalibConfig()
+    assert parse(EvalConfig, "eval", cfg["eval"]) == EvalConfig()
+    assert parse(TrackingConfig, "tracking", cfg["tracking"]).uri == "sqlite:///mlflow.db"
+    assert parse(PathsConfig, "paths", cfg["paths"]) == PathsConfig()
+    quant = parse_quant(cfg["quant"])
+    assert quant.tag == "w4g64"
+    assert parse_recipe(cfg["recipe"], quant).name == "default"
+
+
+@pytest.mark.parametrize("name", presets("quant"))
+def test_quant_presets(name):
+    spec = parse_quant(compose([f"quant={name}"])["quant"])
+    assert spec.tag.replace("-", "_").startswith(name.split("_")[0])
+
+
+@pytest.mark.parametrize("name", presets("recipe"))
+def test_recipe_presets(name):
+    cfg = compose([f"recipe={name}"])
+    assert parse_recipe(cfg["recipe"], parse_quant(cfg["quant"])).name == name
+
+
+@pytest.mark.parametrize("group", ["calib", "eval", "tracking"])
+def test_other_presets_parse(group):
+    cls = {"calib": CalibConfig, "eval": EvalConfig, "tracking": TrackingConfig}[group]
+    for name in presets(group):
+        parse(cls, group, compose([f"{group}={name}"])[group])
+
+
+def test_experiment_presets_compose():
+    assert compose(["experiment=rtn_w3g64"])["quant"]["w_bit"] == 3
+    assert compose(["experiment=smoke"])["eval"]["n_windows"] == 4
+
+
+def test_unknown_and_invalid_keys_name_the_section():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_sample'\] in config section 'calib'"):
+        parse(CalibConfig, "calib", {"n_sample": 3})
+    with pytest.raises(ValueError, match="section 'eval'.*method='awq2'"):
+        parse(EvalConfig, "eval", {"method": "awq2"})
+    with pytest.raises(ValueError, match="section 'calib'.*seqlen=0"):
+        parse(CalibConfig, "calib", {"seqlen": 0})
+    with pytest.raises(ValueError, match="section 'quant'.*w_bit=12"):
+        parse_quant({"w_bit": 12, "group_size": 64, "zero_point": True})
+
+
+def test_dvc_yaml_params_exist_in_params_yaml():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert part in node, f"stage {name}: param '{key}' not in params.yaml"
+                node = node[part]
+        for dep in stage["deps"]:
+            assert Path(ROOT / dep).exists(), f"stage {name}: dep {dep} missing"

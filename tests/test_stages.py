@@ -1,0 +1,114 @@
+"""The stage entry points end to end on a tiny random Llama: outputs, manifests, determinism,
+bad input, MLflow runs, and a real Hydra --multirun sweep."""
+
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+
+import calib_data
+import fake_quant_eval
+import pytest
+from conftest import ROOT, tiny_overrides
+
+from ptqflow.calib import load_blocks
+
+
+def mlflow_runs(db):
+    with sqlite3.connect(db) as con:
+        return con.execute("select name, status from runs order by start_time").fetchall()
+
+
+def test_calib_stage_writes_blocks_and_manifest_deterministically(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    out = calib_data.run(cfg)
+    calib_dir = tmp_path / "artifacts" / "calib"
+    blocks = load_blocks(calib_dir)
+    assert blocks.shape == (out["blocks"], 32) and out["blocks"] > 0
+    manifest = json.loads((calib_dir / "manifest.json").read_text())
+    assert manifest["stage"] == "calib-data"
+    assert manifest["params"]["calib"]["seqlen"] == 32
+    assert manifest["inputs"]["model"].startswith("sha256:")
+    assert manifest["outputs"]["tokens_sha256"] == out["tokens_sha256"]
+    first = {p.name: p.read_bytes() for p in calib_dir.iterdir()}
+    calib_data.run(cfg)
+    assert {p.name: p.read_bytes() for p in calib_dir.iterdir()} == first
+    assert mlflow_runs(tmp_path / "mlflow.db") == [("calib-local", "FINISHED")] * 2
+
+
+def test_eval_fp_and_rtn(tiny_cfg, tmp_path):
+    fp = fake_quant_eval.run(tiny_cfg("eval.method=fp"))
+    w8 = fake_quant_eval.run(tiny_cfg("quant.w_bit=8", "quant.group_size=-1"))
+    w2 = fake_quant_eval.run(tiny_cfg("quant.w_bit=2"))
+    for m in (fp, w8, w2):
+        assert math.isfinite(m["perplexity"]) and m["tokens"] == 6 * 31
+    assert (fp["quant"], w8["quant"], w2["quant"]) == ("fp", "w8pc", "w2g32")
+    assert w2["quantized_linears"] == 14 and w2["fp_linears"] == 1
+    # 8-bit per-channel is nearly lossless; 2-bit is not.
+    assert abs(w8["nll"] - fp["nll"]) < abs(w2["nll"] - fp["nll"])
+    assert abs(w8["nll"] - fp["nll"]) < 1e-2
+    saved = json.loads((tmp_path / "reports" / "eval" / "rtn.json").read_text())
+    assert saved == w2
+    assert json.loads((tmp_path / "reports" / "eval" / "fp.json").read_text()) == fp
+    fake_quant_eval.run(tiny_cfg("quant.w_bit=2"))
+    assert json.loads((tmp_path / "reports" / "eval" / "rtn.json").read_text()) == w2
+    runs = mlflow_runs(tmp_path / "mlflow.db")
+    assert [name for name, _ in runs] == ["fp-local", "rtn-w8pc-local", "rtn-w2g32-local", "rtn-w2g32-local"]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("quant.group_size=48", r"rule 'decoder-linears'.*group_size=48 does not divide in_features=64"),
+        ("quant.w_bit=9", r"section 'quant'.*w_bit=9 is out of range"),
+        ("eval.n_windows=1000", r"evaluation text has \d+ tokens, fewer than n_windows=1000"),
+        ("eval.source=/no/such/file.txt", "is not a file"),
+        ("model.source=/no/such/model", "is not an existing file or directory"),
+        ("recipe.rules.0.modules=*.gate", "matches no linear layer"),
+    ],
+    ids=["group", "bits", "windows", "text", "model", "recipe"],
+)
+def test_eval_bad_input_fails_clearly_and_keeps_outputs(tiny_cfg, tmp_path, override, match):
+    metrics = tmp_path / "reports" / "eval" / "rtn.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("previous")
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        fake_quant_eval.run(tiny_cfg(override))
+    assert metrics.read_text() == "previous"
+
+
+def test_calib_bad_input_keeps_previous_output(tiny_cfg, tmp_path):
+    calib_data.run(tiny_cfg())
+    calib_dir = tmp_path / "artifacts" / "calib"
+    before = {p.name: p.read_bytes() for p in calib_dir.iterdir()}
+    with pytest.raises(ValueError, match="no block of seqlen=100000"):
+        calib_data.run(tiny_cfg("calib.seqlen=100000"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="contains no text"):
+        calib_data.run(tiny_cfg(f"calib.source={empty}"))
+    assert {p.name: p.read_bytes() for p in calib_dir.iterdir()} == before
+    assert sorted(p.name for p in calib_dir.parent.iterdir()) == ["calib"]
+
+
+def test_multirun_sweep_from_the_command_line(tiny_model_dir, texts, tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "fake_quant_eval.py"),
+        "--multirun",
+        "quant.w_bit=3,4",
+        "quant.group_size=16,32",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        *tiny_overrides(tiny_model_dir, texts, tmp_path),
+    ]
+    cmd.remove("quant.group_size=32")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "reports" / "runs").iterdir())
+    assert runs == ["rtn-w3g16.json", "rtn-w3g32.json", "rtn-w4g16.json", "rtn-w4g32.json"]
+    assert not (tmp_path / "reports" / "eval").exists()
+    names = sorted(name for name, status in mlflow_runs(tmp_path / "mlflow.db") if status == "FINISHED")
+    assert names == [f"rtn-w{b}g{g}-local" for b in (3, 4) for g in (16, 32)]

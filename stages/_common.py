@@ -2,7 +2,7 @@
 
 Stages are thin: parse config into typed dataclasses, call the library, write outputs and a
 manifest, log to MLflow. Under DVC they read the committed ``params.yaml``
-(``--config-path .. --config-name params``); run by hand they compose ``conf/``, so Hydra
+(``--config-dir . --config-name params``); run by hand they compose ``conf/``, so Hydra
 overrides and ``--multirun`` sweeps work on any stage.
 """
 

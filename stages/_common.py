@@ -54,17 +54,22 @@ def stage_main(task: Callable[[dict[str, Any]], Any]) -> Callable[[], None]:
     )
 
 
-def tracked(stage: str, cfg: dict[str, Any], params: dict[str, Any], run_name: str):
+def tracked(
+    stage: str,
+    cfg: dict[str, Any],
+    params: dict[str, Any],
+    run_name: str,
+    extra_tags: dict[str, str] | None = None,
+):
     """An MLflow run for one stage invocation, tagged with what reproduces it."""
     tracking = parse(TrackingConfig, "tracking", cfg.get("tracking"))
     tags = {
         "stage": stage,
         "git_revision": git_revision(ROOT),
         "params_hash": params_hash(params),
+        **(extra_tags or {}),
     }
     job = multirun_job()
     if job is not None:
         tags["multirun_job"] = str(job)
-    return mlflow_run(
-        tracking.enabled, tracking.uri, tracking.experiment, run_name, params, tags
-    )
+    return mlflow_run(tracking.enabled, tracking.uri, tracking.experiment, run_name, params, tags)

@@ -38,8 +38,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             save_blocks(blocks, tmp)
             write_manifest(tmp, STAGE, params, {"model": model_fingerprint(ref)}, outputs)
         run_log.log_metrics(stats.__dict__)
-    print(f"calib-data: {stats.blocks} blocks of {calib.seqlen} tokens from "
-          f"{stats.documents_kept} documents -> {out_dir}")
+    print(
+        f"calib-data: {stats.blocks} blocks of {calib.seqlen} tokens from "
+        f"{stats.documents_kept} documents -> {out_dir}"
+    )
     return outputs
 
 

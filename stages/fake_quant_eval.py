@@ -55,11 +55,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     # Check the whole request against the model's shapes before any weight is read.
     ref = resolve_model(model_cfg.source)
     check_source(ev.source)
-    plan = recipe.resolve(linear_layers(load_config(ref))) if quantized else {}
+    linears = linear_layers(load_config(ref))
+    plan = recipe.resolve(linears) if quantized else {}
     out = output_path(ROOT / paths.reports, ev.method, tag, multirun_job())
 
     run_name = f"{ev.method}-{tag}-{model_cfg.name}" if tag else f"{ev.method}-{model_cfg.name}"
-    with tracked(STAGE, cfg, params, run_name) as run_log:
+    with tracked(
+        STAGE, cfg, params, run_name, {"model_fingerprint": model_fingerprint(ref)}
+    ) as run_log:
         tokenizer = load_tokenizer(ref)
         windows = eval_windows(
             load_documents(ev.source, ev.text_field, ev.split), tokenizer, ev.seqlen, ev.n_windows
@@ -71,23 +74,23 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         result = perplexity(model, windows, ev.batch_size)
         eval_s = time.perf_counter() - t0
+        # Only figures and the config tag: the params are DVC's and MLflow's already.
         metrics = {
-            "method": ev.method,
-            "model": model_cfg.name,
-            "model_fingerprint": model_fingerprint(ref),
             "quant": tag or "fp",
             "perplexity": round(result.perplexity, 6),
             "nll": round(result.nll, 8),
             "tokens": result.tokens,
-            "n_windows": ev.n_windows,
-            "seqlen": ev.seqlen,
             "quantized_linears": len(done),
-            "fp_linears": len(plan) - len(done) if quantized else None,
+            "fp_linears": len(linears) - len(done),
         }
         # Timings go to MLflow only, so the metrics file is reproducible to the byte.
         run_log.log_metrics(
-            {"perplexity": result.perplexity, "nll": result.nll, "eval_seconds": eval_s,
-             "quantize_seconds": quant_s}
+            {
+                "perplexity": result.perplexity,
+                "nll": result.nll,
+                "eval_seconds": eval_s,
+                "quantize_seconds": quant_s,
+            }
         )
         atomic_write_text(out, to_json(metrics))
         run_log.log_artifact(out)

@@ -80,9 +80,7 @@ def texts(tmp_path_factory) -> dict[str, Path]:
     """A calibration JSONL (60 short documents) and an evaluation .txt."""
     out = tmp_path_factory.mktemp("texts")
     calib = out / "calib.jsonl"
-    calib.write_text(
-        "\n".join(json.dumps({"text": d}) for d in make_text(1, 60, 5, 40)) + "\n"
-    )
+    calib.write_text("\n".join(json.dumps({"text": d}) for d in make_text(1, 60, 5, 40)) + "\n")
     ev = out / "eval.txt"
     ev.write_text("\n\n".join(make_text(2, 40, 20, 60)) + "\n")
     return {"calib": calib, "eval": ev}

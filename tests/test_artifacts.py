@@ -21,7 +21,10 @@ def test_manifest_round_trip_and_input_check(tmp_path):
     assert (tmp_path / "manifest.json").read_text() == to_json(m)
     assert read_manifest(tmp_path, "calib-data")["params_hash"] == m["params_hash"]
     check_inputs(m, {"model": "sha256:1"})
-    with pytest.raises(ValueError, match=r"model: artifact has 'sha256:1', current is 'sha256:2'.*dvc repro calib-data"):
+    with pytest.raises(
+        ValueError,
+        match=r"model: artifact has 'sha256:1', current is 'sha256:2'.*dvc repro calib-data",
+    ):
         check_inputs(m, {"model": "sha256:2"})
     with pytest.raises(ValueError, match="written by stage 'calib-data'"):
         read_manifest(tmp_path, "scale-search")
@@ -32,9 +35,15 @@ def test_manifest_round_trip_and_input_check(tmp_path):
 def test_tracking_uri_resolves_to_main_repo_from_experiment_clone(tmp_path):
     clone = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc"
     assert project_root(clone) == tmp_path / "repo"
-    assert resolve_uri("sqlite:///mlflow.db", clone) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert (
+        resolve_uri("sqlite:///mlflow.db", clone) == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    )
     assert resolve_uri("sqlite:////abs/x.db", clone) == "sqlite:////abs/x.db"
 
 
 def test_flatten():
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "None",
+    }

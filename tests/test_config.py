@@ -69,7 +69,9 @@ def test_experiment_presets_compose():
 
 
 def test_unknown_and_invalid_keys_name_the_section():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['n_sample'\] in config section 'calib'"):
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) \['n_sample'\] in config section 'calib'"
+    ):
         parse(CalibConfig, "calib", {"n_sample": 3})
     with pytest.raises(ValueError, match="section 'eval'.*method='awq2'"):
         parse(EvalConfig, "eval", {"method": "awq2"})

@@ -9,7 +9,11 @@ from conftest import compose
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, expected, tol",
-    [(["eval.method=fp"], 13.11, 0.01), (["quant=w4g64"], 17.19, 0.01), (["quant=w3g64"], 45.9, 0.1)],
+    [
+        (["eval.method=fp"], 13.11, 0.01),
+        (["quant=w4g64"], 17.19, 0.01),
+        (["quant=w3g64"], 45.9, 0.1),
+    ],
     ids=["fp", "rtn-w4g64", "rtn-w3g64"],
 )
 def test_embedded_default_reproduces_reference_perplexity(tmp_path, overrides, expected, tol):

@@ -30,7 +30,9 @@ def test_resolve_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="package 'not-a-dist' is not installed"):
         resolve_model("pkg://not-a-dist/m.gguf")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="not in the local hub cache and this process is offline"):
+    with pytest.raises(
+        FileNotFoundError, match="not in the local hub cache and this process is offline"
+    ):
         resolve_model("someone/surely-not-cached-model-xyz")
 
 
@@ -40,7 +42,9 @@ def test_embedded_default_resolves_to_gguf():
 
 
 def test_unsupported_architecture_lists_supported():
-    with pytest.raises(ValueError, match=r"unsupported architecture 'bloom'.*llama, mistral, qwen2"):
+    with pytest.raises(
+        ValueError, match=r"unsupported architecture 'bloom'.*llama, mistral, qwen2"
+    ):
         get_adapter("bloom")
     assert "llama" in supported_model_types()
 
@@ -56,7 +60,9 @@ def test_linear_layers_from_config_without_weights(tiny_model_dir):
 
 @pytest.mark.parametrize("kv_heads, has_v_to_o", [(4, True), (2, False)], ids=["mha", "gqa"])
 def test_llama_scale_groups_follow_the_block(tmp_path, kv_heads, has_v_to_o):
-    build_tiny_llama(tmp_path, vocab_size=len(build_tokenizer(tmp_path)), num_key_value_heads=kv_heads)
+    build_tiny_llama(
+        tmp_path, vocab_size=len(build_tokenizer(tmp_path)), num_key_value_heads=kv_heads
+    )
     model = load_model(resolve_model(str(tmp_path)))
     block = model.model.layers[0]
     groups = get_adapter("llama").scale_groups(block)

@@ -78,7 +78,9 @@ def test_spec_rejects_bad_values(kwargs, match):
 
 
 def test_check_divides_names_layer_and_suggests():
-    with pytest.raises(ValueError, match=r"group_size=128 does not divide in_features=576 of layer 'x'.*64"):
+    with pytest.raises(
+        ValueError, match=r"group_size=128 does not divide in_features=576 of layer 'x'.*64"
+    ):
         QuantSpec(4, 128).check_divides(576, "x")
     QuantSpec(4, 64).check_divides(576, "x")
 

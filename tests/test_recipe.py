@@ -66,7 +66,11 @@ def test_glob_is_case_sensitive_full_match():
 )
 def test_parse_layers(spec, expected):
     got = parse_layers(spec)
-    assert got == expected if expected is None else (got.start, got.stop) == (expected.start, expected.stop)
+    assert (
+        got == expected
+        if expected is None
+        else (got.start, got.stop) == (expected.start, expected.stop)
+    )
 
 
 def test_open_range_has_no_end():
@@ -100,7 +104,9 @@ def test_group_size_not_dividing_names_rule_and_layer():
         [{"modules": "*.down_proj", "config": "g48", "name": "down48"}],
         configs={"g48": {"w_bit": 4, "group_size": 48}},
     )
-    with pytest.raises(ValueError, match=r"rule 'down48'.*in_features=128 of layer 'model.layers.0.mlp.down_proj'"):
+    with pytest.raises(
+        ValueError, match=r"rule 'down48'.*in_features=128 of layer 'model.layers.0.mlp.down_proj'"
+    ):
         r.resolve(LINEARS)
 
 

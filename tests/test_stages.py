@@ -55,13 +55,21 @@ def test_eval_fp_and_rtn(tiny_cfg, tmp_path):
     fake_quant_eval.run(tiny_cfg("quant.w_bit=2"))
     assert json.loads((tmp_path / "reports" / "eval" / "rtn.json").read_text()) == w2
     runs = mlflow_runs(tmp_path / "mlflow.db")
-    assert [name for name, _ in runs] == ["fp-local", "rtn-w8pc-local", "rtn-w2g32-local", "rtn-w2g32-local"]
+    assert [name for name, _ in runs] == [
+        "fp-local",
+        "rtn-w8pc-local",
+        "rtn-w2g32-local",
+        "rtn-w2g32-local",
+    ]
 
 
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("quant.group_size=48", r"rule 'decoder-linears'.*group_size=48 does not divide in_features=64"),
+        (
+            "quant.group_size=48",
+            r"rule 'decoder-linears'.*group_size=48 does not divide in_features=64",
+        ),
         ("quant.w_bit=9", r"section 'quant'.*w_bit=9 is out of range"),
         ("eval.n_windows=1000", r"evaluation text has \d+ tokens, fewer than n_windows=1000"),
         ("eval.source=/no/such/file.txt", "is not a file"),
@@ -110,5 +118,7 @@ def test_multirun_sweep_from_the_command_line(tiny_model_dir, texts, tmp_path):
     runs = sorted(p.name for p in (tmp_path / "reports" / "runs").iterdir())
     assert runs == ["rtn-w3g16.json", "rtn-w3g32.json", "rtn-w4g16.json", "rtn-w4g32.json"]
     assert not (tmp_path / "reports" / "eval").exists()
-    names = sorted(name for name, status in mlflow_runs(tmp_path / "mlflow.db") if status == "FINISHED")
+    names = sorted(
+        name for name, status in mlflow_runs(tmp_path / "mlflow.db") if status == "FINISHED"
+    )
     assert names == [f"rtn-w{b}g{g}-local" for b in (3, 4) for g in (16, 32)]

@@ -45,7 +45,9 @@ def test_too_little_text_for_a_block_is_an_error(tokenizer):
 def test_text_file_formats(tmp_path):
     (tmp_path / "a.txt").write_text("one doc\nstill one\n\n\n second doc \n")
     assert load_documents(str(tmp_path / "a.txt")) == ["one doc\nstill one", "second doc"]
-    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}) + "\n\n" + json.dumps({"body": "y"}))
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"body": "x"}) + "\n\n" + json.dumps({"body": "y"})
+    )
     assert load_documents(str(tmp_path / "b.jsonl"), text_field="body") == ["x", "y"]
     (tmp_path / "c.json").write_text(json.dumps(["p", "", "q"]))
     assert load_documents(str(tmp_path / "c.json")) == ["p", "q"]

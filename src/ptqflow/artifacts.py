@@ -54,7 +54,7 @@ def package_versions() -> dict[str, str]:
 
 
 def git_revision(cwd: str | Path = ".") -> str:
-    """``HEAD``'s commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """``HEAD``'s commit, ``-dirty`` when tracked files differ from it, ``unknown`` outside git."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True

@@ -26,7 +26,9 @@ def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section '{section}'; known: {sorted(fields)}")
+        raise ValueError(
+            f"unknown key(s) {unknown} in config section '{section}'; known: {sorted(fields)}"
+        )
     try:
         return cls(**values)
     except TypeError as e:

@@ -54,10 +54,14 @@ def perplexity(
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+        )
         total += nll.item()
         count += targets.numel()
     mean = total / count
     if not math.isfinite(mean):
-        raise FloatingPointError(f"perplexity is not finite (mean NLL {mean}): the model outputs NaN/inf")
+        raise FloatingPointError(
+            f"perplexity is not finite (mean NLL {mean}): the model outputs NaN/inf"
+        )
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=count)

@@ -50,9 +50,7 @@ class QuantSpec:
                 f"w_bit={self.w_bit!r} is out of range: weight quantization supports "
                 f"{MIN_BITS}..{MAX_BITS} bits"
             )
-        if not isinstance(self.group_size, int) or (
-            self.group_size != -1 and self.group_size <= 0
-        ):
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise ValueError(
                 f"group_size={self.group_size!r} is invalid: use a positive group size "
                 "(e.g. 32, 64, 128) or -1 for per-channel"
@@ -142,9 +140,7 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fake_quantize_linears(
-    model: torch.nn.Module, specs: dict[str, QuantSpec | None]
-) -> list[str]:
+def fake_quantize_linears(model: torch.nn.Module, specs: dict[str, QuantSpec | None]) -> list[str]:
     """Replace the weight of every linear named in ``specs`` by its fake-quant.
 
     ``specs`` maps module names (as ``model.named_modules()`` gives them) to a spec, or to

@@ -7,7 +7,8 @@ A source is named by one string:
   calibration pool, odd positions the evaluation pool, so the two never overlap.
 - a local file: ``.txt`` (documents separated by blank lines), ``.jsonl`` (one object per line,
   text under ``text_field``) or ``.json`` (a list of strings or of objects).
-- ``hf:<dataset>`` or ``hf:<dataset>:<config>`` (``hf:wikitext:wikitext-2-raw-v1``): a hub dataset (needs a network or a local cache),
+- ``hf:<dataset>`` or ``hf:<dataset>:<config>`` (``hf:wikitext:wikitext-2-raw-v1``): a hub
+  dataset (needs a network or a local cache),
   ``split`` and ``text_field`` select the column.
 """
 
@@ -45,7 +46,9 @@ def _read_file(path: Path, text_field: str) -> list[str]:
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of strings or objects")
     else:
-        raise ValueError(f"{path}: unsupported text file type '{suffix}'; use .txt, .jsonl or .json")
+        raise ValueError(
+            f"{path}: unsupported text file type '{suffix}'; use .txt, .jsonl or .json"
+        )
     docs = []
     for i, row in enumerate(rows):
         if isinstance(row, str):

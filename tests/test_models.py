@@ -74,3 +74,29 @@ def test_llama_scale_groups_follow_the_block(tmp_path, kv_heads, has_v_to_o):
             assert block.get_submodule(name).in_features == width
         block.get_submodule(g.inspect)
     assert isinstance(model.model.layers, torch.nn.ModuleList)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_llama_family_adapters_on_tiny_configs(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        family,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    adapter = get_adapter(family)
+    assert len(adapter.blocks(model)) == 2
+    assert linear_layers(cfg) == adapter.linears(model)
+    assert [g.prev for g in adapter.scale_groups(adapter.blocks(model)[1])] == [
+        "input_layernorm",
+        "self_attn.v_proj",
+        "post_attention_layernorm",
+        "mlp.up_proj",
+    ]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from ptqflow.artifacts import git_revision, params_hash  # noqa: E402
+from ptqflow.artifacts import code_fingerprint, git_revision, params_hash  # noqa: E402
 from ptqflow.config import TrackingConfig, parse  # noqa: E402
 from ptqflow.tracking import mlflow_run  # noqa: E402
 
@@ -29,6 +29,12 @@ from ptqflow.tracking import mlflow_run  # noqa: E402
 def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:
     """The resolved config as plain Python types."""
     return cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+
+
+def stage_code(script: str) -> str:
+    """Fingerprint of the library and the stage script that ran (for manifests)."""
+    files = [*(ROOT / "src" / "ptqflow").rglob("*.py"), Path(__file__), Path(script)]
+    return code_fingerprint([Path(f).resolve() for f in files], ROOT)
 
 
 def multirun_job() -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import ROOT, stage_main, tracked
+from _common import ROOT, stage_code, stage_main, tracked
 
 from ptqflow.artifacts import atomic_dir, sha256_tensor, write_manifest
 from ptqflow.calib import build_blocks, save_blocks
@@ -36,7 +36,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         outputs = {**stats.__dict__, "tokens_sha256": sha256_tensor(blocks)}
         with atomic_dir(out_dir) as tmp:
             save_blocks(blocks, tmp)
-            write_manifest(tmp, STAGE, params, {"model": model_fingerprint(ref)}, outputs)
+            inputs = {"model": model_fingerprint(ref)}
+            write_manifest(tmp, STAGE, params, inputs, outputs, stage_code(__file__))
         run_log.log_metrics(stats.__dict__)
     print(
         f"calib-data: {stats.blocks} blocks of {calib.seqlen} tokens from "

@@ -54,6 +54,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     # Check the whole request against the model's shapes before any weight is read.
     ref = resolve_model(model_cfg.source)
+    device = model_cfg.torch_device()
     check_source(ev.source)
     linears = linear_layers(load_config(ref))
     plan = recipe.resolve(linears) if quantized else {}
@@ -67,7 +68,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         windows = eval_windows(
             load_documents(ev.source, ev.text_field, ev.split), tokenizer, ev.seqlen, ev.n_windows
         )
-        model = load_model(ref, model_cfg.dtype)
+        model = load_model(ref, model_cfg.dtype).to(device)
         t0 = time.perf_counter()
         done = fake_quantize_linears(model, plan)
         quant_s = time.perf_counter() - t0

@@ -92,3 +92,14 @@ def test_dvc_yaml_params_exist_in_params_yaml():
                 node = node[part]
         for dep in stage["deps"]:
             assert Path(ROOT / dep).exists(), f"stage {name}: dep {dep} missing"
+
+
+def test_model_device_is_validated():
+    with pytest.raises(ValueError, match="device='tpu'"):
+        parse(ModelConfig, "model", {"name": "m", "source": "s", "device": "tpu"})
+    assert (
+        parse(ModelConfig, "model", {"name": "m", "source": "s", "device": "cpu"})
+        .torch_device()
+        .type
+        == "cpu"
+    )

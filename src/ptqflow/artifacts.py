@@ -4,7 +4,12 @@ An output directory is built in a temporary sibling and renamed into place only 
 so an interrupted stage never leaves half an output for DVC to cache, and a stage that fails
 leaves the previous output untouched. Each output directory carries ``manifest.json``: the
 stage, the params it used and their hash, the fingerprints of its inputs, package versions and
-the git revision. Manifests hold no timestamps, so equal inputs give equal bytes.
+a fingerprint of the code that ran.
+
+Manifests hold no timestamps and no git commit: the commit that records an output (with its
+``dvc.lock``) is always made after the run, so a commit id would make every rerun differ from
+the cached bytes. The code fingerprint identifies the exact sources (uncommitted edits
+included); the git revision goes to the MLflow run instead.
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def code_fingerprint(files: list[Path], root: Path) -> str:
+    """sha256 over the relative paths and contents of ``files`` (sorted)."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 def git_revision(cwd: str | Path = ".") -> str:
@@ -109,6 +122,7 @@ def write_manifest(
     params: Mapping[str, Any],
     inputs: Mapping[str, str],
     outputs: Mapping[str, Any] | None = None,
+    code: str = "unknown",
 ) -> dict:
     """Write ``manifest.json`` into ``out_dir`` and return it.
 
@@ -117,6 +131,7 @@ def write_manifest(
         params: the exact params the stage used (plain JSON types).
         inputs: fingerprints of what it read: model weights, upstream artifacts.
         outputs: facts about what it wrote (counts, tensor hashes).
+        code: fingerprint of the sources that ran (:func:`code_fingerprint`).
     """
     manifest = {
         "stage": stage,
@@ -125,7 +140,7 @@ def write_manifest(
         "inputs": dict(inputs),
         "outputs": dict(outputs or {}),
         "packages": package_versions(),
-        "git_revision": git_revision(),
+        "code": code,
     }
     (Path(out_dir) / MANIFEST).write_text(to_json(manifest), encoding="utf-8")
     return manifest

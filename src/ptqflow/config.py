@@ -8,9 +8,12 @@ message that names the key, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import torch
 
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import Recipe
@@ -50,15 +53,27 @@ class ModelConfig:
     name: short name used in run names and reports.
     source: hub id, local directory, ``.gguf`` file or ``pkg://<dist>/<file>``.
     dtype: compute dtype the weights are loaded in (GGUF weights are dequantized to it).
+    device: where the model computes: ``auto`` (CUDA when present, else CPU), ``cpu``,
+        ``cuda`` or ``cuda:N``.
     """
 
     name: str
     source: str
     dtype: str = "float32"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: use float32, float16 or bfloat16")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is available")
+        return torch.device(self.device)
 
 
 @dataclass(frozen=True)

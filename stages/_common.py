@@ -48,15 +48,10 @@ def multirun_job() -> int | None:
     return hc.job.num if hc.mode == RunMode.MULTIRUN else None
 
 
-def stage_main(task: Callable[[dict[str, Any]], Any]) -> Callable[[], None]:
-    """Wrap ``task(cfg_dict)`` as a Hydra app over ``conf/config.yaml``."""
-
-    def entry(cfg: DictConfig) -> None:
-        task(to_dict(cfg))
-
-    entry.__name__ = task.__name__
+def stage_main(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """Make ``task(cfg)`` a Hydra app over ``conf/config.yaml`` (job name: the stage file)."""
     return hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")(
-        entry
+        task
     )
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import ROOT, stage_code, stage_main, tracked
+from _common import ROOT, stage_code, stage_main, to_dict, tracked
+from omegaconf import DictConfig
 
 from ptqflow.artifacts import atomic_dir, sha256_tensor, write_manifest
 from ptqflow.calib import build_blocks, save_blocks
@@ -47,8 +48,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 @stage_main
-def main(cfg: dict[str, Any]) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> None:
+    run(to_dict(cfg))
 
 
 if __name__ == "__main__":

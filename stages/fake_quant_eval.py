@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, multirun_job, stage_main, tracked
+from _common import ROOT, multirun_job, stage_main, to_dict, tracked
+from omegaconf import DictConfig
 
 from ptqflow.artifacts import atomic_write_text, to_json
 from ptqflow.config import EvalConfig, ModelConfig, PathsConfig, parse, parse_quant, parse_recipe
@@ -45,7 +46,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     paths = parse(PathsConfig, "paths", cfg["paths"])
     quantized = ev.method != "fp"
     params: dict[str, Any] = {"model": cfg["model"], "eval": cfg["eval"]}
-    quant = tag = None
+    recipe = tag = None
     if quantized:
         quant = parse_quant(cfg["quant"])
         recipe = parse_recipe(cfg["recipe"], quant)
@@ -57,7 +58,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     device = model_cfg.torch_device()
     check_source(ev.source)
     linears = linear_layers(load_config(ref))
-    plan = recipe.resolve(linears) if quantized else {}
+    plan = recipe.resolve(linears) if recipe else {}
     out = output_path(ROOT / paths.reports, ev.method, tag, multirun_job())
 
     run_name = f"{ev.method}-{tag}-{model_cfg.name}" if tag else f"{ev.method}-{model_cfg.name}"
@@ -100,8 +101,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 @stage_main
-def main(cfg: dict[str, Any]) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> None:
+    run(to_dict(cfg))
 
 
 if __name__ == "__main__":

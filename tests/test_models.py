@@ -25,6 +25,9 @@ def test_resolve_errors(tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         resolve_model(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file but not a .gguf"):
+        resolve_model(str(tmp_path / "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="GGUF file .* does not exist"):
         resolve_model(str(tmp_path / "m.gguf"))
     with pytest.raises(FileNotFoundError, match="package 'not-a-dist' is not installed"):

@@ -77,7 +77,7 @@ def test_open_range_has_no_end():
     assert 10_000 in parse_layers("4:")
 
 
-@pytest.mark.parametrize("bad", ["a:b", "5:2", "1-3"])
+@pytest.mark.parametrize("bad", ["a:b", "5:2", "1-3", -1])
 def test_parse_layers_rejects(bad):
     with pytest.raises(ValueError, match="layers="):
         parse_layers(bad)

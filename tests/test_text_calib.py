@@ -74,3 +74,9 @@ def test_embedded_wiki_pools_split_by_title_parity():
     assert len(calib) + len(ev) == 10033
     assert len(calib) - len(ev) == 1
     assert not set(calib) & set(ev)
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="cannot load hub dataset .* offline"):
+        load_documents("hf:someone/no-such-dataset-xyz")

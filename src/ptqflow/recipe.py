@@ -29,15 +29,13 @@ def parse_layers(spec: str | int | None) -> range | None:
     """
     if spec is None:
         return None
-    if isinstance(spec, int):
-        return range(spec, spec + 1)
-    m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", str(spec))
+    text = str(spec).strip()
+    if text.isdigit():
+        return range(int(text), int(text) + 1)
+    m = re.fullmatch(r"(\d*)\s*:\s*(\d*)", text)
     if m is None:
-        if str(spec).strip().isdigit():
-            n = int(spec)
-            return range(n, n + 1)
         raise ValueError(f"layers={spec!r} is not a layer range; use e.g. 5, '2:10', '4:' or ':8'")
-    start = int(m.group(1)) if m.group(1) else 0
+    start = int(m.group(1) or 0)
     stop = int(m.group(2)) if m.group(2) else 1 << 30
     if stop <= start:
         raise ValueError(f"layers={spec!r} is an empty range")

@@ -76,6 +76,11 @@ def resolve_model(spec: str) -> ModelRef:
                 "transformers checkpoint directory, a .gguf file or a hub id"
             )
         return ModelRef(spec, "dir", str(path))
+    if path.is_file():
+        raise FileNotFoundError(
+            f"model source '{spec}' is a file but not a .gguf; point model.source at the "
+            "checkpoint directory that holds it and its config.json"
+        )
     looks_like_path = spec.startswith((".", "/", "~")) or path.suffix in (".safetensors", ".bin")
     if looks_like_path or not _HUB_ID.match(spec):
         raise FileNotFoundError(f"model source '{spec}' is not an existing file or directory")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,36 @@ sys.path.insert(0, str(ROOT / "src"))
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from ptqflow.artifacts import code_fingerprint, git_revision, params_hash  # noqa: E402
-from ptqflow.config import TrackingConfig, parse  # noqa: E402
+from ptqflow.artifacts import (  # noqa: E402
+    BlockStore,
+    check_inputs,
+    check_params,
+    code_fingerprint,
+    git_revision,
+    params_hash,
+    read_manifest,
+    to_json,
+    write_manifest,
+)
+from ptqflow.calib import load_blocks  # noqa: E402
+from ptqflow.config import (  # noqa: E402
+    ModelConfig,
+    PathsConfig,
+    TrackingConfig,
+    parse,
+    parse_quant,
+    parse_recipe,
+)
+from ptqflow.models import (  # noqa: E402
+    Adapter,
+    ModelRef,
+    get_adapter,
+    linear_layers,
+    load_config,
+    model_fingerprint,
+    resolve_model,
+)
+from ptqflow.quant import QuantSpec  # noqa: E402
 from ptqflow.tracking import mlflow_run  # noqa: E402
 
 
@@ -74,3 +103,56 @@ def tracked(
     if job is not None:
         tags["multirun_job"] = str(job)
     return mlflow_run(tracking.enabled, tracking.uri, tracking.experiment, run_name, params, tags)
+
+
+@dataclass
+class QuantSetup:
+    """What the search and quantized-eval stages share, checked before any weight is read."""
+
+    model_cfg: ModelConfig
+    paths: PathsConfig
+    ref: ModelRef
+    adapter: Adapter
+    plan: dict[str, QuantSpec | None]
+    fingerprint: str
+
+
+def quant_setup(cfg: dict[str, Any]) -> QuantSetup:
+    """Parse model/quant/recipe/paths, resolve the model and the recipe against its shapes."""
+    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    paths = parse(PathsConfig, "paths", cfg["paths"])
+    quant = parse_quant(cfg["quant"])
+    recipe = parse_recipe(cfg["recipe"], quant)
+    ref = resolve_model(model_cfg.source)
+    model_cfg.torch_device()
+    hf_config = load_config(ref)
+    adapter = get_adapter(hf_config.model_type)
+    plan = recipe.resolve(linear_layers(hf_config))
+    return QuantSetup(model_cfg, paths, ref, adapter, plan, model_fingerprint(ref))
+
+
+def load_calib(setup: QuantSetup, cfg: dict[str, Any]):
+    """The calibration blocks, refused if they were made for another model or calib config."""
+    calib_dir = ROOT / setup.paths.artifacts / "calib"
+    manifest = read_manifest(calib_dir, "calib-data")
+    check_inputs(manifest, {"model": setup.fingerprint})
+    check_params(manifest, {"calib": cfg["calib"]})
+    return load_blocks(calib_dir), manifest["outputs"]["tokens_sha256"]
+
+
+def finish_blockwise(
+    store: BlockStore,
+    stage: str,
+    params: dict[str, Any],
+    inputs: dict[str, str],
+    code: str,
+    n_blocks: int,
+) -> None:
+    """Write index and manifest into a block store's results and move them into place."""
+
+    def finish(tmp: Path) -> None:
+        index = {"format": f"ptqflow-{stage}/1", "blocks": n_blocks}
+        (tmp / "index.json").write_text(to_json(index), encoding="utf-8")
+        write_manifest(tmp, stage, params, inputs, index, code)
+
+    store.finalize(finish)

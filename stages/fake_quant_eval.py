@@ -1,5 +1,7 @@
-"""Stage fake-quant-eval: perplexity of the model in full precision (``eval.method=fp``) or
-with its recipe-selected linears pseudo-quantized by RTN (``eval.method=rtn``).
+"""Stage fake-quant-eval: perplexity of the model in full precision (``eval.method=fp``), with
+its recipe-selected linears pseudo-quantized by RTN (``eval.method=rtn``), or by AWQ
+(``eval.method=awq``: the cached scales folded in and clips applied first; ``eval.scales`` and
+``eval.clips`` switch either half off for ablations).
 
 Writes ``<reports>/eval/<method>.json``, the DVC metrics of the ``eval-<method>`` stage. Inside a
 Hydra ``--multirun`` sweep each job writes ``<reports>/runs/<method>-<quant tag>.json`` instead,
@@ -14,11 +16,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, multirun_job, stage_main, to_dict, tracked
+from _common import (
+    ROOT,
+    QuantSetup,
+    multirun_job,
+    quant_setup,
+    stage_main,
+    to_dict,
+    tracked,
+)
 from omegaconf import DictConfig
 
-from ptqflow.artifacts import atomic_write_text, to_json
-from ptqflow.config import EvalConfig, ModelConfig, PathsConfig, parse, parse_quant, parse_recipe
+from ptqflow.artifacts import (
+    atomic_write_text,
+    check_inputs,
+    check_params,
+    read_manifest,
+    to_json,
+)
+from ptqflow.awq import apply_clips, apply_scales, load_clips, load_scales
+from ptqflow.config import (
+    EvalConfig,
+    ModelConfig,
+    PathsConfig,
+    parse,
+    parse_quant,
+    parse_search,
+)
 from ptqflow.evaluate import eval_windows, perplexity
 from ptqflow.models import (
     linear_layers,
@@ -32,6 +56,7 @@ from ptqflow.quant import fake_quantize_linears
 from ptqflow.text import check_source, load_documents
 
 STAGE = "fake-quant-eval"
+SCALE_SECTIONS = ("model", "calib", "quant", "recipe")
 
 
 def output_path(reports: Path, method: str, tag: str | None, job: int | None) -> Path:
@@ -40,38 +65,83 @@ def output_path(reports: Path, method: str, tag: str | None, job: int | None) ->
     return reports / "runs" / (f"{method}-{tag}.json" if tag else f"{method}.json")
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    model_cfg = parse(ModelConfig, "model", cfg["model"])
-    ev = parse(EvalConfig, "eval", cfg["eval"])
-    paths = parse(PathsConfig, "paths", cfg["paths"])
-    quantized = ev.method != "fp"
-    params: dict[str, Any] = {"model": cfg["model"], "eval": cfg["eval"]}
-    recipe = tag = None
-    if quantized:
-        quant = parse_quant(cfg["quant"])
-        recipe = parse_recipe(cfg["recipe"], quant)
-        params |= {"quant": cfg["quant"], "recipe": cfg["recipe"]}
-        tag = quant.tag if recipe.name == "default" else f"{quant.tag}-{recipe.name}"
+def scales_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The params a scale-search output must have been made with to be used now."""
+    return {k: cfg[k] for k in SCALE_SECTIONS} | {"search": {"scale": cfg["search"]["scale"]}}
 
+
+def awq_transforms(cfg: dict[str, Any], ev: EvalConfig, setup: QuantSetup) -> tuple[list, dict]:
+    """Load (and check against the current config) the cached scales and clips to apply."""
+    art = ROOT / setup.paths.artifacts
+    _, clip_cfg = parse_search(cfg["search"])
+    if not (ev.scales or ev.clips):
+        raise ValueError(
+            "eval.method=awq with eval.scales=false and eval.clips=false is plain RTN; "
+            "use eval.method=rtn"
+        )
+    if ev.clips and clip_cfg.apply_scales != ev.scales:
+        raise ValueError(
+            f"the clips are searched with search.clip.apply_scales={clip_cfg.apply_scales} "
+            f"but eval.scales={ev.scales}; set search.clip.apply_scales={ev.scales} "
+            "(and rerun clip-search) to evaluate this ablation"
+        )
+    scales, clips = [], {}
+    if ev.scales:
+        manifest = read_manifest(art / "scales", "scale-search")
+        check_inputs(manifest, {"model": setup.fingerprint})
+        check_params(manifest, scales_params(cfg))
+        scales = load_scales(art / "scales")
+    if ev.clips:
+        manifest = read_manifest(art / "clips", "clip-search")
+        check_inputs(manifest, {"model": setup.fingerprint})
+        clip_params = {k: cfg[k] for k in SCALE_SECTIONS}
+        clip_params["search"] = cfg["search"] if ev.scales else {"clip": cfg["search"]["clip"]}
+        check_params(manifest, clip_params)
+        clips = load_clips(art / "clips")
+    return scales, clips
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    ev = parse(EvalConfig, "eval", cfg["eval"])
+    params: dict[str, Any] = {"model": cfg["model"], "eval": cfg["eval"]}
     # Check the whole request against the model's shapes before any weight is read.
-    ref = resolve_model(model_cfg.source)
-    device = model_cfg.torch_device()
+    if ev.method == "fp":
+        model_cfg = parse(ModelConfig, "model", cfg["model"])
+        paths = parse(PathsConfig, "paths", cfg["paths"])
+        ref = resolve_model(model_cfg.source)
+        model_cfg.torch_device()
+        fingerprint, plan, tag = model_fingerprint(ref), {}, None
+        n_linears = len(linear_layers(load_config(ref)))
+    else:
+        setup = quant_setup(cfg)
+        model_cfg, paths, ref, plan = setup.model_cfg, setup.paths, setup.ref, setup.plan
+        fingerprint, n_linears = setup.fingerprint, len(plan)
+        params |= {"quant": cfg["quant"], "recipe": cfg["recipe"]}
+        recipe_name = cfg["recipe"].get("name", "custom")
+        tag = parse_quant(cfg["quant"]).tag + (
+            "" if recipe_name == "default" else f"-{recipe_name}"
+        )
+    scales, clips = [], {}
+    if ev.method == "awq":
+        scales, clips = awq_transforms(cfg, ev, setup)
+        params |= {"calib": cfg["calib"], "search": cfg["search"]}
+        if not (ev.scales and ev.clips):
+            tag += "-scales-only" if ev.scales else "-clips-only"
     check_source(ev.source)
-    linears = linear_layers(load_config(ref))
-    plan = recipe.resolve(linears) if recipe else {}
     out = output_path(ROOT / paths.reports, ev.method, tag, multirun_job())
 
     run_name = f"{ev.method}-{tag}-{model_cfg.name}" if tag else f"{ev.method}-{model_cfg.name}"
-    with tracked(
-        STAGE, cfg, params, run_name, {"model_fingerprint": model_fingerprint(ref)}
-    ) as run_log:
+    with tracked(STAGE, cfg, params, run_name, {"model_fingerprint": fingerprint}) as run_log:
         tokenizer = load_tokenizer(ref)
         windows = eval_windows(
             load_documents(ev.source, ev.text_field, ev.split), tokenizer, ev.seqlen, ev.n_windows
         )
-        model = load_model(ref, model_cfg.dtype).to(device)
+        model = load_model(ref, model_cfg.dtype)
         t0 = time.perf_counter()
+        apply_scales(model, scales)
+        apply_clips(model, clips)
         done = fake_quantize_linears(model, plan)
+        model.to(model_cfg.torch_device())
         quant_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = perplexity(model, windows, ev.batch_size)
@@ -83,7 +153,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "nll": round(result.nll, 8),
             "tokens": result.tokens,
             "quantized_linears": len(done),
-            "fp_linears": len(linears) - len(done),
+            "fp_linears": n_linears - len(done),
         }
         # Timings go to MLflow only, so the metrics file is reproducible to the byte.
         run_log.log_metrics(

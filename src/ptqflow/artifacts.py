@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,10 +100,15 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _swap_into_place(tmp, target)
+
+
+def _swap_into_place(src: Path, target: Path) -> None:
+    """Replace directory ``target`` by ``src`` with renames only."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
         os.replace(target, old)
-    os.replace(tmp, target)
+    os.replace(src, target)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -176,3 +181,78 @@ def check_inputs(manifest: Mapping[str, Any], expected: Mapping[str, str]) -> No
             f"upstream '{manifest.get('stage')}' output does not match the current config "
             f"({'; '.join(diffs)}); rerun it (`dvc repro {manifest.get('stage')}`)"
         )
+
+
+def check_params(manifest: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse an upstream artifact made with other params for the sections in ``current``.
+
+    Raises:
+        ValueError: naming each differing key with both values.
+    """
+    have = manifest.get("params", {})
+    diffs = []
+    for section, value in current.items():
+        old = have.get(section)
+        if old == value:
+            continue
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            for key in sorted(set(old) | set(value)):
+                if old.get(key) != value.get(key):
+                    diffs.append(f"{section}.{key}: {old.get(key)!r} -> {value.get(key)!r}")
+        else:
+            diffs.append(f"{section}: {old!r} -> {value!r}")
+    if diffs:
+        stage = manifest.get("stage")
+        raise ValueError(
+            f"upstream '{stage}' output was made with other params ({'; '.join(diffs)}); "
+            f"rerun it (`dvc repro {stage}`)"
+        )
+
+
+class BlockStore:
+    """Per-block results of a block-wise search, saved as they are found.
+
+    Results live in ``.<name>.partial/`` beside the output directory, keyed by a fingerprint of
+    everything that determines them; a killed run restarts from the blocks already there, and a
+    run with another key starts afresh. :meth:`finalize` renames the partial directory into
+    place, so the output appears whole or not at all, with the same bytes either way.
+    """
+
+    def __init__(self, out_dir: str | Path, key: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.partial = self.out_dir.parent / f".{self.out_dir.name}.partial"
+        key_file = self.partial / "KEY"
+        if self.partial.exists() and (
+            not key_file.is_file() or key_file.read_text(encoding="utf-8") != key
+        ):
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key, encoding="utf-8")
+
+    def _path(self, i: int) -> Path:
+        return self.partial / f"block_{i:03d}.safetensors"
+
+    def load(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """Block ``i``'s saved tensors and metadata, or ``None`` if not done yet."""
+        from safetensors import safe_open
+
+        path = self._path(i)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+    def save(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Save block ``i`` atomically (temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = self._path(i)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+        os.replace(tmp, path)
+
+    def finalize(self, write_extra: Callable[[Path], None]) -> None:
+        """Let ``write_extra(dir)`` add index and manifest, then move the results into place."""
+        (self.partial / "KEY").unlink()
+        write_extra(self.partial)
+        _swap_into_place(self.partial, self.out_dir)

@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from ptqflow.awq import ClipSearchConfig, ScaleSearchConfig
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import Recipe
 
 T = TypeVar("T")
 
-EVAL_METHODS = ("fp", "rtn")
+EVAL_METHODS = ("fp", "rtn", "awq")
 
 
 def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
@@ -93,7 +94,10 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation method and the perplexity protocol (see :mod:`ptqflow.evaluate`)."""
+    """Evaluation method and the perplexity protocol (see :mod:`ptqflow.evaluate`).
+
+    ``scales`` and ``clips`` switch the two halves of ``method=awq`` for ablations.
+    """
 
     method: str = "rtn"
     source: str = "wiki:eval"
@@ -102,6 +106,8 @@ class EvalConfig:
     seqlen: int = 512
     n_windows: int = 40
     batch_size: int = 4
+    scales: bool = True
+    clips: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in EVAL_METHODS:
@@ -122,6 +128,18 @@ class TrackingConfig:
 class PathsConfig:
     artifacts: str = "artifacts"
     reports: str = "reports"
+
+
+def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSearchConfig]:
+    """The ``search`` section: ``{scale: {...}, clip: {...}}``."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - {"scale", "clip"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config section 'search'; known: scale, clip")
+    return (
+        parse(ScaleSearchConfig, "search.scale", values.get("scale")),
+        parse(ClipSearchConfig, "search.clip", values.get("clip")),
+    )
 
 
 def parse_quant(values: Mapping[str, Any]) -> QuantSpec:

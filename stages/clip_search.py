@@ -1,0 +1,100 @@
+"""Stage clip-search: AWQ's weight clip range per output channel and group, block by block.
+
+Re-applies the cached scales (``search.clip.apply_scales``), recomputes each block's inputs from
+the calibration tokens, and searches every quantized linear except ``search.clip.skip``. Writes
+``<artifacts>/clips/``: ``block_NNN.safetensors`` (``max_val [out, n_groups]`` per linear path),
+``index.json`` and ``manifest.json``; resumable like scale-search. Changing clip params never
+reruns the scale search.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from _common import (
+    ROOT,
+    finish_blockwise,
+    load_calib,
+    quant_setup,
+    stage_code,
+    stage_main,
+    to_dict,
+    tracked,
+)
+from omegaconf import DictConfig
+
+from ptqflow.artifacts import (
+    BlockStore,
+    check_inputs,
+    check_params,
+    params_hash,
+    read_manifest,
+)
+from ptqflow.awq import apply_scales, block_specs, load_scales, run_resumable, search_block_clips
+from ptqflow.config import parse_search
+from ptqflow.models import load_model
+
+STAGE = "clip-search"
+SECTIONS = ("model", "calib", "quant", "recipe")
+
+
+def check_scales(scales_dir, params: dict, inputs: dict) -> dict:
+    """The scale-search manifest, refused unless it matches the current config and inputs."""
+    manifest = read_manifest(scales_dir, "scale-search")
+    check_inputs(manifest, inputs)
+    check_params(manifest, params)
+    return manifest
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    setup = quant_setup(cfg)
+    _, clip_cfg = parse_search(cfg["search"])
+    input_ids, calib_sha = load_calib(setup, cfg)
+    art = ROOT / setup.paths.artifacts
+    params = {k: cfg[k] for k in SECTIONS} | {"search": cfg["search"]}
+    inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha}
+    if clip_cfg.apply_scales:
+        scales_params = {k: cfg[k] for k in SECTIONS} | {
+            "search": {"scale": cfg["search"]["scale"]}
+        }
+        scales = check_scales(art / "scales", scales_params, inputs)
+        inputs["scales"] = scales["params_hash"]
+    else:
+        params["search"] = {"clip": cfg["search"]["clip"]}
+    code = stage_code(__file__)
+    out_dir = art / "clips"
+    store = BlockStore(out_dir, params_hash({"params": params, "inputs": inputs, "code": code}))
+    prefix = setup.adapter.block_prefix
+
+    with tracked(STAGE, cfg, params, f"clips-{setup.model_cfg.name}") as run_log:
+        model = load_model(setup.ref, setup.model_cfg.dtype)
+        if clip_cfg.apply_scales:
+            apply_scales(model, load_scales(art / "scales"))
+        device = setup.model_cfg.torch_device()
+        t0 = time.perf_counter()
+
+        def search(i, block, x, kwargs):
+            specs = block_specs(setup.plan, f"{prefix}.{i}")
+            clips = search_block_clips(block, x, kwargs, specs, clip_cfg)
+            return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {}
+
+        seconds = run_resumable(model, setup.adapter, input_ids, device, store, search, STAGE)
+        total = time.perf_counter() - t0
+
+        finish_blockwise(store, STAGE, params, inputs, code, len(seconds))
+        searched = [s for s in seconds if s is not None]
+        run_log.log_metrics(
+            {"search_seconds": total, "blocks_searched": len(searched), "blocks": len(seconds)}
+        )
+    print(f"clip-search: {len(seconds)} blocks ({len(searched)} searched) in {total:.1f}s")
+    return {"seconds_per_block": seconds, "total_seconds": total}
+
+
+@stage_main
+def main(cfg: DictConfig) -> None:
+    run(to_dict(cfg))
+
+
+if __name__ == "__main__":
+    main()

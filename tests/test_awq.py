@@ -6,6 +6,7 @@ from torch import nn
 
 from ptqflow.awq import (
     ClipSearchConfig,
+    ScaledActivation,
     ScaleSearchConfig,
     block_specs,
     candidate_scales,
@@ -33,26 +34,23 @@ def test_candidate_scales_are_normalised(duo):
     assert torch.allclose(candidate_scales(x_mean, None, 0.0), torch.ones(32))
 
 
-def test_fold_scales_keeps_the_function():
-    norm = nn.LayerNorm(16)
-    nn.init.normal_(norm.weight, generator=GEN)
-    nn.init.normal_(norm.bias, generator=GEN)
-    lin = nn.Linear(16, 8)
-    prev = nn.Linear(8, 16)
-    x = torch.randn(5, 16, generator=GEN)
-    s = torch.rand(16, generator=GEN) + 0.5
+@pytest.mark.parametrize("prev", ["norm", "linear", "gelu"])
+def test_fold_scales_keeps_the_function(prev):
+    torch.manual_seed(0)
+    first = {"norm": nn.LayerNorm(16), "linear": nn.Linear(8, 16), "gelu": nn.GELU()}[prev]
+    if prev == "norm":
+        nn.init.normal_(first.weight)
+        nn.init.normal_(first.bias)
+    net = nn.Sequential(first, nn.Linear(16, 8))
+    x = torch.randn(5, 8 if prev == "linear" else 16)
+    s = torch.rand(16) + 0.5
     with torch.no_grad():
-        ref = lin(norm(x)), lin(prev(x[:, :8]))
-        fold_scales(norm, [lin], s)
-        out_norm = lin(norm(x))
-        lin2 = nn.Linear(16, 8)
-        lin2.load_state_dict(
-            {k: v / (s if k == "weight" else 1) for k, v in lin.state_dict().items()}
-        )
-        fold_scales(prev, [lin2], s)
-        out_prev = lin2(prev(x[:, :8]))
-    torch.testing.assert_close(out_norm, ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out_prev, ref[1], rtol=1e-5, atol=1e-5)
+        ref = net(x)
+        fold_scales(net, "0", ["1"], s)
+        fold_scales(net, "0", ["1"], s)  # a second fold composes (merges into the activation)
+        out = net(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(net[0], ScaledActivation) == (prev == "gelu")
 
 
 def naive_clip(w, x, spec, cfg):
@@ -164,3 +162,46 @@ def test_scale_search_keeps_fp_logits_and_runs_clip_search(tiny_model):
     for res, _ in found:
         for r in res:
             assert len(r.losses) == 10 and min(r.losses) == r.losses[int(r.alpha * 10)]
+
+
+FAMILIES = {
+    "llama": dict(num_key_value_heads=2),
+    "mistral": dict(num_key_value_heads=4),
+    "qwen2": dict(num_key_value_heads=4),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64),
+    "gpt_neox": dict(max_position_embeddings=64),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_architecture_searches_folds_and_evaluates(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ptqflow.evaluate import perplexity
+    from ptqflow.models import linear_layers
+    from ptqflow.quant import fake_quantize_linears
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if family != "opt":
+        common["intermediate_size"] = 64
+    cfg = AutoConfig.for_model(family, **common, **FAMILIES[family])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    adapter = get_adapter(family)
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    plan = {n: QuantSpec(3, 16) for n, layer, _ in linear_layers(cfg) if layer is not None}
+
+    def visit(i, block, x, kwargs):
+        specs = block_specs(plan, f"{adapter.block_prefix}.{i}")
+        cfg_s, cfg_c = ScaleSearchConfig(n_grid=5), ClipSearchConfig(n_grid=5, skip=())
+        assert search_block_scales(block, adapter, x, kwargs, specs, cfg_s)
+        assert search_block_clips(block, x, kwargs, specs, cfg_c)
+
+    stream_blocks(model, adapter, ids, torch.device("cpu"), visit)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert len(fake_quantize_linears(model, plan)) == len(plan)
+    assert perplexity(model, ids, batch_size=2, progress=False).perplexity > 1

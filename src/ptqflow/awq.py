@@ -78,7 +78,7 @@ class ClipSearchConfig:
     n_grid: int = 20
     max_shrink: float = 0.5
     n_tokens: int = 512
-    skip: tuple[str, ...] = ("q_proj", "k_proj")
+    skip: tuple[str, ...] = ("q_proj", "k_proj", "query_key_value")
     apply_scales: bool = True
 
     def __post_init__(self) -> None:
@@ -119,22 +119,45 @@ def candidate_scales(
     return s / (s.max() * s.min()).sqrt()
 
 
-@torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide ``prev``'s output by ``s`` and multiply the linears' inputs by it (in place).
+class ScaledActivation(nn.Module):
+    """``act(x) / scales``: where a scale folds into an activation that does not commute with
+    it (GELU), as AWQ does for such MLPs."""
 
-    ``prev`` is a norm (``weight`` and optional ``bias`` of shape ``[C]``) or a linear (its
-    output rows). The composed function is unchanged up to rounding.
+    def __init__(self, act: nn.Module, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.act = act
+        self.scales = nn.Parameter(scales.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) / self.scales.to(x.dtype)
+
+
+@torch.no_grad()
+def fold_scales(root: nn.Module, prev: str, linears: list[str], s: torch.Tensor) -> None:
+    """Divide the output of ``root``'s module ``prev`` by ``s`` and multiply the inputs of the
+    ``linears`` (paths under ``root``) by it, in place; the composed function is unchanged up
+    to rounding.
+
+    ``prev`` is a norm (``weight`` and optional ``bias`` of shape ``[C]``), a linear (its output
+    rows), or an activation, which is wrapped in (or merged into) a :class:`ScaledActivation`.
     """
-    s = s.to(prev.weight.device)
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
+    module = root.get_submodule(prev)
+    if isinstance(module, ScaledActivation):
+        module.scales.mul_(s.to(module.scales.device))
+    elif hasattr(module, "weight"):
+        s = s.to(module.weight.device)
+        if isinstance(module, nn.Linear):
+            module.weight.div_(s.view(-1, 1).to(module.weight.dtype))
+        else:
+            module.weight.div_(s.to(module.weight.dtype))
+        if getattr(module, "bias", None) is not None:
+            module.bias.div_(s.to(module.bias.dtype))
     else:
-        prev.weight.div_(s.to(prev.weight.dtype))
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s.to(prev.bias.dtype))
-    for lin in linears:
-        lin.weight.mul_(s.view(1, -1).to(lin.weight.dtype))
+        parent, _, name = prev.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, name, ScaledActivation(module, s))
+    for path in linears:
+        lin = root.get_submodule(path)
+        lin.weight.mul_(s.view(1, -1).to(device=lin.weight.device, dtype=lin.weight.dtype))
 
 
 @torch.no_grad()
@@ -426,11 +449,7 @@ def search_block_scales(
         if res is not None:
             results.append(res)
     for res in results:
-        fold_scales(
-            block.get_submodule(res.prev),
-            [block.get_submodule(n) for n in res.linears],
-            res.scales,
-        )
+        fold_scales(block, res.prev, list(res.linears), res.scales)
     return results
 
 
@@ -458,7 +477,7 @@ def search_block_clips(
 def apply_scales(model: nn.Module, groups: list[tuple[str, tuple[str, ...], torch.Tensor]]) -> None:
     """Fold saved scales into a model: ``(prev path, linear paths, scales)`` in search order."""
     for prev, linears, s in groups:
-        fold_scales(model.get_submodule(prev), [model.get_submodule(n) for n in linears], s)
+        fold_scales(model, prev, list(linears), s)
 
 
 @torch.no_grad()

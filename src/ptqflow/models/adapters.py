@@ -81,7 +81,41 @@ class LlamaAdapter(Adapter):
         return groups
 
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(),)
+class OPTAdapter(Adapter):
+    """OPT: attention layer norm -> q,k,v (inspect the attention); v -> out_proj; final layer
+    norm -> fc1; fc1 -> fc2 (ReLU commutes with a positive per-channel scale)."""
+
+    model_types = ("opt",)
+    block_prefix = "model.decoder.layers"
+
+    def scale_groups(self, block: nn.Module) -> list[ScaleGroup]:
+        a = "self_attn"
+        return [
+            ScaleGroup("self_attn_layer_norm", (f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"), a),
+            ScaleGroup(f"{a}.v_proj", (f"{a}.out_proj",), f"{a}.out_proj"),
+            ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+            ScaleGroup("fc1", ("fc2",), "fc2"),
+        ]
+
+
+class GPTNeoXAdapter(Adapter):
+    """GPT-NeoX / Pythia: input norm -> fused query_key_value (inspect the attention); post-
+    attention norm -> dense_h_to_4h (inspect the MLP); GELU -> dense_4h_to_h, folded into a
+    scaled activation since GELU does not commute with a scale. The fused q/k/v has no
+    separable v -> dense group."""
+
+    model_types = ("gpt_neox",)
+    block_prefix = "gpt_neox.layers"
+
+    def scale_groups(self, block: nn.Module) -> list[ScaleGroup]:
+        return [
+            ScaleGroup("input_layernorm", ("attention.query_key_value",), "attention"),
+            ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+            ScaleGroup("mlp.act", ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"),
+        ]
+
+
+ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), OPTAdapter(), GPTNeoXAdapter())
 
 
 def supported_model_types() -> list[str]:

@@ -1,0 +1,107 @@
+"""scale-search, clip-search and eval method=awq end to end on a tiny random Llama:
+determinism, resume after an interruption, refusal of stale upstream outputs, ablations."""
+
+import json
+
+import calib_data
+import clip_search
+import fake_quant_eval
+import pytest
+import scale_search
+from conftest import compose, tiny_overrides
+
+AWQ = ["search.scale.n_grid=8", "search.clip.n_grid=8", "search.clip.n_tokens=64"]
+
+
+def tree_bytes(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))}
+
+
+@pytest.fixture
+def awq_cfg(tiny_model_dir, texts):
+    def make(work, *extra):
+        return compose([*tiny_overrides(tiny_model_dir, texts, work), *AWQ, *extra])
+
+    return make
+
+
+def run_all(cfg):
+    calib_data.run(cfg)
+    scale_search.run(cfg)
+    clip_search.run(cfg)
+
+
+def test_pipeline_is_deterministic_and_awq_beats_rtn(awq_cfg, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for work in (a, b):
+        run_all(awq_cfg(work, "quant.w_bit=3"))
+    for out in ("scales", "clips"):
+        assert tree_bytes(a / "artifacts" / out) == tree_bytes(b / "artifacts" / out)
+    files = sorted(p.name for p in (a / "artifacts" / "scales").iterdir())
+    assert files == [
+        "block_000.safetensors",
+        "block_001.safetensors",
+        "index.json",
+        "manifest.json",
+    ]
+    rtn = fake_quant_eval.run(awq_cfg(a, "quant.w_bit=3", "eval.method=rtn"))
+    awq = fake_quant_eval.run(awq_cfg(a, "quant.w_bit=3", "eval.method=awq"))
+    assert awq["quant"] == "w3g32" and awq["quantized_linears"] == rtn["quantized_linears"]
+    assert awq["nll"] != rtn["nll"]
+    scales_only = fake_quant_eval.run(
+        awq_cfg(a, "quant.w_bit=3", "eval.method=awq", "eval.clips=false")
+    )
+    assert scales_only["quant"] == "w3g32-scales-only"
+    assert json.loads((a / "reports" / "eval" / "awq.json").read_text()) == scales_only
+
+
+def test_killed_scale_search_resumes_to_identical_bytes(awq_cfg, tmp_path, monkeypatch):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    cfg = awq_cfg(clean)
+    calib_data.run(cfg)
+    scale_search.run(cfg)
+
+    cfg = awq_cfg(killed)
+    calib_data.run(cfg)
+    real = scale_search.search_block_scales
+    calls = []
+
+    def dies_on_second_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scale_search, "search_block_scales", dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        scale_search.run(cfg)
+    partial = killed / "artifacts" / ".scales.partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["KEY", "block_000.safetensors"]
+    assert not (killed / "artifacts" / "scales").exists()
+
+    calls.clear()
+    out = scale_search.run(cfg)
+    assert len(calls) == 1 and out["seconds_per_block"][0] is None
+    assert tree_bytes(killed / "artifacts" / "scales") == tree_bytes(clean / "artifacts" / "scales")
+    assert not partial.exists()
+
+
+def test_stale_upstream_outputs_are_refused(awq_cfg, tmp_path):
+    run_all(awq_cfg(tmp_path))
+    with pytest.raises(ValueError, match=r"quant.w_bit: 4 -> 3.*dvc repro scale-search"):
+        clip_search.run(awq_cfg(tmp_path, "quant.w_bit=3"))
+    with pytest.raises(ValueError, match=r"search.clip.*dvc repro clip-search"):
+        fake_quant_eval.run(awq_cfg(tmp_path, "eval.method=awq", "search.clip.max_shrink=0.3"))
+    with pytest.raises(ValueError, match=r"calib.n_samples.*dvc repro calib-data"):
+        scale_search.run(awq_cfg(tmp_path, "calib.n_samples=10"))
+    with pytest.raises(ValueError, match="search.clip.apply_scales=True but eval.scales=False"):
+        fake_quant_eval.run(awq_cfg(tmp_path, "eval.method=awq", "eval.scales=false"))
+
+
+def test_clip_only_ablation(awq_cfg, tmp_path):
+    cfg = awq_cfg(tmp_path, "search.clip.apply_scales=false")
+    run_all(cfg)
+    out = fake_quant_eval.run(
+        awq_cfg(tmp_path, "search.clip.apply_scales=false", "eval.method=awq", "eval.scales=false")
+    )
+    assert out["quant"] == "w4g32-clips-only"

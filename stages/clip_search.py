@@ -31,7 +31,14 @@ from ptqflow.artifacts import (
     params_hash,
     read_manifest,
 )
-from ptqflow.awq import apply_scales, block_specs, load_scales, run_resumable, search_block_clips
+from ptqflow.awq import (
+    apply_scales,
+    block_specs,
+    clip_capture,
+    load_scales,
+    run_resumable,
+    search_block_clips,
+)
 from ptqflow.config import parse_search
 from ptqflow.models import load_model
 
@@ -74,12 +81,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         device = setup.model_cfg.torch_device()
         t0 = time.perf_counter()
 
-        def search(i, block, x, kwargs):
+        def capture(i, block):
+            return clip_capture(block_specs(setup.plan, f"{prefix}.{i}"), clip_cfg)
+
+        def search(i, block, calls):
             specs = block_specs(setup.plan, f"{prefix}.{i}")
-            clips = search_block_clips(block, x, kwargs, specs, clip_cfg)
+            clips = search_block_clips(block, calls, specs, clip_cfg)
             return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {}
 
-        seconds = run_resumable(model, setup.adapter, input_ids, device, store, search, STAGE)
+        seconds = run_resumable(
+            model, setup.adapter, input_ids, device, store, capture, search, STAGE
+        )
         total = time.perf_counter() - t0
 
         finish_blockwise(store, STAGE, params, inputs, code, len(seconds))

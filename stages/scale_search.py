@@ -30,6 +30,7 @@ from ptqflow.awq import (
     block_specs,
     run_resumable,
     scale_block_result,
+    scale_capture,
     search_block_scales,
 )
 from ptqflow.config import parse_search
@@ -55,13 +56,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         device = setup.model_cfg.torch_device()
         t0 = time.perf_counter()
 
-        def search(i, block, x, kwargs):
+        def search(i, block, calls):
             specs = block_specs(setup.plan, f"{prefix}.{i}")
-            results = search_block_scales(block, setup.adapter, x, kwargs, specs, scale_cfg)
+            results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg)
             return scale_block_result(f"{prefix}.{i}", results)
 
+        def capture(i, block):
+            return scale_capture(setup.adapter, block)
+
         seconds = run_resumable(
-            model, setup.adapter, input_ids, device, store, search, "scale-search"
+            model, setup.adapter, input_ids, device, store, capture, search, STAGE
         )
         total = time.perf_counter() - t0
 

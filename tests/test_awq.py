@@ -10,8 +10,10 @@ from ptqflow.awq import (
     ScaleSearchConfig,
     block_specs,
     candidate_scales,
+    clip_capture,
     clip_weight,
     fold_scales,
+    scale_capture,
     search_block_clips,
     search_block_scales,
     search_clip,
@@ -134,14 +136,29 @@ def test_scale_search_keeps_fp_logits_and_runs_clip_search(tiny_model):
         ref = model(ids).logits
     plan = {n: QuantSpec(4, 32) for n, layer, _ in adapter.linears(model) if layer is not None}
     found = []
+    cpu = torch.device("cpu")
+    clip_cfg = ClipSearchConfig(n_grid=10)
 
-    def visit(i, block, x, kwargs):
+    def scales(i, block, calls):
         specs = block_specs(plan, f"model.layers.{i}")
-        res = search_block_scales(block, adapter, x, kwargs, specs, ScaleSearchConfig(n_grid=10))
-        clips = search_block_clips(block, x, kwargs, specs, ClipSearchConfig(n_grid=10))
-        found.append((res, clips))
+        found.append(
+            [search_block_scales(block, adapter, calls, specs, ScaleSearchConfig(n_grid=10))]
+        )
 
-    stream_blocks(model, adapter, ids, torch.device("cpu"), visit)
+    def clips(i, block, calls):
+        found[i].append(
+            search_block_clips(block, calls, block_specs(plan, f"model.layers.{i}"), clip_cfg)
+        )
+
+    stream_blocks(model, adapter, ids, cpu, lambda i, b: scale_capture(adapter, b), scales)
+    stream_blocks(
+        model,
+        adapter,
+        ids,
+        cpu,
+        lambda i, b: clip_capture(block_specs(plan, f"model.layers.{i}"), clip_cfg),
+        clips,
+    )
     with torch.no_grad():
         out = model(ids).logits
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
@@ -193,15 +210,47 @@ def test_every_architecture_searches_folds_and_evaluates(family):
         ref = model(ids).logits
     plan = {n: QuantSpec(3, 16) for n, layer, _ in linear_layers(cfg) if layer is not None}
 
-    def visit(i, block, x, kwargs):
-        specs = block_specs(plan, f"{adapter.block_prefix}.{i}")
-        cfg_s, cfg_c = ScaleSearchConfig(n_grid=5), ClipSearchConfig(n_grid=5, skip=())
-        assert search_block_scales(block, adapter, x, kwargs, specs, cfg_s)
-        assert search_block_clips(block, x, kwargs, specs, cfg_c)
+    cfg_s, cfg_c = ScaleSearchConfig(n_grid=5), ClipSearchConfig(n_grid=5, skip=())
 
-    stream_blocks(model, adapter, ids, torch.device("cpu"), visit)
+    def specs(i):
+        return block_specs(plan, f"{adapter.block_prefix}.{i}")
+
+    def scales(i, block, calls):
+        assert search_block_scales(block, adapter, calls, specs(i), cfg_s)
+
+    def clips(i, block, calls):
+        assert search_block_clips(block, calls, specs(i), cfg_c)
+
+    cpu = torch.device("cpu")
+    stream_blocks(model, adapter, ids, cpu, lambda i, b: scale_capture(adapter, b), scales)
+    stream_blocks(model, adapter, ids, cpu, lambda i, b: clip_capture(specs(i), cfg_c), clips)
     with torch.no_grad():
         out = model(ids).logits
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
     assert len(fake_quantize_linears(model, plan)) == len(plan)
     assert perplexity(model, ids, batch_size=2, progress=False).perplexity > 1
+
+
+@pytest.mark.parametrize("inspect", ["down", "block"], ids=["gram-path", "direct-path"])
+def test_token_weights_select_tokens(inspect):
+    """Weights of 0/1 give the search on the weighted tokens only; all-ones is uniform."""
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"up": nn.Linear(32, 48), "down": nn.Linear(48, 32)})
+    block["block"] = nn.Sequential(block["down"], nn.Tanh())
+    x = torch.randn(2, 10, 48).abs()
+    keep = torch.zeros(2, 10)
+    keep[:, :5] = 1
+    specs = {"down": QuantSpec(3, 16)}
+    group = ScaleGroup("up", ("down",), inspect)
+    cfg = ScaleSearchConfig(n_grid=6)
+
+    def losses(inp, weights=None):
+        return search_group(block, group, specs, inp, ((inp,), {}), cfg, weights).losses
+
+    torch.testing.assert_close(losses(x, torch.ones(2, 10)), losses(x), rtol=1e-5, atol=1e-9)
+    # x_mean (the activation statistic) is over all tokens, so compare at fixed statistics:
+    sub = x[:, :5]
+    got = torch.tensor(
+        losses(torch.cat([sub, sub], 1), torch.cat([keep[:, :5], 0 * keep[:, :5]], 1))
+    )
+    torch.testing.assert_close(got, torch.tensor(losses(sub)), rtol=1e-4, atol=1e-9)

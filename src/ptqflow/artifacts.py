@@ -232,15 +232,8 @@ class BlockStore:
     def _path(self, i: int) -> Path:
         return self.partial / f"block_{i:03d}.safetensors"
 
-    def load(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """Block ``i``'s saved tensors and metadata, or ``None`` if not done yet."""
-        from safetensors import safe_open
-
-        path = self._path(i)
-        if not path.is_file():
-            return None
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    def has(self, i: int) -> bool:
+        return self._path(i).is_file()
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Save block ``i`` atomically (temporary file, then rename)."""

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -179,10 +180,12 @@ def gram(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Te
 def _weighted_loss(
     out: torch.Tensor, ref: torch.Tensor, kind: str, token_weights: torch.Tensor | None
 ) -> float:
+    """Mean squared (or absolute) error per token, averaged over tokens (weighted if given)."""
+    if token_weights is None:
+        fn = F.mse_loss if kind == "mse" else F.l1_loss
+        return fn(out.float(), ref.float()).item()
     diff = (out.float() - ref.float()).reshape(-1, out.shape[-1])
     per_token = diff.pow(2).mean(-1) if kind == "mse" else diff.abs().mean(-1)
-    if token_weights is None:
-        return per_token.mean().item()
     w = token_weights.reshape(-1).float()
     return (per_token * w).sum().item() / w.sum().item()
 
@@ -358,6 +361,9 @@ def first_block_inputs(
     return captured["x"], kwargs
 
 
+Calls = dict[str, tuple[tuple, dict]]
+
+
 @torch.no_grad()
 def capture_calls(
     block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
@@ -384,13 +390,16 @@ def stream_blocks(
     adapter: Adapter,
     input_ids: torch.Tensor,
     device: torch.device,
-    visit: Callable[[int, nn.Module, torch.Tensor, dict], None],
+    capture: Callable[[int, nn.Module], list[str]],
+    visit: Callable[[int, nn.Module, Calls], None],
 ) -> None:
-    """Call ``visit(i, block, x, kwargs)`` for each block on ``device``, one block at a time.
+    """Run the decoder blocks one at a time on ``device`` and hand each to ``visit``.
 
-    ``x`` is the block's input: the full-precision output of the previous block, computed
-    before ``visit`` may change the block. Each block is moved to ``device`` for its turn and
-    back afterwards, so only one block's weights and activations live on the device.
+    For block ``i``, one full-precision forward pass records the calls of the submodules
+    ``capture(i, block)`` names (see :func:`capture_calls`); its output is the next block's
+    input, so it is fixed before ``visit(i, block, calls)`` may change the block. Each block
+    is moved to ``device`` for its turn and back afterwards, so only one block's weights and
+    activations live there.
     """
     blocks = adapter.blocks(model)
     x, kwargs = first_block_inputs(model, adapter, input_ids)
@@ -399,11 +408,10 @@ def stream_blocks(
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device)
-        with torch.no_grad():
-            nxt = _first(block(x, **kwargs))
-        visit(i, block, x, kwargs)
+        x, calls = capture_calls(block, x, kwargs, capture(i, block))
+        visit(i, block, calls)
+        del calls
         block.to(home)
-        x = nxt
 
 
 def _to(v, device):
@@ -424,26 +432,28 @@ def block_specs(plan: dict[str, QuantSpec | None], prefix: str) -> dict[str, Qua
 
 
 @torch.no_grad()
+def scale_capture(adapter: Adapter, block: nn.Module) -> list[str]:
+    """The submodules whose calls :func:`search_block_scales` needs."""
+    return [n for g in adapter.scale_groups(block) for n in (g.linears[0], g.inspect)]
+
+
 def search_block_scales(
     block: nn.Module,
     adapter: Adapter,
-    x: torch.Tensor,
-    kwargs: dict,
+    calls: Calls,
     specs: dict[str, QuantSpec | None],
     cfg: ScaleSearchConfig,
     token_weights: torch.Tensor | None = None,
 ) -> list[GroupResult]:
     """Search every scale group of one block, then fold the results in, in group order.
 
-    As in llm-awq and AutoAWQ, every group is searched on the unscaled block with activations
-    captured in one forward pass: folding one group's scale keeps the FP function, so it does
-    not change any other group's inputs.
+    ``calls`` are the recorded calls of :func:`scale_capture`'s submodules. As in llm-awq and
+    AutoAWQ, every group is searched on the unscaled block with activations captured in one
+    forward pass: folding one group's scale keeps the FP function, so it does not change any
+    other group's inputs.
     """
-    groups = adapter.scale_groups(block)
-    names = [n for g in groups for n in (g.linears[0], g.inspect)]
-    _, calls = capture_calls(block, x, kwargs, names)
     results = []
-    for group in groups:
+    for group in adapter.scale_groups(block):
         lin_in = calls[group.linears[0]][0][0]
         res = search_group(block, group, specs, lin_in, calls[group.inspect], cfg, token_weights)
         if res is not None:
@@ -454,19 +464,20 @@ def search_block_scales(
 
 
 @torch.no_grad()
+def clip_capture(specs: dict[str, QuantSpec | None], cfg: ClipSearchConfig) -> list[str]:
+    """The linears :func:`search_block_clips` searches (and whose calls it needs)."""
+    return [n for n, spec in specs.items() if spec is not None and not n.endswith(cfg.skip)]
+
+
 def search_block_clips(
     block: nn.Module,
-    x: torch.Tensor,
-    kwargs: dict,
+    calls: Calls,
     specs: dict[str, QuantSpec | None],
     cfg: ClipSearchConfig,
     token_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Clip values for every quantized linear of a block not in ``cfg.skip``."""
-    names = [n for n, spec in specs.items() if spec is not None and not n.endswith(cfg.skip)]
-    if not names:
-        return {}
-    _, calls = capture_calls(block, x, kwargs, names)
+    names = clip_capture(specs, cfg)
     return {
         n: search_clip(block.get_submodule(n).weight, calls[n][0][0], specs[n], cfg, token_weights)
         for n in names
@@ -497,29 +508,34 @@ def run_resumable(
     input_ids: torch.Tensor,
     device: torch.device,
     store: BlockStore,
-    search: Callable[[int, nn.Module, torch.Tensor, dict], tuple[dict, dict[str, str]]],
+    capture: Callable[[int, nn.Module], list[str]],
+    search: Callable[[int, nn.Module, Calls], tuple[dict, dict[str, str]]],
     desc: str,
 ) -> list[float | None]:
     """Stream the blocks; for each not already in ``store``, ``search`` and save its result.
 
-    ``search(i, block, x, kwargs)`` returns ``(tensors, metadata)`` for block ``i``. Returns the
-    search seconds per block (``None`` for blocks resumed from the store).
+    ``capture`` and ``search(i, block, calls)`` are as in :func:`stream_blocks`; ``search``
+    returns ``(tensors, metadata)`` for block ``i``. Blocks already in the store are only run
+    forward. Returns the search seconds per block (``None`` for blocks resumed).
     """
     seconds: list[float | None] = []
     bar = tqdm(total=len(adapter.blocks(model)), desc=desc)
 
-    def visit(i: int, block: nn.Module, x: torch.Tensor, kwargs: dict) -> None:
-        if store.load(i) is not None:
+    def names(i: int, block: nn.Module) -> list[str]:
+        return [] if store.has(i) else capture(i, block)
+
+    def visit(i: int, block: nn.Module, calls: Calls) -> None:
+        if store.has(i):
             seconds.append(None)
         else:
             t0 = time.perf_counter()
-            tensors, meta = search(i, block, x, kwargs)
+            tensors, meta = search(i, block, calls)
             seconds.append(time.perf_counter() - t0)
             store.save(i, tensors, meta)
         bar.update()
 
     try:
-        stream_blocks(model, adapter, input_ids, device, visit)
+        stream_blocks(model, adapter, input_ids, device, names, visit)
     finally:
         bar.close()
     return seconds

@@ -239,7 +239,7 @@ def search_group(
     inspect = block.get_submodule(group.inspect)
     args, kwargs = inspect_call
 
-    linear_inspect = group.inspect in group.linears and cfg.loss == "mse"
+    linear_inspect = group.linears == (group.inspect,) and cfg.loss == "mse"
     if linear_inspect:
         g = gram(x, token_weights)
         n_tok = x.shape[:-1].numel() if token_weights is None else token_weights.float().sum()

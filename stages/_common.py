@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import hydra  # noqa: E402
+import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from ptqflow.artifacts import (  # noqa: E402
@@ -35,6 +37,7 @@ from ptqflow.artifacts import (  # noqa: E402
     to_json,
     write_manifest,
 )
+from ptqflow.awq import run_resumable  # noqa: E402
 from ptqflow.calib import load_blocks  # noqa: E402
 from ptqflow.config import (  # noqa: E402
     ModelConfig,
@@ -50,6 +53,7 @@ from ptqflow.models import (  # noqa: E402
     get_adapter,
     linear_layers,
     load_config,
+    load_model,
     model_fingerprint,
     resolve_model,
 )
@@ -161,19 +165,45 @@ def load_calib(setup: QuantSetup, cfg: dict[str, Any]):
     return load_blocks(calib_dir), manifest["outputs"]["tokens_sha256"]
 
 
-def finish_blockwise(
-    store: BlockStore,
+def run_blockwise_stage(
     stage: str,
+    out_name: str,
+    cfg: dict[str, Any],
+    setup: QuantSetup,
+    script: str,
+    input_ids: torch.Tensor,
     params: dict[str, Any],
     inputs: dict[str, str],
-    code: str,
-    n_blocks: int,
-) -> None:
-    """Write index and manifest into a block store's results and move them into place."""
+    capture: Callable,
+    search: Callable,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """The body both block-wise searches share: load the model (``prepare`` it), stream its
+    blocks through ``capture``/``search`` with resume (:func:`ptqflow.awq.run_resumable`),
+    then write index and manifest and move the results to ``<artifacts>/<out_name>``."""
+    code = stage_code(script)
+    out_dir = ROOT / setup.paths.artifacts / out_name
+    store = BlockStore(out_dir, params_hash({"params": params, "inputs": inputs, "code": code}))
+    with tracked(stage, cfg, params, f"{stage}-{setup.model_cfg.name}") as run_log:
+        model = load_model(setup.ref, setup.model_cfg.dtype)
+        if prepare is not None:
+            prepare(model)
+        device = setup.model_cfg.torch_device()
+        t0 = time.perf_counter()
+        seconds = run_resumable(
+            model, setup.adapter, input_ids, device, store, capture, search, stage
+        )
+        total = time.perf_counter() - t0
 
-    def finish(tmp: Path) -> None:
-        index = {"format": f"ptqflow-{stage}/1", "blocks": n_blocks}
-        (tmp / "index.json").write_text(to_json(index), encoding="utf-8")
-        write_manifest(tmp, stage, params, inputs, index, code)
+        def finish(tmp: Path) -> None:
+            index = {"format": f"ptqflow-{stage}/1", "blocks": len(seconds)}
+            (tmp / "index.json").write_text(to_json(index), encoding="utf-8")
+            write_manifest(tmp, stage, params, inputs, index, code)
 
-    store.finalize(finish)
+        store.finalize(finish)
+        searched = [s for s in seconds if s is not None]
+        run_log.log_metrics(
+            {"search_seconds": total, "blocks_searched": len(searched), "blocks": len(seconds)}
+        )
+    print(f"{stage}: {len(seconds)} blocks ({len(searched)} searched) in {total:.1f}s")
+    return {"seconds_per_block": seconds, "total_seconds": total}

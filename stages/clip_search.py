@@ -9,26 +9,21 @@ reruns the scale search.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from _common import (
     ROOT,
-    finish_blockwise,
     load_calib,
     quant_setup,
-    stage_code,
+    run_blockwise_stage,
     stage_main,
     to_dict,
-    tracked,
 )
 from omegaconf import DictConfig
 
 from ptqflow.artifacts import (
-    BlockStore,
     check_inputs,
     check_params,
-    params_hash,
     read_manifest,
 )
 from ptqflow.awq import (
@@ -36,11 +31,9 @@ from ptqflow.awq import (
     block_specs,
     clip_capture,
     load_scales,
-    run_resumable,
     search_block_clips,
 )
 from ptqflow.config import parse_search
-from ptqflow.models import load_model
 
 STAGE = "clip-search"
 SECTIONS = ("model", "calib", "quant", "recipe")
@@ -69,38 +62,23 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         inputs["scales"] = scales["params_hash"]
     else:
         params["search"] = {"clip": cfg["search"]["clip"]}
-    code = stage_code(__file__)
-    out_dir = art / "clips"
-    store = BlockStore(out_dir, params_hash({"params": params, "inputs": inputs, "code": code}))
     prefix = setup.adapter.block_prefix
 
-    with tracked(STAGE, cfg, params, f"clips-{setup.model_cfg.name}") as run_log:
-        model = load_model(setup.ref, setup.model_cfg.dtype)
+    def prepare(model):
         if clip_cfg.apply_scales:
             apply_scales(model, load_scales(art / "scales"))
-        device = setup.model_cfg.torch_device()
-        t0 = time.perf_counter()
 
-        def capture(i, block):
-            return clip_capture(block_specs(setup.plan, f"{prefix}.{i}"), clip_cfg)
+    def capture(i, block):
+        return clip_capture(block_specs(setup.plan, f"{prefix}.{i}"), clip_cfg)
 
-        def search(i, block, calls):
-            specs = block_specs(setup.plan, f"{prefix}.{i}")
-            clips = search_block_clips(block, calls, specs, clip_cfg)
-            return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {}
+    def search(i, block, calls):
+        specs = block_specs(setup.plan, f"{prefix}.{i}")
+        clips = search_block_clips(block, calls, specs, clip_cfg)
+        return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {}
 
-        seconds = run_resumable(
-            model, setup.adapter, input_ids, device, store, capture, search, STAGE
-        )
-        total = time.perf_counter() - t0
-
-        finish_blockwise(store, STAGE, params, inputs, code, len(seconds))
-        searched = [s for s in seconds if s is not None]
-        run_log.log_metrics(
-            {"search_seconds": total, "blocks_searched": len(searched), "blocks": len(seconds)}
-        )
-    print(f"clip-search: {len(seconds)} blocks ({len(searched)} searched) in {total:.1f}s")
-    return {"seconds_per_block": seconds, "total_seconds": total}
+    return run_blockwise_stage(
+        STAGE, "clips", cfg, setup, __file__, input_ids, params, inputs, capture, search, prepare
+    )
 
 
 @stage_main

@@ -102,7 +102,7 @@ def test_gram_loss_equals_direct_loss_for_a_single_linear():
     x = torch.randn(4, 20, 48, generator=GEN).abs()
     specs = {"down": QuantSpec(3, 16)}
     group = ScaleGroup("up", ("down",), "down")
-    gram = search_group(block, group, specs, x, ((x,), {}), ScaleSearchConfig())
+    gram = search_group(block, group, specs, x, ((x,), {}), ScaleSearchConfig(duo_scaling=True))
     # the same search written directly: re-run the linear on every token per grid point
     direct = []
     w = block["down"].weight.detach().clone()

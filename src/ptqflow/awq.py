@@ -50,12 +50,13 @@ LOSSES = ("mse", "mae")
 class ScaleSearchConfig:
     """Attributes:
     n_grid: grid points for alpha in ``[0, 1)``.
-    duo_scaling: AutoAWQ's ``x_mean^a / w_mean^(1-a)`` (True) or llm-awq's ``x_mean^a``.
+    duo_scaling: AutoAWQ's ``x_mean^a / w_mean^(1-a)`` (True) or llm-awq's ``x_mean^a``
+        (False, the default: better on the embedded model at W4 and W3).
     loss: ``mse`` or ``mae`` over the inspected module's output.
     """
 
     n_grid: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool = False
     loss: str = "mse"
 
     def __post_init__(self) -> None:
@@ -70,7 +71,8 @@ class ClipSearchConfig:
     """Attributes:
     n_grid: shrink steps of ``1/n_grid``.
     max_shrink: largest shrink tried (0.5: down to half the max).
-    n_tokens: calibration tokens used, taken at an even stride; ``0`` uses every token.
+    n_tokens: calibration tokens used, taken at an even stride; ``0`` (default) uses every
+        token, which the Gram-matrix error makes about as cheap as a sub-sample.
     skip: linear-name suffixes left unclipped (q/k: their errors are re-weighted by softmax).
     apply_scales: search on the scaled model (AWQ); False searches the plain model, for a
         clip-only ablation.
@@ -78,7 +80,7 @@ class ClipSearchConfig:
 
     n_grid: int = 20
     max_shrink: float = 0.5
-    n_tokens: int = 512
+    n_tokens: int = 0
     skip: tuple[str, ...] = ("q_proj", "k_proj", "query_key_value")
     apply_scales: bool = True
 

@@ -156,12 +156,37 @@ def quant_setup(cfg: dict[str, Any]) -> QuantSetup:
     return QuantSetup(model_cfg, paths, ref, adapter, plan, model_fingerprint(ref))
 
 
+# The config sections every AWQ search output depends on, besides its own `search` part.
+SEARCH_SECTIONS = ("model", "calib", "quant", "recipe")
+
+
+def scale_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The params of a scale-search output."""
+    return {k: cfg[k] for k in SEARCH_SECTIONS} | {"search": {"scale": cfg["search"]["scale"]}}
+
+
+def clip_params(cfg: dict[str, Any], apply_scales: bool) -> dict[str, Any]:
+    """The params of a clip-search output (the scale params too when it clips scaled weights)."""
+    search = cfg["search"] if apply_scales else {"clip": cfg["search"]["clip"]}
+    return {k: cfg[k] for k in SEARCH_SECTIONS} | {"search": search}
+
+
+def read_upstream(
+    out_dir: Path, stage: str, inputs: dict[str, str], params: dict[str, Any]
+) -> dict[str, Any]:
+    """An upstream stage's manifest, refused unless its inputs and params match the current."""
+    manifest = read_manifest(out_dir, stage)
+    check_inputs(manifest, inputs)
+    check_params(manifest, params)
+    return manifest
+
+
 def load_calib(setup: QuantSetup, cfg: dict[str, Any]):
     """The calibration blocks, refused if they were made for another model or calib config."""
     calib_dir = ROOT / setup.paths.artifacts / "calib"
-    manifest = read_manifest(calib_dir, "calib-data")
-    check_inputs(manifest, {"model": setup.fingerprint})
-    check_params(manifest, {"calib": cfg["calib"]})
+    manifest = read_upstream(
+        calib_dir, "calib-data", {"model": setup.fingerprint}, {"calib": cfg["calib"]}
+    )
     return load_blocks(calib_dir), manifest["outputs"]["tokens_sha256"]
 
 

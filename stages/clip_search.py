@@ -13,19 +13,17 @@ from typing import Any
 
 from _common import (
     ROOT,
+    clip_params,
     load_calib,
     quant_setup,
+    read_upstream,
     run_blockwise_stage,
+    scale_params,
     stage_main,
     to_dict,
 )
 from omegaconf import DictConfig
 
-from ptqflow.artifacts import (
-    check_inputs,
-    check_params,
-    read_manifest,
-)
 from ptqflow.awq import (
     apply_scales,
     block_specs,
@@ -36,15 +34,6 @@ from ptqflow.awq import (
 from ptqflow.config import parse_search
 
 STAGE = "clip-search"
-SECTIONS = ("model", "calib", "quant", "recipe")
-
-
-def check_scales(scales_dir, params: dict, inputs: dict) -> dict:
-    """The scale-search manifest, refused unless it matches the current config and inputs."""
-    manifest = read_manifest(scales_dir, "scale-search")
-    check_inputs(manifest, inputs)
-    check_params(manifest, params)
-    return manifest
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -52,16 +41,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     _, clip_cfg = parse_search(cfg["search"])
     input_ids, calib_sha = load_calib(setup, cfg)
     art = ROOT / setup.paths.artifacts
-    params = {k: cfg[k] for k in SECTIONS} | {"search": cfg["search"]}
+    params = clip_params(cfg, clip_cfg.apply_scales)
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha}
     if clip_cfg.apply_scales:
-        scales_params = {k: cfg[k] for k in SECTIONS} | {
-            "search": {"scale": cfg["search"]["scale"]}
-        }
-        scales = check_scales(art / "scales", scales_params, inputs)
+        scales = read_upstream(art / "scales", "scale-search", inputs, scale_params(cfg))
         inputs["scales"] = scales["params_hash"]
-    else:
-        params["search"] = {"clip": cfg["search"]["clip"]}
     prefix = setup.adapter.block_prefix
 
     def prepare(model):

@@ -19,8 +19,11 @@ from typing import Any
 from _common import (
     ROOT,
     QuantSetup,
+    clip_params,
     multirun_job,
     quant_setup,
+    read_upstream,
+    scale_params,
     stage_main,
     to_dict,
     tracked,
@@ -29,9 +32,6 @@ from omegaconf import DictConfig
 
 from ptqflow.artifacts import (
     atomic_write_text,
-    check_inputs,
-    check_params,
-    read_manifest,
     to_json,
 )
 from ptqflow.awq import apply_clips, apply_scales, load_clips, load_scales
@@ -56,18 +56,12 @@ from ptqflow.quant import fake_quantize_linears
 from ptqflow.text import check_source, load_documents
 
 STAGE = "fake-quant-eval"
-SCALE_SECTIONS = ("model", "calib", "quant", "recipe")
 
 
 def output_path(reports: Path, method: str, tag: str | None, job: int | None) -> Path:
     if job is None:
         return reports / "eval" / f"{method}.json"
     return reports / "runs" / (f"{method}-{tag}.json" if tag else f"{method}.json")
-
-
-def scales_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The params a scale-search output must have been made with to be used now."""
-    return {k: cfg[k] for k in SCALE_SECTIONS} | {"search": {"scale": cfg["search"]["scale"]}}
 
 
 def awq_transforms(cfg: dict[str, Any], ev: EvalConfig, setup: QuantSetup) -> tuple[list, dict]:
@@ -86,17 +80,12 @@ def awq_transforms(cfg: dict[str, Any], ev: EvalConfig, setup: QuantSetup) -> tu
             "(and rerun clip-search) to evaluate this ablation"
         )
     scales, clips = [], {}
+    inputs = {"model": setup.fingerprint}
     if ev.scales:
-        manifest = read_manifest(art / "scales", "scale-search")
-        check_inputs(manifest, {"model": setup.fingerprint})
-        check_params(manifest, scales_params(cfg))
+        read_upstream(art / "scales", "scale-search", inputs, scale_params(cfg))
         scales = load_scales(art / "scales")
     if ev.clips:
-        manifest = read_manifest(art / "clips", "clip-search")
-        check_inputs(manifest, {"model": setup.fingerprint})
-        clip_params = {k: cfg[k] for k in SCALE_SECTIONS}
-        clip_params["search"] = cfg["search"] if ev.scales else {"clip": cfg["search"]["clip"]}
-        check_params(manifest, clip_params)
+        read_upstream(art / "clips", "clip-search", inputs, clip_params(cfg, ev.scales))
         clips = load_clips(art / "clips")
     return scales, clips
 

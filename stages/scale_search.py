@@ -16,6 +16,7 @@ from _common import (
     load_calib,
     quant_setup,
     run_blockwise_stage,
+    scale_params,
     stage_main,
     to_dict,
 )
@@ -30,14 +31,13 @@ from ptqflow.awq import (
 from ptqflow.config import parse_search
 
 STAGE = "scale-search"
-SECTIONS = ("model", "calib", "quant", "recipe")
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     setup = quant_setup(cfg)
     scale_cfg, _ = parse_search(cfg["search"])
     input_ids, calib_sha = load_calib(setup, cfg)
-    params = {k: cfg[k] for k in SECTIONS} | {"search": {"scale": cfg["search"]["scale"]}}
+    params = scale_params(cfg)
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha}
     prefix = setup.adapter.block_prefix
 

@@ -22,6 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # copy happens to be installed.
 sys.path.insert(0, str(ROOT / "src"))
 
+
+def _load_kernels() -> None:
+    """Bind ``ptqflow.kernels`` to this checkout's ``kernels/``, as ``pyproject.toml`` maps it
+    (``src/`` on sys.path alone cannot know that mapping)."""
+    if "ptqflow.kernels" in sys.modules:
+        return
+    import importlib.util
+
+    init = ROOT / "kernels" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        "ptqflow.kernels", init, submodule_search_locations=[str(init.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ptqflow.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_load_kernels()
+
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -37,7 +56,7 @@ from ptqflow.artifacts import (  # noqa: E402
     to_json,
     write_manifest,
 )
-from ptqflow.awq import run_resumable  # noqa: E402
+from ptqflow.awq import load_clips, load_scales, run_resumable  # noqa: E402
 from ptqflow.calib import load_blocks  # noqa: E402
 from ptqflow.config import (  # noqa: E402
     ModelConfig,
@@ -46,6 +65,7 @@ from ptqflow.config import (  # noqa: E402
     parse,
     parse_quant,
     parse_recipe,
+    parse_search,
 )
 from ptqflow.models import (  # noqa: E402
     Adapter,
@@ -179,6 +199,30 @@ def read_upstream(
     check_inputs(manifest, inputs)
     check_params(manifest, params)
     return manifest
+
+
+def awq_inputs(
+    cfg: dict[str, Any], setup: QuantSetup, use_scales: bool = True, use_clips: bool = True
+) -> tuple[list, dict, dict[str, str]]:
+    """The cached AWQ scales and clips to apply (either may be switched off for ablations),
+    each refused unless made for the current config, and their fingerprints."""
+    art = ROOT / setup.paths.artifacts
+    _, clip_cfg = parse_search(cfg["search"])
+    if use_clips and clip_cfg.apply_scales != use_scales:
+        raise ValueError(
+            f"the clips are searched with search.clip.apply_scales={clip_cfg.apply_scales} "
+            f"but the scales are {'used' if use_scales else 'not used'} here; set "
+            f"search.clip.apply_scales={use_scales} (and rerun clip-search) for this ablation"
+        )
+    scales, clips, fingerprints = [], {}, {}
+    inputs = {"model": setup.fingerprint}
+    if use_scales:
+        manifest = read_upstream(art / "scales", "scale-search", inputs, scale_params(cfg))
+        scales, fingerprints["scales"] = load_scales(art / "scales"), manifest["params_hash"]
+    if use_clips:
+        manifest = read_upstream(art / "clips", "clip-search", inputs, clip_params(cfg, use_scales))
+        clips, fingerprints["clips"] = load_clips(art / "clips"), manifest["params_hash"]
+    return scales, clips, fingerprints
 
 
 def load_calib(setup: QuantSetup, cfg: dict[str, Any]):

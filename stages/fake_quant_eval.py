@@ -1,7 +1,8 @@
 """Stage fake-quant-eval: perplexity of the model in full precision (``eval.method=fp``), with
 its recipe-selected linears pseudo-quantized by RTN (``eval.method=rtn``), or by AWQ
 (``eval.method=awq``: the cached scales folded in and clips applied first; ``eval.scales`` and
-``eval.clips`` switch either half off for ablations).
+``eval.clips`` switch either half off for ablations), or of the real-pack checkpoint loaded
+back with packed linears (``eval.method=packed``; it matches the fake-quant figure).
 
 Writes ``<reports>/eval/<method>.json``, the DVC metrics of the ``eval-<method>`` stage. Inside a
 Hydra ``--multirun`` sweep each job writes ``<reports>/runs/<method>-<quant tag>.json`` instead,
@@ -18,33 +19,27 @@ from typing import Any
 
 from _common import (
     ROOT,
-    QuantSetup,
-    clip_params,
+    awq_inputs,
     multirun_job,
     quant_setup,
-    read_upstream,
-    scale_params,
     stage_main,
     to_dict,
     tracked,
 )
 from omegaconf import DictConfig
 
-from ptqflow.artifacts import (
-    atomic_write_text,
-    to_json,
-)
-from ptqflow.awq import apply_clips, apply_scales, load_clips, load_scales
+from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
+from ptqflow.awq import apply_clips, apply_scales
 from ptqflow.config import (
     EvalConfig,
     ModelConfig,
     PathsConfig,
     parse,
     parse_quant,
-    parse_search,
 )
 from ptqflow.evaluate import eval_windows, perplexity
 from ptqflow.models import (
+    DTYPES,
     linear_layers,
     load_config,
     load_model,
@@ -52,6 +47,7 @@ from ptqflow.models import (
     model_fingerprint,
     resolve_model,
 )
+from ptqflow.pack import QuantLinear, load_packed
 from ptqflow.quant import fake_quantize_linears
 from ptqflow.text import check_source, load_documents
 
@@ -64,43 +60,25 @@ def output_path(reports: Path, method: str, tag: str | None, job: int | None) ->
     return reports / "runs" / (f"{method}-{tag}.json" if tag else f"{method}.json")
 
 
-def awq_transforms(cfg: dict[str, Any], ev: EvalConfig, setup: QuantSetup) -> tuple[list, dict]:
-    """Load (and check against the current config) the cached scales and clips to apply."""
-    art = ROOT / setup.paths.artifacts
-    _, clip_cfg = parse_search(cfg["search"])
-    if not (ev.scales or ev.clips):
-        raise ValueError(
-            "eval.method=awq with eval.scales=false and eval.clips=false is plain RTN; "
-            "use eval.method=rtn"
-        )
-    if ev.clips and clip_cfg.apply_scales != ev.scales:
-        raise ValueError(
-            f"the clips are searched with search.clip.apply_scales={clip_cfg.apply_scales} "
-            f"but eval.scales={ev.scales}; set search.clip.apply_scales={ev.scales} "
-            "(and rerun clip-search) to evaluate this ablation"
-        )
-    scales, clips = [], {}
-    inputs = {"model": setup.fingerprint}
-    if ev.scales:
-        read_upstream(art / "scales", "scale-search", inputs, scale_params(cfg))
-        scales = load_scales(art / "scales")
-    if ev.clips:
-        read_upstream(art / "clips", "clip-search", inputs, clip_params(cfg, ev.scales))
-        clips = load_clips(art / "clips")
-    return scales, clips
-
-
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     ev = parse(EvalConfig, "eval", cfg["eval"])
     params: dict[str, Any] = {"model": cfg["model"], "eval": cfg["eval"]}
     # Check the whole request against the model's shapes before any weight is read.
-    if ev.method == "fp":
+    packed_dir = None
+    if ev.method in ("fp", "packed"):
         model_cfg = parse(ModelConfig, "model", cfg["model"])
         paths = parse(PathsConfig, "paths", cfg["paths"])
         ref = resolve_model(model_cfg.source)
         model_cfg.torch_device()
         fingerprint, plan, tag = model_fingerprint(ref), {}, None
         n_linears = len(linear_layers(load_config(ref)))
+        if ev.method == "packed":
+            packed_dir = ROOT / paths.artifacts / "packed"
+            manifest = read_manifest(packed_dir, "real-pack")
+            check_inputs(manifest, {"model": fingerprint})
+            packed = manifest["params"]
+            tag = f"{parse_quant(packed['quant']).tag}-{packed['pack']['format']}"
+            params["packed"] = manifest["params_hash"]
     else:
         setup = quant_setup(cfg)
         model_cfg, paths, ref, plan = setup.model_cfg, setup.paths, setup.ref, setup.plan
@@ -112,7 +90,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     scales, clips = [], {}
     if ev.method == "awq":
-        scales, clips = awq_transforms(cfg, ev, setup)
+        if not (ev.scales or ev.clips):
+            raise ValueError(
+                "eval.method=awq with eval.scales=false and eval.clips=false is plain RTN; "
+                "use eval.method=rtn"
+            )
+        scales, clips, _ = awq_inputs(cfg, setup, ev.scales, ev.clips)
         params |= {"calib": cfg["calib"], "search": cfg["search"]}
         if not (ev.scales and ev.clips):
             tag += "-scales-only" if ev.scales else "-clips-only"
@@ -125,12 +108,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         windows = eval_windows(
             load_documents(ev.source, ev.text_field, ev.split), tokenizer, ev.seqlen, ev.n_windows
         )
-        model = load_model(ref, model_cfg.dtype)
         t0 = time.perf_counter()
-        apply_scales(model, scales)
-        apply_clips(model, clips)
-        done = fake_quantize_linears(model, plan)
-        model.to(model_cfg.torch_device())
+        if packed_dir is not None:
+            model = load_packed(packed_dir, DTYPES[model_cfg.dtype], model_cfg.torch_device())
+            done = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        else:
+            model = load_model(ref, model_cfg.dtype)
+            apply_scales(model, scales)
+            apply_clips(model, clips)
+            done = fake_quantize_linears(model, plan)
+            model.to(model_cfg.torch_device())
         quant_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = perplexity(model, windows, ev.batch_size)

@@ -94,7 +94,9 @@ def test_stale_upstream_outputs_are_refused(awq_cfg, tmp_path):
         fake_quant_eval.run(awq_cfg(tmp_path, "eval.method=awq", "search.clip.max_shrink=0.3"))
     with pytest.raises(ValueError, match=r"calib.n_samples.*dvc repro calib-data"):
         scale_search.run(awq_cfg(tmp_path, "calib.n_samples=10"))
-    with pytest.raises(ValueError, match="search.clip.apply_scales=True but eval.scales=False"):
+    with pytest.raises(
+        ValueError, match="search.clip.apply_scales=True but the scales are not used"
+    ):
         fake_quant_eval.run(awq_cfg(tmp_path, "eval.method=awq", "eval.scales=false"))
 
 

@@ -21,7 +21,7 @@ from ptqflow.recipe import Recipe
 
 T = TypeVar("T")
 
-EVAL_METHODS = ("fp", "rtn", "awq")
+EVAL_METHODS = ("fp", "rtn", "awq", "packed")
 
 
 def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
@@ -96,7 +96,8 @@ class CalibConfig:
 class EvalConfig:
     """Evaluation method and the perplexity protocol (see :mod:`ptqflow.evaluate`).
 
-    ``scales`` and ``clips`` switch the two halves of ``method=awq`` for ablations.
+    ``scales`` and ``clips`` switch the two halves of ``method=awq`` for ablations;
+    ``method=packed`` scores the real-pack checkpoint loaded back with packed linears.
     """
 
     method: str = "rtn"

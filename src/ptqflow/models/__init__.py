@@ -21,21 +21,24 @@ from ptqflow.models.adapters import Adapter, ScaleGroup, get_adapter, supported_
 from ptqflow.sources import PKG_SCHEME, is_offline, resolve_path
 
 __all__ = [
+    "DTYPES",
     "Adapter",
     "ModelRef",
     "ScaleGroup",
     "get_adapter",
     "linear_layers",
+    "linear_shapes",
     "load_config",
     "load_model",
     "load_tokenizer",
     "model_fingerprint",
     "resolve_model",
+    "skeleton",
     "supported_model_types",
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,11 @@ def load_model(ref: ModelRef, dtype: str = "float32") -> nn.Module:
     """Load the causal LM in ``dtype`` (GGUF weights are dequantized to it), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"model dtype '{dtype}' is not one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"model dtype '{dtype}' is not one of {sorted(DTYPES)}")
     with _hub_errors(ref, "the weights"):
         model = AutoModelForCausalLM.from_pretrained(
-            ref.location, dtype=_DTYPES[dtype], **ref.hf_kwargs()
+            ref.location, dtype=DTYPES[dtype], **ref.hf_kwargs()
         )
     return model.eval()
 
@@ -145,12 +148,24 @@ def linear_layers(config) -> list[tuple[str, int | None, int]]:
     Builds the module tree on the meta device, so no weights are read or allocated: this is how
     a recipe is checked against a model before loading it.
     """
+    return get_adapter(config.model_type).linears(skeleton(config))
+
+
+def skeleton(config) -> nn.Module:
+    """The model ``config`` describes, built on the meta device (no weights read or allocated)."""
     from transformers import AutoModelForCausalLM
 
-    adapter = get_adapter(config.model_type)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return adapter.linears(skeleton)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """``{path: (out_features, in_features)}`` of every linear, from the meta skeleton."""
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in skeleton(config).named_modules()
+        if isinstance(m, nn.Linear)
+    }
 
 
 def model_fingerprint(ref: ModelRef) -> str:

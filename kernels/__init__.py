@@ -1,0 +1,120 @@
+"""ptqflow.kernels: W4A16 matmul over the AWQ GEMM layout, in Triton, with a pure-PyTorch twin.
+
+:func:`w4a16_matmul` is the entry point. It picks the GEMV schedule (split over K) for small M
+and the GEMM schedule for larger M, with block sizes from ``tuning.json`` for the current GPU,
+and falls back to :func:`ptqflow.kernels.reference.w4a16_matmul` where Triton cannot run (no
+CUDA device, float32 activations). With ``TRITON_INTERPRET=1`` set before this package first
+launches a kernel, the Triton kernels run on the CPU through Triton's interpreter (slow: tests
+only).
+
+The Triton modules are imported on first use, so importing this package never needs Triton and
+never fixes the interpreter setting early.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ptqflow.kernels import reference
+
+__all__ = ["GEMV_MAX_M", "kernel_config", "reference", "triton_runs", "w4a16_matmul"]
+
+# Up to this many rows the weight read dominates: GEMV schedule; above it, tensor-core GEMM.
+GEMV_MAX_M = 8
+TUNING = Path(__file__).with_name("tuning.json")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take ``x``: fp16/bf16 on CUDA, or any device when the
+    interpreter is on."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or not _have_triton():
+        return False
+    return x.is_cuda or (_interpreting() and x.device.type == "cpu")
+
+
+@functools.cache
+def _tuning() -> dict:
+    return json.loads(TUNING.read_text(encoding="utf-8"))
+
+
+def kernel_config(kind: str, m: int, device: torch.device) -> dict:
+    """Launch config for schedule ``kind`` (``gemv``/``gemm``) at ``m`` rows on ``device``:
+    the entry for this GPU's name in ``tuning.json`` if there is one, else ``default``. GEMM
+    entries are keyed by the largest M they serve; the first key ``>= m`` wins."""
+    table = _tuning()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    entry = table.get(name, table["default"])[kind]
+    if kind == "gemv":
+        return entry
+    for bound in sorted(entry, key=int):
+        if m <= int(bound):
+            return entry[bound]
+    return entry[max(entry, key=int)]
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``y = x @ W + bias`` for activations ``x [..., K]`` and a 4-bit weight ``W [K, N]`` in
+    the AWQ GEMM layout (``qweight [K, N/8]``, ``qzeros [K/g, N/8]``, ``scales [K/g, N]``).
+
+    ``backend``: ``auto`` (GEMV for ``M <= GEMV_MAX_M``, else GEMM; the reference where Triton
+    cannot run), or ``gemv``, ``gemm``, ``reference`` to force one. ``config`` overrides the
+    tuned launch config. Returns ``[..., N]`` in ``x``'s dtype; accumulation is float32.
+    """
+    k, n = qweight.shape[0], scales.shape[1]
+    if x.shape[-1] != k or qweight.shape[1] * 8 != n or k % group_size:
+        raise ValueError(
+            f"shapes do not fit: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+            f"scales {tuple(scales.shape)}, group_size {group_size}"
+        )
+    if backend == "reference" or (backend == "auto" and not triton_runs(x)):
+        return reference.w4a16_matmul(x, qweight, qzeros, scales, group_size, bias)
+    if not triton_runs(x):
+        raise RuntimeError(
+            f"backend={backend!r} needs Triton and fp16/bf16 activations on a CUDA device "
+            "(or TRITON_INTERPRET=1 on the CPU); use backend='auto' to fall back"
+        )
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    kind = backend if backend != "auto" else ("gemv" if m <= GEMV_MAX_M else "gemm")
+    cfg = config or kernel_config(kind, m, x.device)
+    if kind == "gemv":
+        from ptqflow.kernels.w4a16_gemv import w4a16_gemv
+
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        y = w4a16_gemv(x2, qweight, qzeros, scales, group_size, bias, cfg, n_programs=4 * sms)
+    elif kind == "gemm":
+        from ptqflow.kernels.w4a16_gemm import w4a16_gemm
+
+        # The interpreter computes a bf16 tl.dot wrongly; float32 operands give the same sums.
+        dot_f32 = _interpreting() and x.dtype == torch.bfloat16
+        y = w4a16_gemm(x2, qweight, qzeros, scales, group_size, bias, cfg, dot_f32=dot_f32)
+    else:
+        raise ValueError(f"backend={backend!r}; use auto, gemv, gemm or reference")
+    return y.reshape(*x.shape[:-1], n)

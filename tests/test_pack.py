@@ -1,0 +1,179 @@
+"""Real packing: integers match fake-quant exactly, each format round-trips, checkpoints load
+back with QuantLinear layers and score the fake-quant model's perplexity."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from ptqflow.evaluate import perplexity
+from ptqflow.kernels import reference as ref
+from ptqflow.models import linear_shapes
+from ptqflow.pack import (
+    FORMATS,
+    IntWeight,
+    PackConfig,
+    QuantLinear,
+    check_packable,
+    load_packed,
+    pack_weight,
+    save_packed,
+    unpack_weight,
+)
+from ptqflow.quant import QuantSpec, dequantize, quantize
+
+SPECS = [QuantSpec(4, 32), QuantSpec(4, 64, False), QuantSpec(3, 32), QuantSpec(8, -1)]
+
+
+def fits(fmt, spec):
+    return {
+        "awq": spec.w_bit == 4 and spec.group_size != -1,
+        "compressed-tensors": spec.w_bit in (4, 8),
+        "ptqflow": True,
+    }[fmt]
+
+
+CASES = [
+    pytest.param(fmt, spec, id=f"{fmt}-{spec.tag}")
+    for fmt in FORMATS
+    for spec in SPECS
+    if fits(fmt, spec)
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.tag)
+def test_int_weight_is_fake_quant(spec):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    iw = IntWeight.from_weight(w, spec)
+    assert iw.q.min() >= 0 and iw.q.max() < 1 << spec.w_bit
+    q, s, z = quantize(w, spec)
+    assert torch.equal(iw.dequantize().t(), dequantize(q, s, z, spec.group_size))
+
+
+@pytest.mark.parametrize("fmt,spec", CASES)
+def test_pack_unpack_is_exact(fmt, spec):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    iw = IntWeight.from_weight(w, spec)
+    tensors = pack_weight(iw, fmt, torch.float16)
+    assert all(t.dtype in (torch.int32, torch.int64, torch.float16) for t in tensors.values())
+    if fmt == "compressed-tensors":  # zero points are stored exactly when asymmetric
+        assert ("weight_zero_point" in tensors) == spec.zero_point
+    back = unpack_weight(tensors, fmt)
+    assert back.bits == spec.w_bit and back.group_size == iw.group_size
+    assert torch.equal(back.q, iw.q) and torch.equal(back.zeros, iw.zeros)
+    assert torch.equal(back.scales, iw.scales.half())
+
+
+def test_awq_tensors_have_the_documented_names_shapes_dtypes():
+    iw = IntWeight.from_weight(torch.randn(96, 128), QuantSpec(4, 64))
+    t = pack_weight(iw, "awq", torch.float16)
+    assert set(t) == {"qweight", "qzeros", "scales"}
+    assert t["qweight"].shape == (128, 12) and t["qweight"].dtype == torch.int32
+    assert t["qzeros"].shape == (2, 12) and t["qzeros"].dtype == torch.int32
+    assert t["scales"].shape == (2, 96) and t["scales"].dtype == torch.float16
+    # W[in, out] = (q - z) * s, with the scales as stored (fp16).
+    w = ref.dequantize_awq(t["qweight"], t["qzeros"], t["scales"], 64)
+    s = iw.scales.half().float().repeat_interleave(64, 0)
+    assert torch.equal(w, (iw.q - iw.zeros.repeat_interleave(64, 0)).float() * s)
+
+
+def test_check_packable_names_the_layer_and_the_fix():
+    shapes = {"a": (64, 128), "b": (48, 128)}
+    with pytest.raises(ValueError, match="awq holds 4-bit.*'a' is w3g32.*ptqflow"):
+        check_packable("awq", {"a": QuantSpec(3, 32), "b": None}, shapes)
+    with pytest.raises(ValueError, match="one group size"):
+        check_packable("awq", {"a": QuantSpec(4, 32), "b": QuantSpec(4, 64)}, shapes)
+    with pytest.raises(ValueError, match="4- or 8-bit.*'a' is w2g32"):
+        check_packable("compressed-tensors", {"a": QuantSpec(2, 32)}, shapes)
+    with pytest.raises(ValueError, match="'b' has out_features=48"):
+        check_packable("ptqflow", {"a": QuantSpec(3, 32), "b": QuantSpec(3, 32)}, shapes)
+    with pytest.raises(ValueError, match="does not divide"):
+        check_packable("ptqflow", {"a": QuantSpec(3, 96)}, shapes)
+    with pytest.raises(ValueError, match="nothing to pack"):
+        check_packable("awq", {"a": None}, shapes)
+    check_packable("compressed-tensors", {"a": QuantSpec(8, -1), "b": QuantSpec(4, 32)}, shapes)
+    with pytest.raises(ValueError, match="pack.dtype=float16"):
+        PackConfig(format="awq", dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_model_dir):
+    gen = torch.Generator().manual_seed(3)
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size
+    return torch.randint(0, vocab, (4, 32), generator=gen)
+
+
+def plan_for(model, spec):
+    """The default recipe's shape: every decoder linear quantized, lm_head in FP."""
+    return {n: (None if n == "lm_head" else spec) for n in linear_shapes(model.config)}
+
+
+@pytest.mark.parametrize("fmt,spec", CASES)
+def test_packed_checkpoint_scores_the_fake_quant_perplexity(
+    fmt, spec, tiny_model_dir, windows, tmp_path
+):
+    from ptqflow.quant import fake_quantize_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plan = plan_for(model, spec)
+    stats = save_packed(model, None, plan, PackConfig(format=fmt), tmp_path)
+    assert stats["quantized_linears"] == 14
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] in ("awq", "compressed-tensors", "ptqflow")
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert "lm_head.weight" not in names  # tied to the embeddings: stored once
+    assert not any(n.endswith("proj.weight") for n in names)
+
+    loaded = load_packed(tmp_path)
+    quant = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == 14 and {m.bits for m in quant} == {spec.w_bit}
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+    fake_quantize_linears(model, plan)
+    ppl_fake = perplexity(model, windows, progress=False).perplexity
+    ppl_packed = perplexity(loaded, windows, progress=False).perplexity
+    print(f"{fmt} {spec.tag}: fake-quant {ppl_fake:.6f}, packed {ppl_packed:.6f}")
+    assert abs(ppl_packed - ppl_fake) / ppl_fake < 1e-3
+
+
+def test_awq_config_lists_the_skipped_modules(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plan = plan_for(model, QuantSpec(4, 32))
+    plan["model.layers.0.mlp.down_proj"] = None
+    save_packed(model, None, plan, PackConfig(format="awq"), tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc == {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 32,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.down_proj"],
+    }
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.float16
+    assert tensors["model.layers.1.mlp.down_proj.qweight"].shape == (128, 8)
+    loaded = load_packed(tmp_path)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, torch.nn.Linear)
+
+
+def test_load_packed_refuses_what_it_cannot_read(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the real-pack stage"):
+        load_packed(tmp_path)
+    with pytest.raises(ValueError, match="unsupported quantization_config"):
+        load_packed(_with_config(tiny_model_dir, tmp_path, {"quant_method": "gptq", "bits": 4}))
+
+
+def _with_config(src, dst, qc):
+    import shutil
+
+    for f in src.iterdir():
+        shutil.copy(f, dst / f.name)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

@@ -122,6 +122,7 @@ def test_packed_checkpoint_scores_the_fake_quant_perplexity(
     assert stats["quantized_linears"] == 14
 
     config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float16"
     assert config["quantization_config"]["quant_method"] in ("awq", "compressed-tensors", "ptqflow")
     names = set(load_file(tmp_path / "model.safetensors"))
     assert "lm_head.weight" not in names  # tied to the embeddings: stored once

@@ -360,6 +360,8 @@ def save_packed(
     in_features = {n: model.get_submodule(n).in_features for n in specs}
     skipped = [n for n, s in plan.items() if s is None]
     config = model.config.__class__.from_dict(model.config.to_dict())
+    # Serving engines pick the model class from this (a GGUF-loaded config has none).
+    config.architectures = [type(model).__name__]
     if "lm_head" in specs:  # a quantized head cannot share the embedding's tensor
         config.tie_word_embeddings = False
     config.quantization_config = quantization_config(cfg.format, specs, skipped, in_features)

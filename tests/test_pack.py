@@ -62,6 +62,9 @@ def test_pack_unpack_is_exact(fmt, spec):
         assert ("weight_zero_point" in tensors) == spec.zero_point
     back = unpack_weight(tensors, fmt)
     assert back.bits == spec.w_bit and back.group_size == iw.group_size
+    if fmt == "compressed-tensors":  # the one format whose tensors say it
+        assert back.symmetric == (not spec.zero_point)
+        assert pack_weight(back, fmt, torch.float16).keys() == tensors.keys()
     assert torch.equal(back.q, iw.q) and torch.equal(back.zeros, iw.zeros)
     assert torch.equal(back.scales, iw.scales.half())
 

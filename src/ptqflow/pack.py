@@ -198,12 +198,9 @@ def unpack_weight(tensors: dict[str, torch.Tensor], fmt: str, bits: int | None =
             zeros = ref.unpack_ct(tensors["weight_zero_point"], found, out_f, dim=0).t()
     if bits is not None and bits != found:
         raise ValueError(f"the config says {bits}-bit but the tensors hold {found}-bit weights")
+    group = q.shape[0] // scales.shape[0]
     return IntWeight(
-        q.contiguous(),
-        zeros.contiguous(),
-        scales.contiguous(),
-        found,
-        q.shape[0] // scales.shape[0],
+        q.contiguous(), zeros.contiguous(), scales.contiguous(), found, group, symmetric
     )
 
 
@@ -229,11 +226,6 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, layout={self.layout}"
-        )
-
-    def int_weight(self) -> IntWeight:
-        return unpack_weight(
-            {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}, self.layout
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -442,7 +434,8 @@ def load_packed(
             wrapped = ScaledActivation(act, torch.ones(state[key].shape))
             setattr(model.get_submodule(parent), attr, wrapped)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    # Missing tensors are caught below, after tying, as parameters left on meta.
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"checkpoint '{path}' holds tensors the model does not: {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):

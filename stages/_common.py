@@ -160,6 +160,7 @@ class QuantSetup:
     adapter: Adapter
     plan: dict[str, QuantSpec | None]
     fingerprint: str
+    hf_config: Any  # the transformers config (reading it from a GGUF takes seconds)
 
 
 def quant_setup(cfg: dict[str, Any]) -> QuantSetup:
@@ -173,7 +174,7 @@ def quant_setup(cfg: dict[str, Any]) -> QuantSetup:
     hf_config = load_config(ref)
     adapter = get_adapter(hf_config.model_type)
     plan = recipe.resolve(linear_layers(hf_config))
-    return QuantSetup(model_cfg, paths, ref, adapter, plan, model_fingerprint(ref))
+    return QuantSetup(model_cfg, paths, ref, adapter, plan, model_fingerprint(ref), hf_config)
 
 
 # The config sections every AWQ search output depends on, besides its own `search` part.

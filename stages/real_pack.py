@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.awq import apply_clips, apply_scales
 from ptqflow.config import parse
-from ptqflow.models import linear_shapes, load_config, load_model, load_tokenizer
+from ptqflow.models import linear_shapes, load_model, load_tokenizer
 from ptqflow.pack import PackConfig, check_packable, save_packed
 
 STAGE = "real-pack"
@@ -43,7 +43,7 @@ def pack_params(cfg: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     pack = parse(PackConfig, "pack", cfg["pack"])
     setup = quant_setup(cfg)
-    check_packable(pack.format, setup.plan, linear_shapes(load_config(setup.ref)))
+    check_packable(pack.format, setup.plan, linear_shapes(setup.hf_config))
     scales, clips, inputs = [], {}, {}
     if pack.method == "awq":
         scales, clips, inputs = awq_inputs(cfg, setup)

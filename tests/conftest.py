@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without a GPU, Triton kernels run in its interpreter on the CPU. The setting must exist before
 # the first @triton.jit function is defined; ptqflow.kernels imports its kernels lazily.
@@ -130,3 +128,36 @@ def tiny_cfg(tiny_model_dir, texts, tmp_path):
         return compose(tiny_overrides(tiny_model_dir, texts, tmp_path) + list(extra))
 
     return make
+
+
+def as_stored(model, plan):
+    """``model`` fake-quantized by ``plan`` with every value rounded as a checkpoint stores it
+    (fp16 scales, fp16 unquantized tensors): the function a packed checkpoint must compute."""
+    import torch
+
+    from ptqflow.formats import IntWeight
+
+    with torch.no_grad():
+        for name, spec in plan.items():
+            if spec is not None:
+                layer = model.get_submodule(name)
+                iw = IntWeight.from_weight(layer.weight, spec)
+                iw.scales = iw.scales.half().float()
+                layer.weight = torch.nn.Parameter(iw.dequantize().t().contiguous())
+        for name, p in model.named_parameters():
+            if plan.get(name.removesuffix(".weight")) is None:
+                p.copy_(p.half().float())
+    return model
+
+
+def max_logit_diff(a, b, ids) -> float:
+    """Max |logit difference| of two causal LMs on ``ids``."""
+    import torch
+
+    with torch.no_grad():
+        return (a(ids).logits - b(ids).logits).abs().max().item()
+
+
+def tree_bytes(path) -> dict:
+    """Every file under ``path`` with its bytes, by relative path."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))}

@@ -1,28 +1,19 @@
 """Real packing: integers match fake-quant exactly, each format round-trips, checkpoints load
-back with QuantLinear layers and score the fake-quant model's perplexity."""
+back with QuantLinear layers and compute the fake-quant model's logits."""
 
 import json
 
 import pytest
 import torch
+from conftest import as_stored, max_logit_diff
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ptqflow.evaluate import perplexity
+from ptqflow.formats import FORMATS, IntWeight, check_packable, detect_format, get_format
 from ptqflow.kernels import reference as ref
 from ptqflow.models import linear_shapes
-from ptqflow.pack import (
-    FORMATS,
-    IntWeight,
-    PackConfig,
-    QuantLinear,
-    check_packable,
-    load_packed,
-    pack_weight,
-    save_packed,
-    unpack_weight,
-)
-from ptqflow.quant import QuantSpec, dequantize, quantize
+from ptqflow.pack import PackConfig, QuantLinear, load_packed, save_packed
+from ptqflow.quant import QuantSpec, dequantize, fake_quantize_linears, quantize
 
 SPECS = [QuantSpec(4, 32), QuantSpec(4, 64, False), QuantSpec(3, 32), QuantSpec(8, -1)]
 
@@ -56,22 +47,22 @@ def test_int_weight_is_fake_quant(spec):
 def test_pack_unpack_is_exact(fmt, spec):
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     iw = IntWeight.from_weight(w, spec)
-    tensors = pack_weight(iw, fmt, torch.float16)
+    tensors = get_format(fmt).pack(iw, torch.float16)
     assert all(t.dtype in (torch.int32, torch.int64, torch.float16) for t in tensors.values())
     if fmt == "compressed-tensors":  # zero points are stored exactly when asymmetric
         assert ("weight_zero_point" in tensors) == spec.zero_point
-    back = unpack_weight(tensors, fmt)
+    back = get_format(fmt).unpack(tensors)
     assert back.bits == spec.w_bit and back.group_size == iw.group_size
     if fmt == "compressed-tensors":  # the one format whose tensors say it
         assert back.symmetric == (not spec.zero_point)
-        assert pack_weight(back, fmt, torch.float16).keys() == tensors.keys()
+        assert get_format(fmt).pack(back, torch.float16).keys() == tensors.keys()
     assert torch.equal(back.q, iw.q) and torch.equal(back.zeros, iw.zeros)
     assert torch.equal(back.scales, iw.scales.half())
 
 
 def test_awq_tensors_have_the_documented_names_shapes_dtypes():
     iw = IntWeight.from_weight(torch.randn(96, 128), QuantSpec(4, 64))
-    t = pack_weight(iw, "awq", torch.float16)
+    t = get_format("awq").pack(iw, torch.float16)
     assert set(t) == {"qweight", "qzeros", "scales"}
     assert t["qweight"].shape == (128, 12) and t["qweight"].dtype == torch.int32
     assert t["qzeros"].shape == (2, 12) and t["qzeros"].dtype == torch.int32
@@ -85,18 +76,22 @@ def test_awq_tensors_have_the_documented_names_shapes_dtypes():
 def test_check_packable_names_the_layer_and_the_fix():
     shapes = {"a": (64, 128), "b": (48, 128)}
     with pytest.raises(ValueError, match="awq holds 4-bit.*'a' is w3g32.*ptqflow"):
-        check_packable("awq", {"a": QuantSpec(3, 32), "b": None}, shapes)
+        check_packable(get_format("awq"), {"a": QuantSpec(3, 32), "b": None}, shapes)
     with pytest.raises(ValueError, match="one group size"):
-        check_packable("awq", {"a": QuantSpec(4, 32), "b": QuantSpec(4, 64)}, shapes)
+        check_packable(get_format("awq"), {"a": QuantSpec(4, 32), "b": QuantSpec(4, 64)}, shapes)
     with pytest.raises(ValueError, match="4- or 8-bit.*'a' is w2g32"):
-        check_packable("compressed-tensors", {"a": QuantSpec(2, 32)}, shapes)
+        check_packable(get_format("compressed-tensors"), {"a": QuantSpec(2, 32)}, shapes)
     with pytest.raises(ValueError, match="'b' has out_features=48"):
-        check_packable("ptqflow", {"a": QuantSpec(3, 32), "b": QuantSpec(3, 32)}, shapes)
+        check_packable(
+            get_format("ptqflow"), {"a": QuantSpec(3, 32), "b": QuantSpec(3, 32)}, shapes
+        )
     with pytest.raises(ValueError, match="does not divide"):
-        check_packable("ptqflow", {"a": QuantSpec(3, 96)}, shapes)
+        check_packable(get_format("ptqflow"), {"a": QuantSpec(3, 96)}, shapes)
     with pytest.raises(ValueError, match="nothing to pack"):
-        check_packable("awq", {"a": None}, shapes)
-    check_packable("compressed-tensors", {"a": QuantSpec(8, -1), "b": QuantSpec(4, 32)}, shapes)
+        check_packable(get_format("awq"), {"a": None}, shapes)
+    check_packable(
+        get_format("compressed-tensors"), {"a": QuantSpec(8, -1), "b": QuantSpec(4, 32)}, shapes
+    )
     with pytest.raises(ValueError, match="pack.dtype=float16"):
         PackConfig(format="awq", dtype="bfloat16")
 
@@ -114,11 +109,9 @@ def plan_for(model, spec):
 
 
 @pytest.mark.parametrize("fmt,spec", CASES)
-def test_packed_checkpoint_scores_the_fake_quant_perplexity(
+def test_packed_checkpoint_computes_the_fake_quant_logits(
     fmt, spec, tiny_model_dir, windows, tmp_path
 ):
-    from ptqflow.quant import fake_quantize_linears
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     plan = plan_for(model, spec)
     stats = save_packed(model, None, plan, PackConfig(format=fmt), tmp_path)
@@ -126,7 +119,7 @@ def test_packed_checkpoint_scores_the_fake_quant_perplexity(
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float16"
-    assert config["quantization_config"]["quant_method"] in ("awq", "compressed-tensors", "ptqflow")
+    assert detect_format(config) is get_format(fmt)
     names = set(load_file(tmp_path / "model.safetensors"))
     assert "lm_head.weight" not in names  # tied to the embeddings: stored once
     assert not any(n.endswith("proj.weight") for n in names)
@@ -136,11 +129,50 @@ def test_packed_checkpoint_scores_the_fake_quant_perplexity(
     assert len(quant) == 14 and {m.bits for m in quant} == {spec.w_bit}
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
+    stored = as_stored(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), plan)
     fake_quantize_linears(model, plan)
-    ppl_fake = perplexity(model, windows, progress=False).perplexity
-    ppl_packed = perplexity(loaded, windows, progress=False).perplexity
-    print(f"{fmt} {spec.tag}: fake-quant {ppl_fake:.6f}, packed {ppl_packed:.6f}")
-    assert abs(ppl_packed - ppl_fake) / ppl_fake < 1e-3
+    with torch.no_grad():
+        scale = model(windows).logits.abs().max().item()
+    print(f"fp16 storage moves the logits by {max_logit_diff(model, loaded, windows):.2e}")
+    err = max_logit_diff(stored, loaded, windows)
+    print(f"{fmt} {spec.tag}: max |logit| {scale:.3f}, max |logit diff| {err:.2e}")
+    assert err < 1e-5 * scale
+
+
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(4, 32), QuantSpec(4, 64, False), QuantSpec(8, -1)], ids=lambda s: s.tag
+)
+def test_compressed_tensors_checkpoint_loads_in_transformers(
+    spec, tiny_model_dir, windows, tmp_path
+):
+    """transformers 5.23 + compressed-tensors 0.20 load our checkpoints with
+    ``CompressedTensorsConfig(dequantize=True)`` and compute ptqflow's logits (they dequantize
+    into fp16 weights, hence not bit-exact). A plain ``from_pretrained`` loads only symmetric
+    ones: that loader expects unpacked zero points, while compressed-tensors' own compressor
+    (and ptqflow) packs them, so asymmetric checkpoints fail with a size mismatch."""
+    from transformers import CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    save_packed(
+        model, None, plan_for(model, spec), PackConfig(format="compressed-tensors"), tmp_path
+    )
+    ours = load_packed(tmp_path)
+    with torch.no_grad():
+        ref = ours(windows).logits
+    scale = ref.abs().max().item()
+    qc = CompressedTensorsConfig(dequantize=True)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, quantization_config=qc
+    )
+    err = max_logit_diff(theirs, ours, windows)
+    print(f"{spec.tag}: dequantize=True max |logit diff| {err:.2e} (max |logit| {scale:.3f})")
+    assert err < 1e-3 * scale
+    if spec.zero_point:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    else:
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+        assert max_logit_diff(plain, ours, windows) < 1e-5 * scale
 
 
 def test_awq_config_lists_the_skipped_modules(tiny_model_dir, tmp_path):

@@ -8,12 +8,11 @@ import sqlite3
 import subprocess
 import sys
 
-import calib_data
-import fake_quant_eval
 import pytest
 from conftest import ROOT, tiny_overrides
 
 from ptqflow.calib import load_blocks
+from ptqflow.pipeline import calib_data, fake_quant_eval
 
 
 def mlflow_runs(db):

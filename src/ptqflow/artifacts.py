@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,14 +58,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def code_fingerprint(files: list[Path], root: Path) -> str:
-    """sha256 over the relative paths and contents of ``files`` (sorted)."""
-    h = hashlib.sha256()
-    for path in sorted(files):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return "sha256:" + h.hexdigest()
-
-
 def git_revision(cwd: str | Path = ".") -> str:
     """``HEAD``'s commit, ``-dirty`` when tracked files differ from it, ``unknown`` outside git."""
     try:
@@ -100,11 +92,19 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _swap_into_place(tmp, target)
+    publish_dir(tmp, target)
 
 
-def _swap_into_place(src: Path, target: Path) -> None:
-    """Replace directory ``target`` by ``src`` with renames only."""
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+
+def publish_dir(src: Path, target: Path) -> None:
+    """Make ``src`` readable by everyone (files 0644, directories 0755: a server running as
+    another user must read a checkpoint) and replace directory ``target`` by it, with renames
+    only."""
+    for path in src.rglob("*"):
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+    src.chmod(DIR_MODE)
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
         os.replace(target, old)
@@ -118,6 +118,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(FILE_MODE)
     os.replace(tmp, path)
 
 
@@ -136,7 +137,7 @@ def write_manifest(
         params: the exact params the stage used (plain JSON types).
         inputs: fingerprints of what it read: model weights, upstream artifacts.
         outputs: facts about what it wrote (counts, tensor hashes).
-        code: fingerprint of the sources that ran (:func:`code_fingerprint`).
+        code: fingerprint of the sources that ran (:func:`ptqflow.pipeline.dag.stage_code`).
     """
     manifest = {
         "stage": stage,
@@ -207,45 +208,3 @@ def check_params(manifest: Mapping[str, Any], current: Mapping[str, Any]) -> Non
             f"upstream '{stage}' output was made with other params ({'; '.join(diffs)}); "
             f"rerun it (`dvc repro {stage}`)"
         )
-
-
-class BlockStore:
-    """Per-block results of a block-wise search, saved as they are found.
-
-    Results live in ``.<name>.partial/`` beside the output directory, keyed by a fingerprint of
-    everything that determines them; a killed run restarts from the blocks already there, and a
-    run with another key starts afresh. :meth:`finalize` renames the partial directory into
-    place, so the output appears whole or not at all, with the same bytes either way.
-    """
-
-    def __init__(self, out_dir: str | Path, key: str) -> None:
-        self.out_dir = Path(out_dir)
-        self.partial = self.out_dir.parent / f".{self.out_dir.name}.partial"
-        key_file = self.partial / "KEY"
-        if self.partial.exists() and (
-            not key_file.is_file() or key_file.read_text(encoding="utf-8") != key
-        ):
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(key, encoding="utf-8")
-
-    def _path(self, i: int) -> Path:
-        return self.partial / f"block_{i:03d}.safetensors"
-
-    def has(self, i: int) -> bool:
-        return self._path(i).is_file()
-
-    def save(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        """Save block ``i`` atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
-
-        path = self._path(i)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
-        os.replace(tmp, path)
-
-    def finalize(self, write_extra: Callable[[Path], None]) -> None:
-        """Let ``write_extra(dir)`` add index and manifest, then move the results into place."""
-        (self.partial / "KEY").unlink()
-        write_extra(self.partial)
-        _swap_into_place(self.partial, self.out_dir)

@@ -9,14 +9,17 @@ says that kernel figures need a GPU: those CPU numbers describe the fallback, no
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ptqflow.config import BenchConfig
 from ptqflow.kernels import reference as ref
 from ptqflow.kernels import triton_runs, w4a16_matmul
 
@@ -29,40 +32,6 @@ PEAK_BANDWIDTH = {
     "NVIDIA A100-SXM4-80GB": 2.039e12,
     "NVIDIA A100-SXM4-40GB": 1.555e12,
 }
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Attributes:
-    kernel_shapes: standard ``[K, N]`` weight shapes timed besides the model's own.
-    m: activation rows (tokens) per matmul.
-    group_size: group size of the synthetic 4-bit weights in the kernel figures.
-    cpu_max_weight: on the CPU, shapes with more weight elements than this are skipped (the
-        reference dequantizes the whole weight per call); ``0`` keeps all.
-    decode_tokens: new tokens per end-to-end decode run (greedy, batch 1).
-    repeats: timed repeats per figure (the median is reported).
-    """
-
-    kernel_shapes: list = field(
-        default_factory=lambda: [[4096, 4096], [4096, 11008], [11008, 4096], [8192, 28672]]
-    )
-    m: list = field(default_factory=lambda: [1, 4, 16, 64, 256])
-    group_size: int = 128
-    cpu_max_weight: int = 50_000_000
-    decode_tokens: int = 32
-    repeats: int = 5
-
-    def __post_init__(self) -> None:
-        for shape in self.kernel_shapes:
-            if len(shape) != 2 or any(not isinstance(v, int) or v <= 0 for v in shape):
-                raise ValueError(f"kernel_shapes entry {shape!r} must be [K, N] positive ints")
-        if not self.m or any(not isinstance(v, int) or v <= 0 for v in self.m):
-            raise ValueError(f"m={self.m!r} must be a non-empty list of positive ints")
-        if self.group_size not in (32, 64, 128):
-            raise ValueError(f"group_size={self.group_size}; the kernels take 32, 64 or 128")
-        for name in ("decode_tokens", "repeats"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
 
 
 def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
@@ -173,3 +142,36 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, repeat
     if device.type == "cuda":
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Kernel speedup against M per shape, and checkpoint size against fp16."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in result["kernels"] if "speedup" in r]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        pts = [(r["M"], r["speedup"]) for r in rows if r["shape"] == shape]
+        ax_k.plot(*zip(*pts, strict=True), marker="o", label=shape)
+    ax_k.axhline(1.0, color="grey", lw=0.8)
+    ax_k.set(xscale="log", xlabel="M (tokens)", ylabel="dense time / W4A16 time")
+    path_name = "Triton kernels" if result["device"]["cuda"] else "CPU reference path"
+    ax_k.set_title(f"{path_name}: {result['device']['name']}", fontsize=9)
+    ax_k.legend(fontsize=7)
+    ck = result["checkpoint"]
+    ax_s.bar(["fp16", "packed"], [ck["fp16_bytes"] / 1e6, ck["packed_bytes"] / 1e6])
+    ax_s.set(ylabel="checkpoint MB", title=f"checkpoint: {ck['ratio']:.2f}x of fp16")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

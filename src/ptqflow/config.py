@@ -10,18 +10,19 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
-from ptqflow.awq import ClipSearchConfig, ScaleSearchConfig
+from ptqflow.dtypes import torch_dtype
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import Recipe
 
 T = TypeVar("T")
 
 EVAL_METHODS = ("fp", "rtn", "awq", "packed")
+SEARCH_LOSSES = ("mse", "mae")
 
 
 def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
@@ -64,10 +65,13 @@ class ModelConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}: use float32, float16 or bfloat16")
+        torch_dtype(self.dtype)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -129,6 +133,90 @@ class TrackingConfig:
 class PathsConfig:
     artifacts: str = "artifacts"
     reports: str = "reports"
+
+
+@dataclass(frozen=True)
+class ScaleSearchConfig:
+    """AWQ scale search (:mod:`ptqflow.awq.scale`).
+
+    Attributes:
+        n_grid: grid points for alpha in ``[0, 1)``.
+        duo_scaling: AutoAWQ's ``x_mean^a / w_mean^(1-a)`` (True) or llm-awq's ``x_mean^a``
+            (False, the default: better on the embedded model at W4 and W3).
+        loss: ``mse`` or ``mae`` over the inspected module's output.
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = False
+    loss: str = "mse"
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_grid")
+        if self.loss not in SEARCH_LOSSES:
+            raise ValueError(f"loss={self.loss!r}: use one of {list(SEARCH_LOSSES)}")
+
+
+@dataclass(frozen=True)
+class ClipSearchConfig:
+    """AWQ clip search (:mod:`ptqflow.awq.clip`).
+
+    Attributes:
+        n_grid: shrink steps of ``1/n_grid``.
+        max_shrink: largest shrink tried (0.5: down to half the max).
+        n_tokens: calibration tokens used, taken at an even stride; ``0`` (default) uses every
+            token, which the Gram-matrix error makes about as cheap as a sub-sample.
+        skip: linear-name suffixes left unclipped (q/k: their errors are re-weighted by softmax).
+        apply_scales: search on the scaled model (AWQ); False searches the plain model, for a
+            clip-only ablation.
+    """
+
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    n_tokens: int = 0
+    skip: tuple[str, ...] = ("q_proj", "k_proj", "query_key_value")
+    apply_scales: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_grid")
+        if not 0 < self.max_shrink < 1:
+            raise ValueError(f"max_shrink={self.max_shrink!r} must be in (0, 1)")
+        if not isinstance(self.n_tokens, int) or self.n_tokens < 0:
+            raise ValueError(f"n_tokens={self.n_tokens!r} must be >= 0 (0 = every token)")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark figures (:mod:`ptqflow.bench`).
+
+    Attributes:
+        kernel_shapes: standard ``[K, N]`` weight shapes timed besides the model's own.
+        m: activation rows (tokens) per matmul.
+        group_size: group size of the synthetic 4-bit weights in the kernel figures.
+        cpu_max_weight: on the CPU, shapes with more weight elements than this are skipped (the
+            reference dequantizes the whole weight per call); ``0`` keeps all.
+        decode_tokens: new tokens per end-to-end decode run (greedy, batch 1).
+        repeats: timed repeats per figure (the median is reported).
+    """
+
+    kernel_shapes: list = field(
+        default_factory=lambda: [[4096, 4096], [4096, 11008], [11008, 4096], [8192, 28672]]
+    )
+    m: list = field(default_factory=lambda: [1, 4, 16, 64, 256])
+    group_size: int = 128
+    cpu_max_weight: int = 50_000_000
+    decode_tokens: int = 32
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        for shape in self.kernel_shapes:
+            if len(shape) != 2 or any(not isinstance(v, int) or v <= 0 for v in shape):
+                raise ValueError(f"kernel_shapes entry {shape!r} must be [K, N] positive ints")
+        if not self.m or any(not isinstance(v, int) or v <= 0 for v in self.m):
+            raise ValueError(f"m={self.m!r} must be a non-empty list of positive ints")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"group_size={self.group_size}; the kernels take 32, 64 or 128")
+        _positive(self, "decode_tokens", "repeats")
 
 
 def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSearchConfig]:

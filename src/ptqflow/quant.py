@@ -28,6 +28,13 @@ from dataclasses import dataclass
 import torch
 
 MIN_BITS, MAX_BITS = 2, 8
+PER_CHANNEL = -1  # the group_size that means one group spanning the whole input row
+
+
+def group_width(group_size: int, in_features: int) -> int:
+    """The input channels one scale covers: ``group_size``, or the whole row when it is
+    :data:`PER_CHANNEL`."""
+    return in_features if group_size == PER_CHANNEL else group_size
 
 
 @dataclass(frozen=True)
@@ -50,21 +57,26 @@ class QuantSpec:
                 f"w_bit={self.w_bit!r} is out of range: weight quantization supports "
                 f"{MIN_BITS}..{MAX_BITS} bits"
             )
-        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
+        if not isinstance(self.group_size, int) or (not self.per_channel and self.group_size <= 0):
             raise ValueError(
                 f"group_size={self.group_size!r} is invalid: use a positive group size "
                 "(e.g. 32, 64, 128) or -1 for per-channel"
             )
 
     @property
+    def per_channel(self) -> bool:
+        """One scale per output channel (``group_size == -1``)."""
+        return self.group_size == PER_CHANNEL
+
+    @property
     def tag(self) -> str:
         """Short name that says the config, e.g. ``w4g64``, ``w8pc``, ``w4g128-sym``."""
-        group = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        group = "pc" if self.per_channel else f"g{self.group_size}"
         return f"w{self.w_bit}{group}" + ("" if self.zero_point else "-sym")
 
     def group_for(self, in_features: int) -> int:
         """The effective group size for a layer with ``in_features`` inputs."""
-        return in_features if self.group_size == -1 else self.group_size
+        return group_width(self.group_size, in_features)
 
     def check_divides(self, in_features: int, layer: str) -> None:
         """Raise if the group size does not divide the layer's input features."""
@@ -83,7 +95,7 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
-    g = in_f if group_size == -1 else group_size
+    g = group_width(group_size, in_f)
     if in_f % g:
         raise ValueError(f"group_size={g} does not divide in_features={in_f}")
     return w.float().reshape(-1, g)
@@ -126,7 +138,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize`: ``(q - zero) * scale`` per group, float32 ``[out, in]``."""
     out_f, in_f = q.shape
-    g = in_f if group_size == -1 else group_size
+    g = group_width(group_size, in_f)
     qg = q.float().reshape(out_f, in_f // g, g)
     if zero is not None:
         qg = qg - zero.float().unsqueeze(-1)
@@ -148,12 +160,11 @@ def fake_quantize_linears(model: torch.nn.Module, specs: dict[str, QuantSpec | N
     being overwritten, so a weight tied to another module (``lm_head`` and the embeddings) is
     untied instead of quantized in both places. Returns the names that were quantized.
     """
-    modules = dict(model.named_modules())
     done = []
     for name, spec in specs.items():
         if spec is None:
             continue
-        layer = modules[name]
+        layer = model.get_submodule(name)
         layer.weight = torch.nn.Parameter(fake_quantize(layer.weight, spec), requires_grad=False)
         done.append(name)
     return done

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptqflow.dtypes import torch_dtype as dtype_of
 from ptqflow.models.adapters import Adapter, ScaleGroup, get_adapter, supported_model_types
 from ptqflow.sources import PKG_SCHEME, is_offline, resolve_path
 
 __all__ = [
-    "DTYPES",
     "Adapter",
     "ModelRef",
     "ScaleGroup",
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -133,11 +132,10 @@ def load_model(ref: ModelRef, dtype: str = "float32") -> nn.Module:
     """Load the causal LM in ``dtype`` (GGUF weights are dequantized to it), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ValueError(f"model dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    torch_dtype = dtype_of(dtype, what="model dtype")
     with _hub_errors(ref, "the weights"):
         model = AutoModelForCausalLM.from_pretrained(
-            ref.location, dtype=DTYPES[dtype], **ref.hf_kwargs()
+            ref.location, dtype=torch_dtype, **ref.hf_kwargs()
         )
     return model.eval()
 

@@ -1,0 +1,99 @@
+"""AWQ clip search: the weight range per linear, output channel and group.
+
+For each group try ``max_val * (1 - i/n_grid)`` for ``i < max_shrink * n_grid`` on the absolute
+max of the group, clamp the weight to ``[-max_val, max_val]``, quantize, and keep the value with
+the least squared output error over the calibration tokens, computed from per-group Gram
+matrices (exact, and far cheaper than re-running the matmul).
+
+The result of one block is a :class:`BlockClips` (``{linear path: max_val [out, n_groups]}``);
+:func:`load_clips` reads every block's back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptqflow.awq.apply import clip_weight
+from ptqflow.blockwise import Calls
+from ptqflow.config import ClipSearchConfig
+from ptqflow.quant import QuantSpec, fake_quantize
+
+BlockClips = dict[str, torch.Tensor]
+"""Clip values of one block: ``{linear path: max_val float32 [out, n_groups]}``; saved as the
+tensors of ``block_NNN.safetensors`` with absolute paths as keys."""
+
+
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    spec: QuantSpec,
+    cfg: ClipSearchConfig,
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Best clip value per output channel and group: float32 ``[out, n_groups]``.
+
+    ``w [out, in]`` is the (already scaled) weight, ``x [..., in]`` its calibration input.
+    """
+    out_f, in_f = w.shape
+    gsz = spec.group_for(in_f)
+    n_groups = in_f // gsz
+    x2 = x.reshape(-1, in_f)
+    tw = None if token_weights is None else token_weights.reshape(-1)
+    if cfg.n_tokens and x2.shape[0] > cfg.n_tokens:
+        stride = x2.shape[0] // cfg.n_tokens
+        x2 = x2[::stride]
+        tw = None if tw is None else tw[::stride]
+    xg = x2.float().reshape(-1, n_groups, gsz).transpose(0, 1)  # [G, N, g]
+    if tw is not None:
+        grams = (xg * tw.float().view(1, -1, 1)).transpose(1, 2) @ xg
+    else:
+        grams = xg.transpose(1, 2) @ xg  # [G, g, g]
+    wf = w.float()
+    wg = wf.reshape(out_f, n_groups, gsz)
+    org_max = wg.abs().amax(dim=-1)  # [out, G]
+    best_err = torch.full_like(org_max, float("inf"))
+    best_max = org_max.clone()
+    for i in range(int(cfg.max_shrink * cfg.n_grid)):
+        max_val = org_max * (1 - i / cfg.n_grid)
+        q = fake_quantize(clip_weight(wf, max_val), spec).reshape(out_f, n_groups, gsz)
+        d = (q - wg).transpose(0, 1)  # [G, out, g]
+        err = ((d @ grams) * d).sum(-1).transpose(0, 1)  # [out, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max
+
+
+def clip_capture(specs: dict[str, QuantSpec | None], cfg: ClipSearchConfig) -> list[str]:
+    """The linears :func:`search_block_clips` searches (and whose calls it needs)."""
+    return [n for n, spec in specs.items() if spec is not None and not n.endswith(cfg.skip)]
+
+
+def search_block_clips(
+    block: nn.Module,
+    calls: Calls,
+    specs: dict[str, QuantSpec | None],
+    cfg: ClipSearchConfig,
+    token_weights: torch.Tensor | None = None,
+) -> BlockClips:
+    """Clip values for every quantized linear of a block not in ``cfg.skip`` (paths relative
+    to the block)."""
+    names = clip_capture(specs, cfg)
+    return {
+        n: search_clip(block.get_submodule(n).weight, calls[n][0][0], specs[n], cfg, token_weights)
+        for n in names
+    }
+
+
+def load_clips(out_dir: str | Path) -> BlockClips:
+    """Every saved clip value of a clip-search output (absolute paths)."""
+    from safetensors.torch import load_file
+
+    clips: BlockClips = {}
+    for path in sorted(Path(out_dir).glob("block_*.safetensors")):
+        clips.update(load_file(str(path)))
+    return clips

@@ -1,0 +1,249 @@
+"""AWQ scale search, per decoder block and per (previous op -> following linears) group.
+
+With ``x`` the input of the group's linears and ``x_mean = mean|x|`` per input channel, try
+for ``alpha = i/n_grid``
+
+    s = x_mean^alpha                                 (llm-awq)
+    s = x_mean^alpha / (w_mean^(1-alpha) + 1e-4)     (duo scaling, AutoAWQ's default)
+
+clamped at 1e-4 and normalised by ``sqrt(max(s) * min(s))``, where ``w_mean`` is the mean over
+output rows of ``|W|`` divided by its group's max. Each candidate replaces the group's weights by
+``Q(W * s) / s`` and scores the inspected module's output against the full-precision output; the
+best ``s`` is folded into the previous op (norm weight, or the previous linear's rows) and
+multiplied into the linears' columns, which leaves the FP function unchanged.
+
+When the inspected module is the single linear itself (v->o, up->down), the squared error is
+computed from the input's Gram matrix ``G = X^T X``: ``||X D^T||^2 = sum((D G) * D)`` with
+``D = Q(W s)/s - W``. That is the same loss (no approximation; it avoids the cancellation in
+``out - ref``) at ``in/N`` of the cost of re-running the matmul on all ``N`` tokens.
+
+The result of one group is a :class:`GroupScale`; :func:`block_record` and :func:`load_scales`
+write and read them, one ``block_NNN.safetensors`` per decoder block.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptqflow.awq.apply import fold_scales
+from ptqflow.blockwise import Calls, first_output
+from ptqflow.config import ScaleSearchConfig
+from ptqflow.models.adapters import Adapter, ScaleGroup
+from ptqflow.quant import QuantSpec, fake_quantize, group_width
+
+# ----------------------------------------------------------------------------- primitives
+
+
+def activation_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean ``|x|`` per channel over all tokens: float32 ``[C]``."""
+    return x.reshape(-1, x.shape[-1]).abs().float().mean(0)
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """AutoAWQ's ``w_mean``: ``|W|`` over its group max, averaged over rows: float32 ``[in]``."""
+    w = torch.cat([t.float() for t in weights], 0)
+    wg = w.abs().reshape(-1, group_width(group_size, w.shape[1]))
+    wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
+    return wg.reshape(w.shape).mean(0)
+
+
+def candidate_scales(
+    x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """The scale for one grid point (see module docstring): float32 ``[C]``."""
+    if w_mean is None:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def gram(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``X^T diag(w) X`` in float32 for ``x [..., C]`` and optional weights ``[...]``."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if token_weights is None:
+        return x2.T @ x2
+    return (x2 * token_weights.reshape(-1, 1).float()).T @ x2
+
+
+def _weighted_loss(
+    out: torch.Tensor, ref: torch.Tensor, kind: str, token_weights: torch.Tensor | None
+) -> float:
+    """Mean squared (or absolute) error per token, averaged over tokens (weighted if given)."""
+    if token_weights is None:
+        fn = F.mse_loss if kind == "mse" else F.l1_loss
+        return fn(out.float(), ref.float()).item()
+    diff = (out.float() - ref.float()).reshape(-1, out.shape[-1])
+    per_token = diff.pow(2).mean(-1) if kind == "mse" else diff.abs().mean(-1)
+    w = token_weights.reshape(-1).float()
+    return (per_token * w).sum().item() / w.sum().item()
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+@dataclass
+class GroupScale:
+    """The chosen scale of one group and the search's losses (``losses[i]`` for ``alpha=i/n``).
+
+    ``prev`` and ``linears`` are module paths: relative to the block during the search,
+    absolute (:meth:`under`) once saved.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    scales: torch.Tensor
+    alpha: float
+    losses: list[float]
+
+    def under(self, prefix: str) -> GroupScale:
+        """The same result with paths under ``prefix`` (a block's path)."""
+        return replace(
+            self, prev=f"{prefix}.{self.prev}", linears=tuple(f"{prefix}.{n}" for n in self.linears)
+        )
+
+
+@torch.no_grad()
+def search_group(
+    block: nn.Module,
+    group: ScaleGroup,
+    specs: dict[str, QuantSpec | None],
+    x: torch.Tensor,
+    inspect_call: tuple[tuple, dict],
+    cfg: ScaleSearchConfig,
+    token_weights: torch.Tensor | None = None,
+) -> GroupScale | None:
+    """Grid-search the scale of one group of a block; the block is left unchanged.
+
+    Args:
+        block: the decoder block.
+        group: paths relative to ``block``.
+        specs: quant spec (or ``None`` = not quantized) per linear path of the group.
+        x: the linears' input ``[batch, seq, C]``.
+        inspect_call: ``(args, kwargs)`` the inspected module was called with.
+        token_weights: optional per-token loss weights ``[batch, seq]``.
+
+    Returns:
+        The best scale, or ``None`` when no linear of the group is quantized.
+    """
+    linears = [block.get_submodule(n) for n in group.linears]
+    quantized = [(lin, specs[n]) for lin, n in zip(linears, group.linears, strict=True) if specs[n]]
+    if not quantized:
+        return None
+    # Clones: on the CPU `.cpu()`/`.detach()` share storage with the weight changed below.
+    originals = [lin.weight.detach().clone() for lin in linears]
+    x_mean = activation_mean(x)
+    w_mean = None
+    if cfg.duo_scaling:
+        w_mean = weight_mean(originals, quantized[0][1].group_size)
+    inspect = block.get_submodule(group.inspect)
+    args, kwargs = inspect_call
+
+    linear_inspect = group.linears == (group.inspect,) and cfg.loss == "mse"
+    if linear_inspect:
+        g = gram(x, token_weights)
+        n_tok = x.shape[:-1].numel() if token_weights is None else token_weights.float().sum()
+        norm = float(n_tok) * linears[0].out_features
+    else:
+        ref = first_output(inspect(*args, **kwargs))
+
+    losses: list[float] = []
+    best = (float("inf"), -1, None)
+    try:
+        for i in range(cfg.n_grid):
+            s = candidate_scales(x_mean, w_mean, i / cfg.n_grid).to(x.device)
+            if linear_inspect:
+                spec = quantized[0][1]
+                w = originals[0].float()
+                d = fake_quantize(w * s, spec) / s - w
+                loss = ((d @ g) * d).sum().item() / norm
+            else:
+                for name, lin, w in zip(group.linears, linears, originals, strict=True):
+                    if specs[name] is not None:
+                        sw = s.to(w.dtype)
+                        lin.weight.copy_(fake_quantize(w * sw, specs[name]) / sw)
+                out = first_output(inspect(*args, **kwargs))
+                loss = _weighted_loss(out, ref, cfg.loss, token_weights)
+            losses.append(loss)
+            if loss < best[0]:
+                best = (loss, i, s.cpu())
+    finally:
+        for lin, w in zip(linears, originals, strict=True):
+            lin.weight.copy_(w)
+    if best[2] is None:
+        raise FloatingPointError(
+            f"scale search for {group.prev} -> {group.linears}: every loss is NaN/inf "
+            "(the calibration activations or weights hold NaN/inf)"
+        )
+    return GroupScale(group.prev, group.linears, best[2], best[1] / cfg.n_grid, losses)
+
+
+def scale_capture(adapter: Adapter, block: nn.Module) -> list[str]:
+    """The submodules whose calls :func:`search_block_scales` needs."""
+    return [n for g in adapter.scale_groups(block) for n in (g.linears[0], g.inspect)]
+
+
+def search_block_scales(
+    block: nn.Module,
+    adapter: Adapter,
+    calls: Calls,
+    specs: dict[str, QuantSpec | None],
+    cfg: ScaleSearchConfig,
+    token_weights: torch.Tensor | None = None,
+) -> list[GroupScale]:
+    """Search every scale group of one block, then fold the results in, in group order.
+
+    ``calls`` are the recorded calls of :func:`scale_capture`'s submodules. As in llm-awq and
+    AutoAWQ, every group is searched on the unscaled block with activations captured in one
+    forward pass: folding one group's scale keeps the FP function, so it does not change any
+    other group's inputs.
+    """
+    results = []
+    for group in adapter.scale_groups(block):
+        lin_in = calls[group.linears[0]][0][0]
+        res = search_group(block, group, specs, lin_in, calls[group.inspect], cfg, token_weights)
+        if res is not None:
+            results.append(res)
+    for res in results:
+        fold_scales(block, res.prev, list(res.linears), res.scales)
+    return results
+
+
+# ----------------------------------------------------------------------------- saved form
+
+
+def block_record(results: list[GroupScale]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One block's scales (absolute paths) as safetensors tensors + metadata: one tensor per
+    group keyed by its ``prev`` path; the metadata lists each group's linears, alpha, losses."""
+    tensors = {r.prev: r.scales for r in results}
+    groups = [
+        {"prev": r.prev, "linears": list(r.linears), "alpha": r.alpha, "losses": r.losses}
+        for r in results
+    ]
+    return tensors, {"groups": json.dumps(groups)}
+
+
+def load_scales(out_dir: str | Path) -> list[GroupScale]:
+    """Every saved group of a scale-search output, in search order."""
+    from safetensors import safe_open
+
+    found = []
+    for path in sorted(Path(out_dir).glob("block_*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for g in json.loads(f.metadata()["groups"]):
+                found.append(
+                    GroupScale(
+                        g["prev"],
+                        tuple(g["linears"]),
+                        f.get_tensor(g["prev"]),
+                        g["alpha"],
+                        g["losses"],
+                    )
+                )
+    return found

@@ -1,0 +1,212 @@
+"""Block streaming and resume: how every block-wise pass (AWQ scale and clip search) runs.
+
+:func:`stream_blocks` runs the decoder blocks one at a time on the compute device: inputs of
+block ``i`` are the full-precision outputs of block ``i - 1``, computed before block ``i`` is
+changed, so a resumed run sees exactly the same inputs. :class:`BlockStore` keeps each block's
+result as it is found; :func:`run_resumable` ties the two together so a killed run continues
+where it stopped and ends with the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ptqflow.artifacts import publish_dir
+from ptqflow.models.adapters import Adapter
+from ptqflow.quant import QuantSpec
+
+Calls = dict[str, tuple[tuple, dict]]
+"""The ``(args, kwargs)`` each recorded submodule of a block was called with."""
+
+
+def first_output(out):
+    """A module's main output (decoder blocks and attention return tuples)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def block_specs(plan: dict[str, QuantSpec | None], prefix: str) -> dict[str, QuantSpec | None]:
+    """The plan's entries under ``prefix.`` with paths relative to the block."""
+    p = prefix + "."
+    return {name[len(p) :]: spec for name, spec in plan.items() if name.startswith(p)}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_block_inputs(
+    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
+    """Run the model up to its first decoder block; return that block's input and kwargs."""
+    block0 = adapter.blocks(model)[0]
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    kwargs = captured["kwargs"]
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return captured["x"], kwargs
+
+
+@torch.no_grad()
+def capture_calls(
+    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
+) -> tuple[torch.Tensor, Calls]:
+    """Run ``block(x)`` and record the ``(args, kwargs)`` each named submodule was called with."""
+    calls: Calls = {}
+    handles = []
+    for name in dict.fromkeys(names):
+
+        def hook(module, args, kw, name=name):
+            calls[name] = (args, dict(kw))
+
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        out = first_output(block(x, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return out, calls
+
+
+def stream_blocks(
+    model: nn.Module,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    capture: Callable[[int, nn.Module], list[str]],
+    visit: Callable[[int, nn.Module, Calls], None],
+) -> None:
+    """Run the decoder blocks one at a time on ``device`` and hand each to ``visit``.
+
+    For block ``i``, one full-precision forward pass records the calls of the submodules
+    ``capture(i, block)`` names (see :func:`capture_calls`); its output is the next block's
+    input, so it is fixed before ``visit(i, block, calls)`` may change the block. Each block
+    is moved to ``device`` for its turn and back afterwards, so only one block's weights and
+    activations live there.
+    """
+    blocks = adapter.blocks(model)
+    x, kwargs = first_block_inputs(model, adapter, input_ids)
+    x = x.to(device)
+    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        x, calls = capture_calls(block, x, kwargs, capture(i, block))
+        visit(i, block, calls)
+        del calls
+        block.to(home)
+
+
+def _to(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(t, device) for t in v)
+    return v
+
+
+class BlockStore:
+    """Per-block results of a block-wise pass, saved as they are found.
+
+    Results live in ``.<name>.partial/`` beside the output directory, keyed by a fingerprint of
+    everything that determines them; a killed run restarts from the blocks already there, and a
+    run with another key starts afresh. :meth:`finalize` renames the partial directory into
+    place, so the output appears whole or not at all, with the same bytes either way.
+    """
+
+    def __init__(self, out_dir: str | Path, key: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.partial = self.out_dir.parent / f".{self.out_dir.name}.partial"
+        key_file = self.partial / "KEY"
+        if self.partial.exists() and (
+            not key_file.is_file() or key_file.read_text(encoding="utf-8") != key
+        ):
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key, encoding="utf-8")
+
+    def _path(self, i: int) -> Path:
+        return self.partial / f"block_{i:03d}.safetensors"
+
+    def has(self, i: int) -> bool:
+        return self._path(i).is_file()
+
+    def save(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Save block ``i`` atomically (temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = self._path(i)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+        os.replace(tmp, path)
+
+    def finalize(self, write_extra: Callable[[Path], None]) -> None:
+        """Let ``write_extra(dir)`` add index and manifest, then move the results into place."""
+        (self.partial / "KEY").unlink()
+        write_extra(self.partial)
+        publish_dir(self.partial, self.out_dir)
+
+
+BlockResult = tuple[dict[str, torch.Tensor], dict[str, str]]
+"""What a pass returns for one block: safetensors tensors and string metadata."""
+
+
+def run_resumable(
+    model: nn.Module,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    store: BlockStore,
+    capture: Callable[[int, nn.Module], list[str]],
+    search: Callable[[int, nn.Module, Calls], BlockResult],
+    desc: str,
+) -> list[float | None]:
+    """Stream the blocks; for each not already in ``store``, ``search`` and save its result.
+
+    ``capture`` and ``search(i, block, calls)`` are as in :func:`stream_blocks`. Blocks already
+    in the store are only run forward. Returns the search seconds per block (``None`` for blocks
+    resumed).
+    """
+    seconds: list[float | None] = []
+    bar = tqdm(total=len(adapter.blocks(model)), desc=desc)
+
+    def names(i: int, block: nn.Module) -> list[str]:
+        return [] if store.has(i) else capture(i, block)
+
+    def visit(i: int, block: nn.Module, calls: Calls) -> None:
+        if store.has(i):
+            seconds.append(None)
+        else:
+            t0 = time.perf_counter()
+            tensors, meta = search(i, block, calls)
+            seconds.append(time.perf_counter() - t0)
+            store.save(i, tensors, meta)
+        bar.update()
+
+    try:
+        stream_blocks(model, adapter, input_ids, device, names, visit)
+    finally:
+        bar.close()
+    return seconds

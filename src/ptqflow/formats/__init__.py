@@ -1,0 +1,70 @@
+"""Packed checkpoint formats, one object each (:class:`~ptqflow.formats.base.PackFormat`).
+
+A new format is one new module with a :class:`PackFormat` subclass, registered below.
+:func:`check_packable` holds a quantization plan against a format before any weight loads.
+"""
+
+from __future__ import annotations
+
+from ptqflow.formats.awq_gemm import AwqGemm
+from ptqflow.formats.base import IntWeight, PackFormat
+from ptqflow.formats.bitstream import Bitstream
+from ptqflow.formats.compressed_tensors import CompressedTensors
+from ptqflow.quant import QuantSpec
+
+__all__ = ["FORMATS", "IntWeight", "PackFormat", "check_packable", "detect_format", "get_format"]
+
+FORMATS: dict[str, PackFormat] = {f.name: f for f in (AwqGemm(), CompressedTensors(), Bitstream())}
+
+
+def get_format(name: str) -> PackFormat:
+    """The format called ``name``; an unknown name lists the known ones."""
+    if name not in FORMATS:
+        raise ValueError(f"pack.format={name!r}; use one of {list(FORMATS)}")
+    return FORMATS[name]
+
+
+def detect_format(config: dict) -> PackFormat:
+    """The format of a checkpoint, from its ``config.json`` (as a dict)."""
+    qc = config.get("quantization_config") or {}
+    for fmt in FORMATS.values():
+        if fmt.matches(qc):
+            return fmt
+    raise ValueError(
+        f"unsupported quantization_config (quant_method={qc.get('quant_method')!r}, "
+        f"format={qc.get('format')!r}, version={qc.get('version')!r}, bits={qc.get('bits')!r}); "
+        "ptqflow loads AWQ GEMM 4-bit, compressed-tensors pack-quantized and its own bitstream "
+        "checkpoints"
+    )
+
+
+def check_packable(
+    fmt: PackFormat, plan: dict[str, QuantSpec | None], shapes: dict[str, tuple[int, int]]
+) -> None:
+    """Raise, naming the layer and the fix, if ``fmt`` cannot hold the quantized ``plan``
+    (``shapes``: ``{name: (out, in)}``). Cheap: run it before loading weights."""
+    specs = {name: spec for name, spec in plan.items() if spec is not None}
+    if not specs:
+        raise ValueError("the recipe quantizes no linear, so there is nothing to pack")
+    bad = {name: s.tag for name, s in specs.items() if s.w_bit not in fmt.bits}
+    if bad:
+        name, tag = next(iter(bad.items()))
+        holders = [
+            f.name
+            for f in FORMATS.values()
+            if all(b in f.bits for b in (s.w_bit for s in specs.values()))
+        ]
+        raise ValueError(
+            f"pack.format={fmt.name} holds {fmt.bits_text}, but '{name}' is {tag} "
+            f"({len(bad)} such layers); pick pack.format={' or '.join(holders)}"
+        )
+    fmt.check_plan(specs)
+    for name, spec in specs.items():
+        out_f, in_f = shapes[name]
+        spec.check_divides(in_f, name)
+        if out_f % fmt.out_multiple:
+            raise ValueError(
+                f"pack.format={fmt.name} packs along the output dimension in runs of "
+                f"{fmt.out_multiple}, but '{name}' has out_features={out_f}; leave it "
+                "unquantized in the recipe or pick pack.format=compressed-tensors"
+            )

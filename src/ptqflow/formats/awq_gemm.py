@@ -1,0 +1,64 @@
+"""AWQ GEMM: 4-bit, one group size; what HF transformers and AutoAWQ load.
+
+Layout (bit for bit in :mod:`ptqflow.kernels.reference`): ``qweight`` int32 ``[in, out/8]``
+with AWQ's interleaved nibble order, ``qzeros`` int32 ``[in/g, out/8]`` packed the same way,
+``scales`` fp16 ``[in/g, out]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ptqflow.formats.base import IntWeight, PackFormat
+from ptqflow.kernels import reference as ref
+from ptqflow.quant import QuantSpec
+
+
+class AwqGemm(PackFormat):
+    name = "awq"
+    bits = (4,)
+    bits_text = "4-bit weights only"
+    tensors = ("qweight", "qzeros", "scales")
+    marker = "qweight"
+    out_multiple = 8
+    scale_dtypes = ("float16",)
+
+    def check_plan(self, specs: dict[str, QuantSpec]) -> None:
+        groups = {s.group_size for s in specs.values()}
+        if len(groups) > 1 or any(s.per_channel for s in specs.values()):
+            raise ValueError(
+                f"pack.format=awq needs one group size for every quantized layer, got "
+                f"{sorted(groups)} (-1 = per-channel); use one group size or pick "
+                "pack.format=ptqflow (2..8 bits, any mix)"
+            )
+
+    def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {
+            "qweight": ref.pack_awq(w.q),
+            "qzeros": ref.pack_awq(w.zeros),
+            "scales": w.scales.to(dtype).contiguous(),
+        }
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
+        q, zeros = ref.unpack_awq(tensors["qweight"]), ref.unpack_awq(tensors["qzeros"])
+        return IntWeight.from_kn(q, zeros, tensors["scales"], 4)
+
+    def quantization_config(
+        self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
+    ) -> dict:
+        (group,) = {s.group_size for s in specs.values()}
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group,
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": skipped,
+        }
+
+    def matches(self, qc: dict) -> bool:
+        return (
+            qc.get("quant_method") == "awq"
+            and str(qc.get("version", "gemm")).lower() == "gemm"
+            and qc.get("bits") == 4
+        )

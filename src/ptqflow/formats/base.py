@@ -1,0 +1,102 @@
+"""What every packed format shares: the integer weight it packs and the interface it offers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ptqflow.kernels import reference as ref
+from ptqflow.quant import QuantSpec, quantize
+
+
+@dataclass
+class IntWeight:
+    """One linear's quantized weight in ``[in, out]`` orientation, all unsigned.
+
+    ``q`` int32 ``[in, out]``, ``zeros`` int32 ``[in/g, out]``, ``scales`` float ``[in/g, out]``;
+    ``W = (q - zeros) * scales`` per group of ``group_size`` input rows. ``symmetric`` weights
+    have every zero at ``2^(bits-1)``; formats that know the difference store no zeros then.
+    """
+
+    q: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool = False
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, spec: QuantSpec) -> IntWeight:
+        """RTN-quantize ``weight [out, in]`` exactly as :func:`ptqflow.quant.quantize` does;
+        symmetric integers are shifted to unsigned with the zero at ``2^(b-1)``."""
+        q, scale, zero = quantize(weight, spec)
+        if zero is None:
+            half = 1 << (spec.w_bit - 1)
+            q, zero = q + half, torch.full_like(scale, half, dtype=torch.int32)
+        group = spec.group_for(weight.shape[1])
+        return cls(q.t(), zero.t(), scale.t(), spec.w_bit, group, not spec.zero_point)
+
+    @classmethod
+    def from_kn(
+        cls, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, symmetric=False
+    ) -> IntWeight:
+        """From unpacked ``[in, out]`` tensors; the group size follows from the shapes."""
+        group = q.shape[0] // scales.shape[0]
+        return cls(q.contiguous(), zeros.contiguous(), scales.contiguous(), bits, group, symmetric)
+
+    def dequantize(self) -> torch.Tensor:
+        """``W [in, out]`` in float32."""
+        return ref.dequantize_kn(self.q, self.zeros, self.scales, self.group_size)
+
+
+class PackFormat:
+    """One checkpoint format: what it can hold, how one linear is packed and unpacked, the
+    ``quantization_config`` it writes and how to recognise it.
+
+    Subclasses set the class attributes and implement the methods; register an instance in
+    :data:`ptqflow.formats.FORMATS`.
+
+    Attributes:
+        name: the ``pack.format`` value.
+        bits: the bit widths it holds; ``bits_text`` says so in messages.
+        tensors: suffixes of one packed linear's tensors; ``marker`` is the one every packed
+            linear has.
+        out_multiple: the output dimension must divide by this (packing runs along it).
+        scale_dtypes: storage dtypes it accepts for scales and unquantized tensors.
+        ignore_key: where ``quantization_config`` lists the linears left unquantized.
+    """
+
+    name: str
+    bits: tuple[int, ...]
+    bits_text: str
+    tensors: tuple[str, ...]
+    marker: str
+    out_multiple: int = 1
+    scale_dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    ignore_key: str = "modules_to_not_convert"
+
+    def check_plan(self, specs: dict[str, QuantSpec]) -> None:
+        """Raise on constraints across layers (e.g. one group size for every layer)."""
+
+    def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors this format stores for one linear, keyed by suffix; scales in ``dtype``."""
+        raise NotImplementedError
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
+        """Inverse of :meth:`pack`; bits and group size follow from the shapes."""
+        raise NotImplementedError
+
+    def quantization_config(
+        self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
+    ) -> dict:
+        """The ``quantization_config`` block of ``config.json``."""
+        raise NotImplementedError
+
+    def matches(self, qc: dict) -> bool:
+        """Whether a checkpoint's ``quantization_config`` is in this format."""
+        raise NotImplementedError
+
+    def declared_bits(self, qc: dict) -> dict[str, int]:
+        """Bits per module path, where the config says them (checked against the tensors)."""
+        return {}

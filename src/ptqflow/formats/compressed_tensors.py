@@ -1,0 +1,90 @@
+"""compressed-tensors ``pack-quantized``: 4 or 8 bits, per-layer specs; what llm-compressor
+writes.
+
+Layout (bit for bit in :mod:`ptqflow.kernels.reference`): ``weight_packed`` int32
+``[out, in*b/32]`` in natural order along ``in``, ``weight_scale`` ``[out, in/g]``,
+``weight_zero_point`` int32 ``[out*b/32, in/g]`` packed along ``out`` (asymmetric only),
+``weight_shape`` int64 ``[2]``. One config group per distinct spec.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ptqflow.formats.base import IntWeight, PackFormat
+from ptqflow.kernels import reference as ref
+from ptqflow.quant import QuantSpec
+
+
+class CompressedTensors(PackFormat):
+    name = "compressed-tensors"
+    bits = (4, 8)
+    bits_text = "4- or 8-bit weights"
+    tensors = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+    marker = "weight_packed"
+    ignore_key = "ignore"
+
+    def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        in_f, out_f = w.q.shape
+        out = {
+            "weight_packed": ref.pack_ct(w.q.t(), w.bits),
+            "weight_scale": w.scales.to(dtype).t().contiguous(),
+            "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+        }
+        if not w.symmetric:
+            out["weight_zero_point"] = ref.pack_ct(w.zeros.t(), w.bits, dim=0)
+        return out
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
+        out_f, in_f = (int(v) for v in tensors["weight_shape"])
+        bits = tensors["weight_packed"].shape[1] * 32 // in_f
+        q = ref.unpack_ct(tensors["weight_packed"], bits, in_f).t()
+        scales = tensors["weight_scale"].t()
+        symmetric = "weight_zero_point" not in tensors
+        if symmetric:
+            zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32)
+        else:
+            zeros = ref.unpack_ct(tensors["weight_zero_point"], bits, out_f, dim=0).t()
+        return IntWeight.from_kn(q, zeros, scales, bits, symmetric)
+
+    def quantization_config(
+        self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
+    ) -> dict:
+        groups: dict[QuantSpec, list[str]] = {}
+        for name, spec in specs.items():
+            groups.setdefault(spec, []).append(name)
+        config_groups = {}
+        for i, (spec, names) in enumerate(sorted(groups.items(), key=lambda kv: kv[0].tag)):
+            config_groups[f"group_{i}"] = {
+                "targets": sorted(names),
+                "weights": {
+                    "num_bits": spec.w_bit,
+                    "type": "int",
+                    "symmetric": not spec.zero_point,
+                    "strategy": "channel" if spec.per_channel else "group",
+                    "group_size": None if spec.per_channel else spec.group_size,
+                    "dynamic": False,
+                    "actorder": None,
+                    "observer": "minmax",
+                    "observer_kwargs": {},
+                    "block_structure": None,
+                },
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": config_groups,
+            "ignore": skipped,
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+        }
+
+    def matches(self, qc: dict) -> bool:
+        return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == (
+            "pack-quantized"
+        )

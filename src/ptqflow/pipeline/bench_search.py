@@ -1,0 +1,106 @@
+"""Benchmark of the AWQ search: seconds per block, total seconds and peak RSS of the real
+scale-search and clip-search stages, each in a fresh process, on any config (default: the
+embedded model). Writes ``<reports>/bench/search-<quant tag>.json``; DVC outputs are untouched
+(the stages write into a temporary artifacts directory). Not a DVC stage: a measurement.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import queue
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptqflow.artifacts import atomic_write_text, to_json
+from ptqflow.config import parse_quant
+from ptqflow.pipeline import calib_data, clip_search, scale_search
+from ptqflow.pipeline.common import StageRun, output_dirs
+
+POLL_SECONDS = 5.0
+
+
+def _child(stage: str, cfg: dict[str, Any], run: StageRun, results) -> None:
+    if stage == "scale-search":
+        calib_data.run(cfg, run)
+        out = scale_search.run(cfg, run)
+    else:
+        out = clip_search.run(cfg, run)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    results.put(out)
+
+
+def measure(stage: str, cfg: dict[str, Any], run: StageRun) -> dict[str, Any]:
+    """Run ``stage`` in a fresh process and return its timings and peak RSS; a child that
+    dies (crash, OOM kill) is reported instead of waited on forever."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(stage, cfg, run, results))
+    proc.start()
+    try:
+        while True:
+            try:
+                out = results.get(timeout=POLL_SECONDS)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(
+                        f"{stage} failed in the benchmark (exit code {proc.exitcode})"
+                    ) from None
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    return out
+
+
+def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
+    run = run or StageRun.here()
+    reports = output_dirs(cfg, run)[1]
+    tag = parse_quant(cfg["quant"]).tag
+    work = Path(tempfile.mkdtemp(prefix="ptqflow-bench-"))
+    try:
+        bench_cfg = cfg | {
+            "paths": cfg["paths"] | {"artifacts": str(work)},
+            "tracking": cfg["tracking"] | {"enabled": False},
+        }
+        scale = measure("scale-search", bench_cfg, run)
+        clip = measure("clip-search", bench_cfg, run)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def summary(figures: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "total_seconds": round(figures["total_seconds"], 2),
+            "seconds_per_block": [round(s, 3) for s in figures["seconds_per_block"]],
+            "peak_rss_gb": round(figures["peak_rss_gb"], 3),
+        }
+
+    report = {
+        "model": cfg["model"]["name"],
+        "quant": tag,
+        "search": cfg["search"],
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "scale_search": summary(scale),
+        "clip_search": summary(clip),
+        "total_search_seconds": round(scale["total_seconds"] + clip["total_seconds"], 2),
+        "peak_rss_gb": round(max(scale["peak_rss_gb"], clip["peak_rss_gb"]), 3),
+    }
+    out = reports / "bench" / f"search-{tag}.json"
+    atomic_write_text(out, to_json(report))
+    print(
+        f"search {tag}: scale {report['scale_search']['total_seconds']}s + clip "
+        f"{report['clip_search']['total_seconds']}s, peak RSS {report['peak_rss_gb']} GB -> {out}"
+    )
+    return report

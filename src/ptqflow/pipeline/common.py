@@ -1,0 +1,116 @@
+"""What every stage body shares: how a stage is run, the params it records, its MLflow run,
+the checks of upstream artifacts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ptqflow.artifacts import (
+    check_inputs,
+    check_params,
+    git_revision,
+    params_hash,
+    read_manifest,
+)
+from ptqflow.config import PathsConfig, TrackingConfig, parse
+from ptqflow.pipeline.table import BY_NAME, Stage
+from ptqflow.tracking import mlflow_run
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """How a stage was started.
+
+    Attributes:
+        root: the project root; relative ``paths.*`` resolve against it and the stage's script
+            is read from it for the code fingerprint.
+        job: the job number inside a Hydra ``--multirun`` sweep, else ``None``.
+    """
+
+    root: Path
+    job: int | None = None
+
+    @classmethod
+    def here(cls) -> StageRun:
+        """A run from the project that holds the working directory (the nearest directory up
+        from it with a ``dvc.yaml``; the working directory itself if none has)."""
+        cwd = Path.cwd().resolve()
+        return cls(next((d for d in (cwd, *cwd.parents) if (d / "dvc.yaml").is_file()), cwd))
+
+
+# The searches run the same large matmuls hundreds of times per block. glibc serves buffers of
+# this size with fresh mmaps, so every call pays page faults and kernel zeroing (about 10% of
+# a 13k x 576 x 1536 matmul here); with these tunables freed buffers stay in the heap and are
+# reused. Numerics are unaffected.
+_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def reexec_with_heap_reuse() -> None:
+    """Restart this process once with :data:`_GLIBC_TUNABLES` (glibc only; a set value wins).
+    Stage entry points call it first thing."""
+    if "GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc":
+        return
+    env = {**os.environ, "GLIBC_TUNABLES": _GLIBC_TUNABLES}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def select(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The parts of ``cfg`` named by dotted ``keys``, nested as in ``cfg``."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        *parents, last = key.split(".")
+        src, dst = cfg, out
+        for part in parents:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[last] = src[last]
+    return out
+
+
+def stage_params(stage: Stage | str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The params that identify an output of ``stage``: its table params but ``paths.*``."""
+    stage = BY_NAME[stage] if isinstance(stage, str) else stage
+    return select(cfg, tuple(k for k in stage.params if k.split(".")[0] != "paths"))
+
+
+def tracked(
+    stage: Stage,
+    cfg: dict[str, Any],
+    run: StageRun,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+):
+    """An MLflow run for one stage invocation, tagged with what reproduces it."""
+    tracking = parse(TrackingConfig, "tracking", cfg.get("tracking"))
+    params = stage_params(stage, cfg)
+    tags = {
+        "stage": stage.name,
+        "git_revision": git_revision(run.root),
+        "params_hash": params_hash(params),
+        **(tags or {}),
+    }
+    if run.job is not None:
+        tags["multirun_job"] = str(run.job)
+    return mlflow_run(tracking.enabled, tracking.uri, tracking.experiment, run_name, params, tags)
+
+
+def read_upstream(
+    out_dir: Path, stage: str, inputs: dict[str, str], cfg: Mapping[str, Any]
+) -> dict[str, Any]:
+    """An upstream stage's manifest, refused unless it was made from the current ``inputs``
+    and with the params the current ``cfg`` gives that stage."""
+    manifest = read_manifest(out_dir, stage)
+    check_inputs(manifest, inputs)
+    check_params(manifest, stage_params(stage, cfg))
+    return manifest
+
+
+def output_dirs(cfg: Mapping[str, Any], run: StageRun) -> tuple[Path, Path]:
+    """``paths.artifacts`` and ``paths.reports``, resolved against the project root."""
+    paths = parse(PathsConfig, "paths", cfg["paths"])
+    return run.root / paths.artifacts, run.root / paths.reports

@@ -1,0 +1,168 @@
+"""Each stage's code, found by reading imports: the deps of ``dvc.yaml`` and the code
+fingerprint in a stage's manifest come from the same file list.
+
+A stage's code is its script plus the import closure of it: every ptqflow module (and every
+helper beside the script) reachable through ``import`` statements, lazy imports inside functions
+included, plus the data files those modules read (:data:`DATA`). The closure is computed from
+the source text (no module is imported), so it is the same wherever it runs.
+
+``python -m ptqflow.pipeline.dag`` prints ``dvc.yaml`` (``make dag`` writes it).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import sys
+from functools import cache
+from pathlib import Path
+
+from ptqflow.pipeline.table import STAGES, Stage
+
+# Where each package's sources live in a checkout (pyproject.toml's package-dir, which a test
+# holds to this), longest prefix first.
+PACKAGE_DIRS = {"ptqflow.kernels": "kernels", "ptqflow": "src/ptqflow"}
+# Files a module reads at run time, relative to the module's package directory.
+DATA = {"ptqflow.kernels": ("tuning.json",)}
+# Not a file dependency: every stage's entry in it is in dvc.yaml (see its docstring).
+NOT_DEPS = frozenset({"ptqflow.pipeline.table"})
+
+HEADER = """\
+# Generated from src/ptqflow/pipeline/table.py by `make dag`; do not edit by hand (a test holds
+# this file to the table). Deps are each script's import closure (ptqflow/pipeline/dag.py).
+# Stages read the committed params.yaml (the composition of conf/); `dvc exp run -S ...`
+# recomposes it through DVC's Hydra mode. PYTHONPATH=src runs this checkout's library, also in
+# the temporary clone of a queued experiment.
+"""
+
+
+def _split(module: str) -> tuple[str, list[str]]:
+    for package in PACKAGE_DIRS:
+        if module == package or module.startswith(package + "."):
+            return package, module[len(package) :].split(".")[1:]
+    raise ValueError(f"{module} is not a ptqflow module")
+
+
+@cache
+def _package_root(package: str) -> Path:
+    """The directory the running interpreter imports ``package`` from (no import needed)."""
+    spec = importlib.util.find_spec(package)
+    return Path(spec.origin).parent
+
+
+def module_file(module: str, root: Path | None = None) -> tuple[str, Path] | None:
+    """A ptqflow module's checkout-relative path and the file to read: under the checkout
+    ``root`` if given, else where this interpreter imports it from. ``None`` when there is no
+    such module (``from a import b`` where ``b`` is not a submodule)."""
+    package, parts = _split(module)
+    base = root / PACKAGE_DIRS[package] if root is not None else _package_root(package)
+    tails = [(*parts[:-1], parts[-1] + ".py"), (*parts, "__init__.py")] if parts else []
+    for tail in tails or [("__init__.py",)]:
+        if base.joinpath(*tail).is_file():
+            return "/".join((PACKAGE_DIRS[package], *tail)), base.joinpath(*tail)
+    return None
+
+
+def _imports(path: Path, module: str | None) -> set[str]:
+    """Names a source file imports (absolute; ``from a import b`` gives ``a`` and ``a.b``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = f"{package}.{base}" if base else package
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def closure(script: Path, root: Path | None = None) -> dict[str, Path]:
+    """Every file ``script`` runs: itself, the helpers beside it and the ptqflow modules it
+    imports, transitively, plus :data:`DATA`. Keys are checkout-relative paths, values the
+    files to read (library modules under ``root`` if given, else where this interpreter
+    imports them from)."""
+    files: dict[str, Path] = {}
+    todo: list[tuple[str, Path, str | None]] = [(_beside(script), script, None)]
+    seen: set[str] = set(NOT_DEPS)
+    while todo:
+        rel, path, module = todo.pop()
+        if rel in files:
+            continue
+        files[rel] = path
+        for name in _imports(path, module):
+            parts = name.split(".")
+            if parts[0] != "ptqflow":
+                helper = script.parent / f"{name}.py"
+                if module is None and helper.is_file():
+                    todo.append((_beside(helper), helper, None))
+                continue
+            for i in range(1, len(parts) + 1):  # the packages on the way in run too
+                sub = ".".join(parts[:i])
+                if sub in seen or (found := module_file(sub, root)) is None:
+                    continue
+                seen.add(sub)
+                todo.append((*found, sub))
+                for data in DATA.get(sub, ()):
+                    files[f"{PACKAGE_DIRS[sub]}/{data}"] = found[1].parent / data
+    return dict(sorted(files.items()))
+
+
+def _beside(script: Path) -> str:
+    """A script's (or its helper's) checkout-relative path: scripts live in ``stages/``."""
+    return f"{script.parent.name}/{script.name}"
+
+
+def fingerprint(files: dict[str, Path]) -> str:
+    """sha256 over each file's checkout-relative name and content (a :func:`closure`)."""
+    h = hashlib.sha256()
+    for rel, path in sorted(files.items()):
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def stage_code(stage: Stage, root: Path) -> str:
+    """Fingerprint of the code a stage runs: its script (read from the project ``root``) and
+    the library as this interpreter imports it; the same files as its deps in ``dvc.yaml``."""
+    script = root / stage.script
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"stage script {script} not found: {root} is not the project root (run stages from "
+            "the project, or pass its root in StageRun)"
+        )
+    return fingerprint(closure(script))
+
+
+def render(root: Path) -> str:
+    """``dvc.yaml`` for :data:`~ptqflow.pipeline.table.STAGES` over the checkout ``root``."""
+    import yaml
+
+    stages = {}
+    for stage in STAGES:
+        code = [p for p in closure(root / stage.script, root) if p != stage.script]
+        entry: dict = {
+            "cmd": " ".join(
+                ["PYTHONPATH=src python", stage.script, "--config-dir . --config-name params"]
+                + list(stage.args)
+            ),
+            "deps": [stage.script, *code, *stage.deps],
+            "params": list(stage.params),
+        }
+        if stage.outs:
+            entry["outs"] = list(stage.outs)
+        if stage.metrics:
+            entry["metrics"] = [{m: {"cache": False}} for m in stage.metrics]
+        if stage.plots:
+            entry["plots"] = [{p: {"cache": False}} for p in stage.plots]
+        stages[stage.name] = entry
+    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render(Path.cwd()))

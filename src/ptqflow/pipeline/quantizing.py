@@ -1,0 +1,145 @@
+"""What the stages that quantize share: the model and recipe resolved against its shapes
+before any weight loads, the calibration blocks and cached AWQ results (each checked against the
+current config), and the body of the block-wise searches."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptqflow.artifacts import params_hash, to_json, write_manifest
+from ptqflow.awq.clip import load_clips
+from ptqflow.awq.scale import GroupScale, load_scales
+from ptqflow.blockwise import BlockResult, BlockStore, Calls, run_resumable
+from ptqflow.calib import load_blocks
+from ptqflow.config import ModelConfig, parse, parse_quant, parse_recipe, parse_search
+from ptqflow.models import (
+    Adapter,
+    ModelRef,
+    get_adapter,
+    linear_layers,
+    load_config,
+    load_model,
+    model_fingerprint,
+    resolve_model,
+)
+from ptqflow.pipeline.common import StageRun, output_dirs, read_upstream, stage_params, tracked
+from ptqflow.pipeline.dag import stage_code
+from ptqflow.pipeline.table import Stage
+from ptqflow.quant import QuantSpec
+
+
+@dataclass
+class QuantSetup:
+    """What the quantizing stages share, checked before any weight is read."""
+
+    model_cfg: ModelConfig
+    artifacts: Path
+    reports: Path
+    ref: ModelRef
+    adapter: Adapter
+    plan: dict[str, QuantSpec | None]
+    fingerprint: str
+    hf_config: Any  # the transformers config (reading it from a GGUF takes seconds)
+
+
+def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
+    """Parse model/quant/recipe/paths, resolve the model and the recipe against its shapes."""
+    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    artifacts, reports = output_dirs(cfg, run)
+    quant = parse_quant(cfg["quant"])
+    recipe = parse_recipe(cfg["recipe"], quant)
+    ref = resolve_model(model_cfg.source)
+    model_cfg.torch_device()
+    hf_config = load_config(ref)
+    adapter = get_adapter(hf_config.model_type)
+    plan = recipe.resolve(linear_layers(hf_config))
+    return QuantSetup(
+        model_cfg, artifacts, reports, ref, adapter, plan, model_fingerprint(ref), hf_config
+    )
+
+
+def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, str]:
+    """The calibration blocks and their hash, refused if made for another model or config."""
+    calib_dir = setup.artifacts / "calib"
+    manifest = read_upstream(calib_dir, "calib-data", {"model": setup.fingerprint}, cfg)
+    return load_blocks(calib_dir), manifest["outputs"]["tokens_sha256"]
+
+
+def awq_inputs(
+    cfg: Mapping[str, Any], setup: QuantSetup, use_scales: bool = True, use_clips: bool = True
+) -> tuple[list[GroupScale], dict[str, torch.Tensor], dict[str, str]]:
+    """The cached AWQ scales and clips to apply (either may be switched off for ablations),
+    each refused unless made for the current config, and their fingerprints."""
+    _, clip_cfg = parse_search(cfg["search"])
+    if use_clips and clip_cfg.apply_scales != use_scales:
+        raise ValueError(
+            f"the clips are searched with search.clip.apply_scales={clip_cfg.apply_scales} "
+            f"but the scales are {'used' if use_scales else 'not used'} here; set "
+            f"search.clip.apply_scales={use_scales} (and rerun clip-search) for this ablation"
+        )
+    scales, clips, fingerprints = [], {}, {}
+    inputs = {"model": setup.fingerprint}
+    if use_scales:
+        manifest = read_upstream(setup.artifacts / "scales", "scale-search", inputs, cfg)
+        scales, fingerprints["scales"] = (
+            load_scales(setup.artifacts / "scales"),
+            manifest["params_hash"],
+        )
+    if use_clips:
+        clip_inputs = inputs | ({"scales": fingerprints["scales"]} if use_scales else {})
+        manifest = read_upstream(setup.artifacts / "clips", "clip-search", clip_inputs, cfg)
+        clips, fingerprints["clips"] = (
+            load_clips(setup.artifacts / "clips"),
+            manifest["params_hash"],
+        )
+    return scales, clips, fingerprints
+
+
+def run_blockwise(
+    stage: Stage,
+    cfg: dict[str, Any],
+    run: StageRun,
+    setup: QuantSetup,
+    input_ids: torch.Tensor,
+    inputs: dict[str, str],
+    capture: Callable[[int, torch.nn.Module], list[str]],
+    search: Callable[[int, torch.nn.Module, Calls], BlockResult],
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """The body both block-wise searches share: load the model (``prepare`` it), stream its
+    blocks through ``capture``/``search`` with resume (:func:`ptqflow.blockwise.run_resumable`),
+    then write index and manifest and move the results to ``stage.outs[0]``'s directory under
+    ``paths.artifacts``."""
+    params = stage_params(stage, cfg)
+    code = stage_code(stage, run.root)
+    out_dir = setup.artifacts / Path(stage.outs[0]).name
+    store = BlockStore(out_dir, params_hash({"params": params, "inputs": inputs, "code": code}))
+    with tracked(stage, cfg, run, f"{stage.name}-{setup.model_cfg.name}") as run_log:
+        model = load_model(setup.ref, setup.model_cfg.dtype)
+        if prepare is not None:
+            prepare(model)
+        device = setup.model_cfg.torch_device()
+        t0 = time.perf_counter()
+        seconds = run_resumable(
+            model, setup.adapter, input_ids, device, store, capture, search, stage.name
+        )
+        total = time.perf_counter() - t0
+
+        def finish(tmp: Path) -> None:
+            index = {"format": f"ptqflow-{stage.name}/1", "blocks": len(seconds)}
+            (tmp / "index.json").write_text(to_json(index), encoding="utf-8")
+            write_manifest(tmp, stage.name, params, inputs, index, code)
+
+        store.finalize(finish)
+        searched = [s for s in seconds if s is not None]
+        run_log.log_metrics(
+            {"search_seconds": total, "blocks_searched": len(searched), "blocks": len(seconds)}
+        )
+    print(f"{stage.name}: {len(seconds)} blocks ({len(searched)} searched) in {total:.1f}s")
+    return {"seconds_per_block": seconds, "total_seconds": total}

@@ -1,0 +1,53 @@
+"""Stage real-pack: quantize to integers and write an HF-style checkpoint directory.
+
+``pack.method=awq`` folds the cached AWQ scales and applies the clips first (both checked against
+the current config); ``pack.method=rtn`` packs plain round-to-nearest. The recipe picks the
+layers and their specs exactly as in fake-quant evaluation, so the packed model computes the
+fake-quant model's function. Writes ``<artifacts>/packed/``: ``config.json`` with
+``quantization_config``, ``model.safetensors``, tokenizer, generation config and
+``manifest.json``. A spec the chosen ``pack.format`` cannot hold fails before any weight loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ptqflow.artifacts import atomic_dir, write_manifest
+from ptqflow.awq.apply import apply_clips, apply_scales
+from ptqflow.config import parse
+from ptqflow.formats import check_packable, get_format
+from ptqflow.models import linear_shapes, load_model, load_tokenizer
+from ptqflow.pack import PackConfig, save_packed
+from ptqflow.pipeline.common import StageRun, stage_params, tracked
+from ptqflow.pipeline.dag import stage_code
+from ptqflow.pipeline.quantizing import awq_inputs, quant_setup
+from ptqflow.pipeline.table import BY_NAME
+
+STAGE = BY_NAME["real-pack"]
+
+
+def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
+    run = run or StageRun.here()
+    pack = parse(PackConfig, "pack", cfg["pack"])
+    setup = quant_setup(cfg, run)
+    check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config))
+    scales, clips, inputs = [], {}, {}
+    if pack.method == "awq":
+        scales, clips, inputs = awq_inputs(cfg, setup)
+    inputs["model"] = setup.fingerprint
+    out_dir = setup.artifacts / "packed"
+    run_name = f"{STAGE.name}-{pack.method}-{pack.format}-{setup.model_cfg.name}"
+    with tracked(STAGE, cfg, run, run_name, {"model_fingerprint": setup.fingerprint}) as log:
+        model = load_model(setup.ref, setup.model_cfg.dtype)
+        apply_scales(model, scales)
+        apply_clips(model, clips)
+        with atomic_dir(out_dir) as tmp:
+            stats = save_packed(model, load_tokenizer(setup.ref), setup.plan, pack, tmp)
+            code = stage_code(STAGE, run.root)
+            write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
+        log.log_metrics({"checkpoint_bytes": stats["bytes"]})
+        log.log_artifact(out_dir / "config.json")
+    print(
+        f"{STAGE.name}: {stats['quantized_linears']} linears, {stats['bytes']:,} bytes -> {out_dir}"
+    )
+    return stats

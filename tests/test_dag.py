@@ -1,0 +1,84 @@
+"""The stage table, dvc.yaml and the code each stage runs: one source, held together here."""
+
+import re
+import shutil
+import tomllib
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from ptqflow.pipeline import dag
+from ptqflow.pipeline.table import STAGES
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_dvc_yaml_is_generated_from_the_table():
+    assert (ROOT / "dvc.yaml").read_text() == dag.render(ROOT), (
+        "dvc.yaml is stale: run `make dag` and commit it"
+    )
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_every_module_a_stage_imports_is_among_its_deps(stage):
+    """The import closure of the stage's script, computed from the sources, against the deps
+    the committed dvc.yaml declares: a module missing there would not rerun the stage."""
+    deps = set(DVC[stage.name]["deps"])
+    missing = sorted(set(dag.closure(ROOT / stage.script, ROOT)) - deps)
+    assert not missing, f"stage {stage.name} imports {missing} but dvc.yaml lacks them: `make dag`"
+    assert set(stage.deps) <= deps
+
+
+def test_closure_follows_lazy_imports_and_package_data():
+    files = dag.closure(ROOT / "stages/benchmark.py", ROOT)
+    # imported inside functions of kernels/__init__.py, and read by it at run time
+    assert {"kernels/w4a16_gemv.py", "kernels/awq_tile.py", "kernels/tuning.json"} <= set(files)
+    assert "src/ptqflow/pipeline/table.py" not in files  # dvc.yaml carries its content
+    calib = dag.closure(ROOT / "stages/calib_data.py", ROOT)
+    assert "src/ptqflow/pack.py" not in calib and "kernels/reference.py" not in calib
+    assert {"stages/_hydra.py", "src/ptqflow/calib.py", "src/ptqflow/__init__.py"} <= set(calib)
+
+
+def test_editing_a_module_changes_only_the_fingerprints_of_stages_that_run_it(tmp_path):
+    for part in ("src", "kernels", "stages"):
+        shutil.copytree(ROOT / part, tmp_path / part, symlinks=True)
+
+    def codes():
+        return {s.name: dag.fingerprint(dag.closure(tmp_path / s.script, tmp_path)) for s in STAGES}
+
+    before = codes()
+    with (tmp_path / "src/ptqflow/pack.py").open("a") as f:
+        f.write("# an edit\n")
+    after = codes()
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"real-pack", "eval-fp", "eval-rtn", "eval-awq", "eval-packed", "benchmark"}
+
+
+def test_table_params_exist_and_paths_match_the_package_layout():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage in STAGES:
+        for key in stage.params:
+            node = params
+            for part in key.split("."):
+                assert part in node, f"stage {stage.name}: param '{key}' not in params.yaml"
+                node = node[part]
+    outs = {o for s in STAGES for o in s.outs}
+    assert {d for s in STAGES for d in s.deps} <= outs
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert pyproject["package-dir"] == dag.PACKAGE_DIRS
+    packages = {
+        "ptqflow." + ".".join(p.parent.relative_to(ROOT / "src/ptqflow").parts)
+        for p in (ROOT / "src/ptqflow").rglob("__init__.py")
+        if "kernels" not in p.parts
+    }
+    assert set(pyproject["packages"]) == {p.rstrip(".") for p in packages} | {"ptqflow.kernels"}
+
+
+def test_stage_scripts_are_thin_and_wire_nothing_by_hand():
+    for script in (ROOT / "stages").glob("*.py"):
+        text = script.read_text()
+        assert len(text.splitlines()) <= 40, f"{script.name} is over 40 lines"
+        assert "sys.path" not in text and "importlib" not in text, script.name
+    for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
+        assert not re.search(r"sys\.path\b", path.read_text()), path

@@ -49,11 +49,8 @@ def check_packable(
     bad = {name: s.tag for name, s in specs.items() if s.w_bit not in fmt.bits}
     if bad:
         name, tag = next(iter(bad.items()))
-        holders = [
-            f.name
-            for f in FORMATS.values()
-            if all(b in f.bits for b in (s.w_bit for s in specs.values()))
-        ]
+        widths = {s.w_bit for s in specs.values()}
+        holders = [f.name for f in FORMATS.values() if widths <= set(f.bits)]
         raise ValueError(
             f"pack.format={fmt.name} holds {fmt.bits_text}, but '{name}' is {tag} "
             f"({len(bad)} such layers); pick pack.format={' or '.join(holders)}"

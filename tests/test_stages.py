@@ -121,3 +121,13 @@ def test_multirun_sweep_from_the_command_line(tiny_model_dir, texts, tmp_path):
         name for name, status in mlflow_runs(tmp_path / "mlflow.db") if status == "FINISHED"
     )
     assert names == [f"rtn-w{b}g{g}-local" for b in (3, 4) for g in (16, 32)]
+
+
+def test_search_benchmark_reports_a_child_that_dies(tiny_cfg):
+    """A child that fails (here: no calibration blocks for clip-search) is reported; the parent
+    used to wait on its result queue forever."""
+    from ptqflow.pipeline import bench_search
+    from ptqflow.pipeline.common import StageRun
+
+    with pytest.raises(RuntimeError, match="clip-search failed in the benchmark"):
+        bench_search.measure("clip-search", tiny_cfg("tracking=none"), StageRun(ROOT))

@@ -87,16 +87,20 @@ def test_queued_experiment_runs_its_temporary_clones_library(tiny_model_dir, tex
         "calib.seqlen=32",
         "tracking=none",
     ]
-    cmd = ["dvc", "exp", "run", "--temp", "-n", "tiny", "calib-data"]
+    cmd = ["exp", "run", "--temp", "-n", "tiny", "calib-data"]
     for o in overrides:
         cmd += ["-S", o]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for cmd in (["exp", "branch", "tiny", "tiny"], ["checkout", "calib-data"]):
-        if cmd[0] == "checkout":
-            git(repo, "checkout", "-q", "tiny")
-        proc = subprocess.run(["dvc", *cmd], cwd=repo, env=env, capture_output=True, text=True)
+
+    def dvc(*args: str) -> None:
+        proc = subprocess.run(
+            ["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    dvc(*cmd)
+    dvc("exp", "branch", "tiny", "tiny")  # the experiment's commit, to check its output out
+    git(repo, "checkout", "-q", "tiny")
+    dvc("checkout", "calib-data")
     manifest = json.loads((repo / "artifacts/calib/manifest.json").read_text())
     script = repo / "stages/calib_data.py"
     assert manifest["code"] == dag.fingerprint(dag.closure(script, repo))

@@ -34,9 +34,6 @@ from ptqflow.quant import QuantSpec
 
 WEIGHTS = "model.safetensors"
 PACK_METHODS = ("awq", "rtn")
-# QuantLinear computes 4-bit weights in the AWQ GEMM layout (the kernels read it) and every
-# other width in the bitstream layout.
-_COMPUTE = {"awq": FORMATS["awq"], "ptqflow": FORMATS["ptqflow"]}
 
 
 @dataclass(frozen=True)
@@ -81,8 +78,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = w.q.shape
         self.bits, self.group_size = w.bits, w.group_size
+        # 4-bit in the AWQ GEMM layout (the kernels read it), other widths in the bitstream.
         self.layout = "awq" if w.bits == 4 and self.out_features % 8 == 0 else "ptqflow"
-        packed = _COMPUTE[self.layout].pack(w, scale_dtype)
+        packed = FORMATS[self.layout].pack(w, scale_dtype)
         for name, t in packed.items():
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)

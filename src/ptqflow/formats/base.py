@@ -64,7 +64,6 @@ class PackFormat:
             linear has.
         out_multiple: the output dimension must divide by this (packing runs along it).
         scale_dtypes: storage dtypes it accepts for scales and unquantized tensors.
-        ignore_key: where ``quantization_config`` lists the linears left unquantized.
     """
 
     name: str
@@ -74,7 +73,6 @@ class PackFormat:
     marker: str
     out_multiple: int = 1
     scale_dtypes: tuple[str, ...] = ("float16", "bfloat16")
-    ignore_key: str = "modules_to_not_convert"
 
     def check_plan(self, specs: dict[str, QuantSpec]) -> None:
         """Raise on constraints across layers (e.g. one group size for every layer)."""

@@ -22,7 +22,6 @@ class CompressedTensors(PackFormat):
     bits_text = "4- or 8-bit weights"
     tensors = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
     marker = "weight_packed"
-    ignore_key = "ignore"
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         in_f, out_f = w.q.shape

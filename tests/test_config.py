@@ -7,10 +7,12 @@ import yaml
 from conftest import ROOT, compose
 
 from ptqflow.config import (
+    AutoRecipeConfig,
     CalibConfig,
     EvalConfig,
     ModelConfig,
     PathsConfig,
+    SensitivityConfig,
     TrackingConfig,
     parse,
     parse_quant,
@@ -53,12 +55,22 @@ def test_quant_presets(name):
 @pytest.mark.parametrize("name", presets("recipe"))
 def test_recipe_presets(name):
     cfg = compose([f"recipe={name}"])
-    assert parse_recipe(cfg["recipe"], parse_quant(cfg["quant"])).name == name
+    if name == "auto":
+        assert parse(AutoRecipeConfig, "recipe", cfg["recipe"]).budget > 0
+        with pytest.raises(ValueError, match="recipe stage"):
+            parse_recipe(cfg["recipe"], parse_quant(cfg["quant"]))
+    else:
+        assert parse_recipe(cfg["recipe"], parse_quant(cfg["quant"])).name == name
 
 
-@pytest.mark.parametrize("group", ["calib", "eval", "tracking"])
+@pytest.mark.parametrize("group", ["calib", "eval", "tracking", "sensitivity"])
 def test_other_presets_parse(group):
-    cls = {"calib": CalibConfig, "eval": EvalConfig, "tracking": TrackingConfig}[group]
+    cls = {
+        "calib": CalibConfig,
+        "eval": EvalConfig,
+        "tracking": TrackingConfig,
+        "sensitivity": SensitivityConfig,
+    }[group]
     for name in presets(group):
         parse(cls, group, compose([f"{group}={name}"])[group])
 

@@ -48,6 +48,15 @@ def sha256_tensor(t: torch.Tensor) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hash of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
 def package_versions() -> dict[str, str]:
     out = {}
     for name in _PACKAGES:

@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 EVAL_METHODS = ("fp", "rtn", "awq", "packed")
 SEARCH_LOSSES = ("mse", "mae")
+TOKEN_WEIGHTS = ("none", "gradient")
 
 
 def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
@@ -144,16 +145,25 @@ class ScaleSearchConfig:
         duo_scaling: AutoAWQ's ``x_mean^a / w_mean^(1-a)`` (True) or llm-awq's ``x_mean^a``
             (False, the default: better on the embedded model at W4 and W3).
         loss: ``mse`` or ``mae`` over the inspected module's output.
+        token_weight: ``none``, or ``gradient``: each token's error is weighted by the mean
+            squared loss gradient at its block's output (from the gradient stage), normalised
+            to mean 1 over the block's tokens, the per-token weight of a Fisher estimate of
+            the loss change.
     """
 
     n_grid: int = 20
     duo_scaling: bool = False
     loss: str = "mse"
+    token_weight: str = "none"
 
     def __post_init__(self) -> None:
         _positive(self, "n_grid")
         if self.loss not in SEARCH_LOSSES:
             raise ValueError(f"loss={self.loss!r}: use one of {list(SEARCH_LOSSES)}")
+        if self.token_weight not in TOKEN_WEIGHTS:
+            raise ValueError(
+                f"token_weight={self.token_weight!r}: use one of {list(TOKEN_WEIGHTS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -219,6 +229,64 @@ class BenchConfig:
         _positive(self, "decode_tokens", "repeats")
 
 
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """The gradient pass and the sensitivity table (:mod:`ptqflow.gradient`,
+    :mod:`ptqflow.sensitivity`).
+
+    Attributes:
+        batch_size: calibration sequences per forward/backward pass (memory: one batch's
+            activations).
+        candidates: quant config tags estimated for every decoder linear (``skip`` = full
+            precision); a tag whose group size does not divide a layer is not offered to it.
+    """
+
+    batch_size: int = 1
+    candidates: tuple[str, ...] = ("skip", "w8pc", "w4g128", "w4g64", "w3g64", "w3g32", "w2g64")
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        for tag in self.candidates:
+            if tag != "skip":
+                QuantSpec.from_tag(tag)
+        if len(set(self.candidates)) != len(self.candidates) or not self.candidates:
+            raise ValueError(f"candidates={list(self.candidates)} must be distinct and non-empty")
+
+
+@dataclass(frozen=True)
+class AutoRecipeConfig:
+    """``recipe=auto``: mixed precision allocated from the sensitivity table
+    (:mod:`ptqflow.allocate`), for every decoder linear.
+
+    Attributes:
+        name: ``auto``.
+        budget: average bits per weight of the decoder linears, counting every byte the chosen
+            ``pack.format`` stores for them (integers, scales, zero points; ``skip`` layers at
+            ``pack.dtype``), so the budget is the checkpoint size of those layers.
+        candidates: the configs the allocation may use; ``None`` (default) takes every
+            sensitivity candidate ``pack.format`` can hold. Named candidates the format cannot
+            hold, or the table lacks, are refused.
+    """
+
+    name: str = "auto"
+    budget: float = 4.0
+    candidates: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name != "auto":
+            raise ValueError(f"name={self.name!r}: an automatic recipe is named 'auto'")
+        if not isinstance(self.budget, (int, float)) or not self.budget > 0:
+            raise ValueError(f"budget={self.budget!r} must be a positive number of bits/weight")
+        if self.candidates is not None:
+            object.__setattr__(self, "candidates", tuple(self.candidates))
+
+
+def is_auto(recipe: Mapping[str, Any]) -> bool:
+    """Whether a ``recipe`` section asks for the allocated recipe."""
+    return (recipe or {}).get("name") == "auto"
+
+
 def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSearchConfig]:
     """The ``search`` section: ``{scale: {...}, clip: {...}}``."""
     values = dict(values or {})
@@ -237,6 +305,11 @@ def parse_quant(values: Mapping[str, Any]) -> QuantSpec:
 
 def parse_recipe(values: Mapping[str, Any], quant: QuantSpec) -> Recipe:
     """The recipe, with the chosen ``quant`` config available to rules as ``quant``."""
+    if is_auto(values):
+        raise ValueError(
+            "recipe=auto is allocated by the recipe stage: read it from its artifact "
+            "(ptqflow.pipeline.quantizing.load_recipe), or run `dvc repro recipe`"
+        )
     try:
         return Recipe.from_dict(values, {"quant": quant})
     except (TypeError, ValueError) as e:

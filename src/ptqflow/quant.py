@@ -23,6 +23,7 @@ float32 whatever the weight dtype, so results do not depend on the storage dtype
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,18 @@ class QuantSpec:
         """Short name that says the config, e.g. ``w4g64``, ``w8pc``, ``w4g128-sym``."""
         group = "pc" if self.per_channel else f"g{self.group_size}"
         return f"w{self.w_bit}{group}" + ("" if self.zero_point else "-sym")
+
+    @classmethod
+    def from_tag(cls, tag: str) -> QuantSpec:
+        """Inverse of :attr:`tag`: ``w4g64`` -> ``QuantSpec(4, 64)``, ``w8pc``, ``w4g128-sym``."""
+        m = re.fullmatch(r"w(\d+)(?:g(\d+)|(pc))(-sym)?", str(tag))
+        if m is None:
+            raise ValueError(
+                f"{tag!r} is not a quant config tag; write w<bits>g<group> or w<bits>pc, "
+                "with -sym for symmetric (e.g. w4g64, w8pc, w4g128-sym)"
+            )
+        group = PER_CHANNEL if m.group(3) else int(m.group(2))
+        return cls(int(m.group(1)), group, m.group(4) is None)
 
     def group_for(self, in_features: int) -> int:
         """The effective group size for a layer with ``in_features`` inputs."""

@@ -81,6 +81,21 @@ class PackFormat:
         """The tensors this format stores for one linear, keyed by suffix; scales in ``dtype``."""
         raise NotImplementedError
 
+    def stored_bytes(self, spec: QuantSpec, out_f: int, in_f: int, dtype: torch.dtype) -> int:
+        """Bytes :meth:`pack` stores for an ``[out_f, in_f]`` linear at ``spec`` (bias aside):
+        measured by packing an all-zero weight of that shape, so it is exact by construction."""
+        g = spec.group_for(in_f)
+        zero = 0 if spec.zero_point else 1 << (spec.w_bit - 1)
+        w = IntWeight(
+            torch.zeros(in_f, out_f, dtype=torch.int32),
+            torch.full((in_f // g, out_f), zero, dtype=torch.int32),
+            torch.ones(in_f // g, out_f),
+            spec.w_bit,
+            g,
+            not spec.zero_point,
+        )
+        return sum(t.numel() * t.element_size() for t in self.pack(w, dtype).values())
+
     def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
         """Inverse of :meth:`pack`; bits and group size follow from the shapes."""
         raise NotImplementedError

@@ -29,7 +29,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     _, clip_cfg = parse_search(cfg["search"])
     input_ids, calib_sha = load_calib(setup, cfg)
     scales_dir = setup.artifacts / "scales"
-    inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha}
+    inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}
     if clip_cfg.apply_scales:
         scales = read_upstream(scales_dir, "scale-search", inputs, cfg)
         inputs["scales"] = scales["params_hash"]

@@ -19,6 +19,7 @@ from ptqflow.artifacts import (
     read_manifest,
 )
 from ptqflow.config import PathsConfig, TrackingConfig, parse
+from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
 from ptqflow.tracking import mlflow_run
 
@@ -100,13 +101,23 @@ def tracked(
 
 
 def read_upstream(
-    out_dir: Path, stage: str, inputs: dict[str, str], cfg: Mapping[str, Any]
+    out_dir: Path,
+    stage: str,
+    inputs: dict[str, str],
+    cfg: Mapping[str, Any],
+    code_root: Path | None = None,
 ) -> dict[str, Any]:
     """An upstream stage's manifest, refused unless it was made from the current ``inputs``
-    and with the params the current ``cfg`` gives that stage."""
+    and with the params the current ``cfg`` gives that stage; with ``code_root``, also unless
+    it was made by the code that stage runs in that checkout."""
     manifest = read_manifest(out_dir, stage)
     check_inputs(manifest, inputs)
     check_params(manifest, stage_params(stage, cfg))
+    if code_root is not None and manifest.get("code") != stage_code(BY_NAME[stage], code_root):
+        raise ValueError(
+            f"upstream '{stage}' output in {out_dir} was made by other code than this "
+            f"checkout's; rerun it (`dvc repro {stage}`)"
+        )
     return manifest
 
 

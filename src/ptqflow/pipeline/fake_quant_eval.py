@@ -21,7 +21,7 @@ from torch import nn
 
 from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
 from ptqflow.awq.apply import apply_clips, apply_scales
-from ptqflow.config import EvalConfig, ModelConfig, parse, parse_quant
+from ptqflow.config import EvalConfig, ModelConfig, is_auto, parse, parse_quant
 from ptqflow.evaluate import eval_windows, perplexity
 from ptqflow.models import (
     ModelRef,
@@ -80,7 +80,12 @@ def _subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> _Subject:
 
     setup = quant_setup(cfg, run)
     recipe_name = cfg["recipe"].get("name", "custom")
-    tag = parse_quant(cfg["quant"]).tag + ("" if recipe_name == "default" else f"-{recipe_name}")
+    if is_auto(cfg["recipe"]):
+        tag = f"auto{cfg['recipe']['budget']}"
+    else:
+        tag = parse_quant(cfg["quant"]).tag + (
+            "" if recipe_name == "default" else f"-{recipe_name}"
+        )
     scales, clips = [], {}
     if ev.method == "awq":
         if not (ev.scales or ev.clips):

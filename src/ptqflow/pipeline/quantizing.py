@@ -11,13 +11,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ptqflow.artifacts import params_hash, to_json, write_manifest
+from ptqflow.artifacts import (
+    check_inputs,
+    check_params,
+    params_hash,
+    read_manifest,
+    sha256_file,
+    to_json,
+    write_manifest,
+)
 from ptqflow.awq.clip import load_clips
 from ptqflow.awq.scale import GroupScale, load_scales
 from ptqflow.blockwise import BlockResult, BlockStore, Calls, run_resumable
 from ptqflow.calib import load_blocks
-from ptqflow.config import ModelConfig, parse, parse_quant, parse_recipe, parse_search
+from ptqflow.config import (
+    AutoRecipeConfig,
+    ModelConfig,
+    is_auto,
+    parse,
+    parse_quant,
+    parse_recipe,
+    parse_search,
+)
 from ptqflow.models import (
     Adapter,
     ModelRef,
@@ -28,10 +45,18 @@ from ptqflow.models import (
     model_fingerprint,
     resolve_model,
 )
-from ptqflow.pipeline.common import StageRun, output_dirs, read_upstream, stage_params, tracked
+from ptqflow.pipeline.common import (
+    StageRun,
+    output_dirs,
+    read_upstream,
+    select,
+    stage_params,
+    tracked,
+)
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import Stage
 from ptqflow.quant import QuantSpec
+from ptqflow.recipe import Recipe
 
 
 @dataclass
@@ -46,21 +71,54 @@ class QuantSetup:
     plan: dict[str, QuantSpec | None]
     fingerprint: str
     hf_config: Any  # the transformers config (reading it from a GGUF takes seconds)
+    recipe_inputs: dict[str, str]  # {"recipe": fingerprint} when the recipe is the artifact
+
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def recipe_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The params a recipe artifact depends on: model, quant and recipe, and for ``recipe=auto``
+    also the candidates and the pack format and dtype whose bytes the budget counts."""
+    keys = ("model", "quant", "recipe")
+    if is_auto(cfg["recipe"]):
+        keys += ("sensitivity.candidates", "pack.format", "pack.dtype")
+    return select(cfg, keys)
+
+
+def load_recipe(artifacts: Path, cfg: Mapping[str, Any], fingerprint: str) -> tuple[Recipe, str]:
+    """The recipe the ``recipe`` stage wrote, refused unless made for the current model and
+    params, and its fingerprint."""
+    out_dir = artifacts / "recipe"
+    manifest = read_manifest(out_dir, "recipe")
+    check_inputs(manifest, {"model": fingerprint})
+    check_params(manifest, recipe_params(cfg))
+    text = (out_dir / RECIPE_FILE).read_text(encoding="utf-8")
+    return Recipe.from_dict(yaml.safe_load(text)), sha256_file(out_dir / RECIPE_FILE)
 
 
 def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
-    """Parse model/quant/recipe/paths, resolve the model and the recipe against its shapes."""
+    """Parse model/quant/recipe/paths, resolve the model and the recipe against its shapes.
+
+    ``recipe=auto`` reads the allocated recipe from ``<artifacts>/recipe/``; any other recipe
+    is the config's own."""
     model_cfg = parse(ModelConfig, "model", cfg["model"])
     artifacts, reports = output_dirs(cfg, run)
     quant = parse_quant(cfg["quant"])
-    recipe = parse_recipe(cfg["recipe"], quant)
     ref = resolve_model(model_cfg.source)
+    fingerprint = model_fingerprint(ref)
+    if is_auto(cfg["recipe"]):
+        parse(AutoRecipeConfig, "recipe", cfg["recipe"])
+        recipe, recipe_sha = load_recipe(artifacts, cfg, fingerprint)
+        recipe_inputs = {"recipe": recipe_sha}
+    else:
+        recipe, recipe_inputs = parse_recipe(cfg["recipe"], quant), {}
     model_cfg.torch_device()
     hf_config = load_config(ref)
     adapter = get_adapter(hf_config.model_type)
     plan = recipe.resolve(linear_layers(hf_config))
     return QuantSetup(
-        model_cfg, artifacts, reports, ref, adapter, plan, model_fingerprint(ref), hf_config
+        model_cfg, artifacts, reports, ref, adapter, plan, fingerprint, hf_config, recipe_inputs
     )
 
 
@@ -84,7 +142,7 @@ def awq_inputs(
             f"search.clip.apply_scales={use_scales} (and rerun clip-search) for this ablation"
         )
     scales, clips, fingerprints = [], {}, {}
-    inputs = {"model": setup.fingerprint}
+    inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
     if use_scales:
         manifest = read_upstream(setup.artifacts / "scales", "scale-search", inputs, cfg)
         scales, fingerprints["scales"] = (

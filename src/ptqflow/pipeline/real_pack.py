@@ -34,7 +34,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     scales, clips, inputs = [], {}, {}
     if pack.method == "awq":
         scales, clips, inputs = awq_inputs(cfg, setup)
-    inputs["model"] = setup.fingerprint
+    inputs.update(model=setup.fingerprint, **setup.recipe_inputs)
     out_dir = setup.artifacts / "packed"
     run_name = f"{STAGE.name}-{pack.method}-{pack.format}-{setup.model_cfg.name}"
     with tracked(STAGE, cfg, run, run_name, {"model_fingerprint": setup.fingerprint}) as log:

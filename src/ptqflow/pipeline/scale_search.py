@@ -3,17 +3,24 @@
 Reads ``<artifacts>/calib/``; writes ``<artifacts>/scales/``: ``block_NNN.safetensors`` (one
 scale vector per group, keyed by the path of the op it folds into; metadata lists the group's
 linears, the chosen alpha and the grid's losses), ``index.json`` and ``manifest.json``.
-Each block is saved as it is found, so a killed run resumes where it stopped.
+Each block is saved as it is found, so a killed run resumes where it stopped. With
+``search.scale.token_weight=gradient`` the search loss weighs tokens by the gradient stage's
+``<artifacts>/gradient/`` statistics.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
+from ptqflow.artifacts import sha256_file
 from ptqflow.awq.scale import block_record, scale_capture, search_block_scales
 from ptqflow.blockwise import block_specs
 from ptqflow.config import parse_search
-from ptqflow.pipeline.common import StageRun
+from ptqflow.gradient import STATS_FILE
+from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import load_calib, quant_setup, run_blockwise
 from ptqflow.pipeline.table import BY_NAME
 
@@ -25,15 +32,35 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     setup = quant_setup(cfg, run)
     scale_cfg, _ = parse_search(cfg["search"])
     input_ids, calib_sha = load_calib(setup, cfg)
-    inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha}
+    inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}
     prefix = setup.adapter.block_prefix
+    weights = None
+    if scale_cfg.token_weight == "gradient":
+        weights, inputs["gradient"] = token_weights(setup, cfg, inputs, run)
 
     def capture(i, block):
         return scale_capture(setup.adapter, block)
 
     def search(i, block, calls):
         specs = block_specs(setup.plan, f"{prefix}.{i}")
-        results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg)
+        w = None if weights is None else weights[i].to(next(block.parameters()).device)
+        results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg, w)
         return block_record([r.under(f"{prefix}.{i}") for r in results])
 
     return run_blockwise(STAGE, cfg, run, setup, input_ids, inputs, capture, search)
+
+
+def token_weights(
+    setup, cfg: dict[str, Any], inputs: dict[str, str], run: StageRun
+) -> tuple[torch.Tensor, str]:
+    """Per block ``[n, seq]`` token weights from the gradient artifact (refused unless made
+    from the same model, calibration tokens, params and code): ``mean (dL/dh)^2`` at the
+    block's output, normalised to mean 1; and the artifact's fingerprint."""
+    grad_dir = setup.artifacts / "gradient"
+    keep = {k: inputs[k] for k in ("model", "calib_tokens")}
+    read_upstream(grad_dir, "gradient", keep, cfg, code_root=run.root)
+    tensors = load_file(str(grad_dir / STATS_FILE))
+    blocks = sorted(k for k in tensors if k.startswith("block/") and k.endswith("/token_grad_sq"))
+    weights = torch.stack([tensors[k] for k in blocks]).double()
+    weights = weights / weights.mean(dim=(1, 2), keepdim=True)
+    return weights.float(), sha256_file(grad_dir / STATS_FILE)

@@ -1,0 +1,151 @@
+"""Perplexity against checkpoint size: uniform AWQ against `recipe=auto` at several budgets.
+
+Every point runs the real stages (recipe, scale-search, clip-search, eval method=awq) on the
+embedded default with params.yaml's settings, each in its own `artifacts/pareto/<point>/`
+(calibration, gradient and sensitivity are the main pipeline's, linked; run `dvc repro
+sensitivity` first). Sizes are what `pack.format=ptqflow` stores for the decoder linears
+(scales and zero points included), the format that holds every mix. A finished point is kept,
+so a killed run resumes where it stopped (scale search resumes inside a point too).
+Writes `reports/pareto/pareto.json` and `reports/figures/pareto.png`.
+
+    PYTHONPATH=src python reports/pareto/run.py [point ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ptqflow.formats import get_format
+from ptqflow.models import linear_shapes, load_config, resolve_model
+from ptqflow.pipeline import clip_search, fake_quant_eval, recipe, scale_search
+from ptqflow.pipeline.common import StageRun
+from ptqflow.quant import QuantSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+FORMAT = "ptqflow"
+UNIFORM = ("w4g64", "w3g64", "w3g32")  # w4g128 does not divide SmolLM2's 576-wide inputs
+
+
+def bits(tag: str, shapes: dict[str, tuple[int, int]]) -> float:
+    """Bits per weight of the decoder linears, all at ``tag``, as the format stores them."""
+    spec, fmt = QuantSpec.from_tag(tag), get_format(FORMAT)
+    size = sum(fmt.stored_bytes(spec, o, i, torch.float16) for o, i in shapes.values())
+    return 8 * size / sum(o * i for o, i in shapes.values())
+
+
+def points(shapes) -> dict[str, list[str]]:
+    """Overrides per point: the uniform configs, and auto at their sizes and between them."""
+    b = {t: bits(t, shapes) for t in UNIFORM}
+    budgets = {
+        "w3g32": b["w3g32"],
+        "mid-w3g64-w4g64": (b["w3g64"] + b["w4g64"]) / 2,
+        "w3g64": b["w3g64"],
+        "w4g64": b["w4g64"],
+    }
+    out = {f"uniform-{t}": [f"quant={t}"] for t in UNIFORM}
+    for name, budget in budgets.items():
+        out[f"auto-{name}"] = ["recipe=auto", f"recipe.budget={budget:.6f}", f"pack={FORMAT}"]
+    return out
+
+
+def run_point(name: str, overrides: list[str]) -> dict:
+    work = ROOT / "artifacts" / "pareto" / name
+    result = work / "reports" / "eval" / "awq.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    (work / "artifacts").mkdir(parents=True, exist_ok=True)
+    for upstream in ("calib", "gradient", "sensitivity"):
+        link = work / "artifacts" / upstream
+        if not link.exists():
+            link.symlink_to(ROOT / "artifacts" / upstream)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                *overrides,
+                f"paths.artifacts={work / 'artifacts'}",
+                f"paths.reports={work / 'reports'}",
+            ],
+        )
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    here = StageRun(ROOT)
+    print(f"== {name}: {' '.join(overrides)}", flush=True)
+    out = recipe.run(cfg, here) if "recipe=auto" in overrides else {}
+    scale_search.run(cfg, here)
+    clip_search.run(cfg, here)
+    metrics = fake_quant_eval.run({**cfg, "eval": {**cfg["eval"], "method": "awq"}}, here)
+    (work / "recipe.json").write_text(json.dumps(out, indent=1))
+    return metrics
+
+
+def main(selected: list[str]) -> None:
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shapes = {
+        n: s
+        for n, s in linear_shapes(load_config(resolve_model(cfg["model"]["source"]))).items()
+        if ".layers." in n
+    }
+    rows = {}
+    for name, overrides in points(shapes).items():
+        if selected and name not in selected:
+            continue
+        metrics = run_point(name, overrides)
+        recipe_out = ROOT / "artifacts" / "pareto" / name / "recipe.json"
+        alloc = json.loads(recipe_out.read_text()) if recipe_out.is_file() else {}
+        tag = overrides[0].split("=")[1] if name.startswith("uniform") else None
+        rows[name] = {
+            "bits_per_weight": alloc.get("bits_per_weight") or bits(tag, shapes),
+            "perplexity": metrics["perplexity"],
+            **({"configs": alloc["configs"], "budget": alloc["budget_bytes"]} if alloc else {}),
+        }
+        print(f"{name}: {rows[name]}", flush=True)
+    out = ROOT / "reports" / "pareto" / "pareto.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    rows = {**old.get("points", {}), **rows}
+    out.write_text(json.dumps({"format": FORMAT, "points": rows}, indent=1) + "\n")
+    plot(rows, ROOT / "reports" / "figures" / "pareto.png")
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, marker in (("uniform", "o"), ("auto", "s")):
+        pts = sorted(
+            (r["bits_per_weight"], r["perplexity"], n)
+            for n, r in rows.items()
+            if n.startswith(kind)
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{kind} AWQ")
+            for x, y, n in pts:
+                ax.annotate(
+                    n.split("-", 1)[1],
+                    (x, y),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
+    ax.set_xlabel(f"bits per weight of the decoder linears (pack.format={FORMAT})")
+    ax.set_ylabel("wiki perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("SmolLM2-135M: AWQ, uniform vs. sensitivity-allocated mixed precision")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,297 @@
+"""Gradient statistics of the full-precision model on the calibration tokens.
+
+One forward and backward pass per batch of calibration sequences, with the loss
+
+    L = sum over sequences and positions t of -log p(token[t+1] | tokens[..t])
+
+(next-token NLL, summed, so every token's term has unit weight). The weights never take a
+gradient: only activations do (the embedding output is the one leaf that requires grad), and
+hooks reduce each activation gradient to the statistics below as the backward pass produces it,
+so memory is one batch's activations, as in inference with autograd on.
+
+Per linear ``y = x W^T`` (``g = dL/dy``, means over all ``N`` token positions):
+
+- ``fisher [out, in]`` (decoder-block linears): ``mean_t g[t, i]^2 x[t, j]^2``, the diagonal of
+  the per-token empirical Fisher of the weight, which :mod:`ptqflow.sensitivity` turns into a
+  loss estimate for a quantization error. Stored in bfloat16 (half the bytes of the weights;
+  an estimate needs no more than its 3 significant digits);
+- ``grad_sq [out]``: ``mean_t g[t, i]^2``, the output-gradient second moment;
+- ``act_sq [in]``: ``mean_t x[t, j]^2``, the input second moment;
+- ``grad_abs [groups]``: ``mean |g|`` over the tokens of each token group (MBQ's statistic).
+
+The product ``grad_sq[i] * act_sq[j]`` (a Kronecker-factored Fisher) is not used in its place:
+on SmolLM2 it overestimates layers whose inputs carry massive activations on a few tokens
+(whose gradients are small) by up to 6x.
+
+Per decoder block, of its output hidden state ``h``:
+
+- ``token_grad_abs [n, seq]`` and ``token_grad_sq [n, seq]``: ``mean_c |dL/dh|`` and
+  ``mean_c (dL/dh)^2`` per token (the gradient-weighted scale search reads these);
+- ``grad_abs [groups]``: ``mean |dL/dh|`` over each token group.
+
+Token groups are boolean masks ``[n, seq]`` a model family defines: ``all`` for text; vision
+and language token positions for vision-language models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ptqflow.blockwise import first_output
+from ptqflow.models.adapters import Adapter
+
+
+@dataclass
+class GradientStats:
+    """What :func:`collect` measures (all float32 on the CPU; see the module docstring).
+
+    Attributes:
+        linears: ``{path: {"fisher": [out, in], "grad_sq": [out], "act_sq": [in],
+            "grad_abs": [groups]}}`` (``fisher`` for decoder-block linears only).
+        blocks: ``{block index: {"token_grad_abs": [n, seq], "token_grad_sq": [n, seq],
+            "grad_abs": [groups]}}``.
+        groups: token group names, in the order of every ``grad_abs``.
+        group_tokens: tokens in each group.
+        n_tokens: token positions the means run over.
+        n_loss_tokens: predicted tokens in the loss.
+        loss: mean next-token NLL over the calibration tokens.
+    """
+
+    linears: dict[str, dict[str, torch.Tensor]]
+    blocks: dict[int, dict[str, torch.Tensor]]
+    groups: tuple[str, ...]
+    group_tokens: tuple[int, ...]
+    n_tokens: int
+    n_loss_tokens: int
+    loss: float
+
+
+def text_groups(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token groups of plain text: every position is in ``all``."""
+    return {"all": torch.ones(input_ids.shape, dtype=torch.bool)}
+
+
+class _Accumulator:
+    """Float64 sums on the compute device, filled by the hooks; non-finite gradients seen."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.nonfinite: list[str] = []
+
+    def add(self, key: str, value: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
+        value = value.to(dtype)
+        if key in self.sums:
+            self.sums[key] += value
+        else:
+            self.sums[key] = value.clone()
+
+    def check(self, where: str, t: torch.Tensor) -> bool:
+        if not torch.isfinite(t).all():
+            self.nonfinite.append(where)
+            return False
+        return True
+
+
+def _group_sums(per_token: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``per_token [b, seq]`` summed over each group mask ``[G, b, seq]``: ``[G]``."""
+    return (masks.double() * per_token.double().unsqueeze(0)).flatten(1).sum(1)
+
+
+def collect(
+    model: nn.Module,
+    adapter: Adapter,
+    input_ids: torch.Tensor,
+    groups: Mapping[str, torch.Tensor],
+    device: torch.device,
+    batch_size: int = 1,
+) -> GradientStats:
+    """Run forward and backward over ``input_ids`` and reduce the gradients (module docstring).
+
+    Args:
+        model: a causal LM in eval mode; its weights are not modified and take no gradient.
+        input_ids: ``int64 [n, seq]`` calibration blocks.
+        groups: token group masks ``bool [n, seq]`` by name (e.g. :func:`text_groups`).
+        device: where the model runs (it is moved there).
+        batch_size: sequences per forward/backward pass.
+
+    Raises:
+        FloatingPointError: a NaN/inf loss or gradient; the message names the first block (in
+            backward order) whose output gradient is not finite.
+    """
+    names = list(groups)
+    masks = torch.stack([groups[g].bool() for g in names])  # [G, n, seq]
+    if masks.shape[1:] != input_ids.shape:
+        raise ValueError(
+            f"group masks are {tuple(masks.shape[1:])}, tokens {tuple(input_ids.shape)}"
+        )
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    blocks = adapter.blocks(model)
+    prefix = adapter.block_prefix
+    n, seq = input_ids.shape
+    token_abs = torch.zeros(len(blocks), n, seq, dtype=torch.float32)
+    token_sq = torch.zeros(len(blocks), n, seq, dtype=torch.float32)
+    acc = _Accumulator()
+    batch_masks: list[torch.Tensor] = []  # the current batch's [G, b, seq], set per batch
+
+    def linear_hook(name: str):
+        def forward(module, args, out):
+            x = args[0]
+            acc.add(f"{name}.act_sq", x.detach().float().pow(2).flatten(0, -2).sum(0))
+
+            def backward(g):
+                if acc.check(name, g):
+                    g = g.float()
+                    if name.startswith(prefix + "."):
+                        g2, x2 = g.pow(2).flatten(0, -2), x.detach().float().pow(2).flatten(0, -2)
+                        acc.add(f"{name}.fisher", g2.T @ x2, torch.float32)
+                    acc.add(f"{name}.grad_sq", g.pow(2).flatten(0, -2).sum(0))
+                    acc.add(f"{name}.grad_abs", _group_sums(g.abs().mean(-1), batch_masks[0]))
+
+            if out.requires_grad:
+                out.register_hook(backward)
+
+        return forward
+
+    def block_hook(index: int, rows: list[slice]):
+        def forward(module, args, out):
+            h = first_output(out)
+
+            def backward(g):
+                if acc.check(f"{prefix}.{index}", g):
+                    g = g.float()
+                    token_abs[index, rows[0]] = g.abs().mean(-1).cpu()
+                    token_sq[index, rows[0]] = g.pow(2).mean(-1).cpu()
+                    acc.add(f"block{index}.grad_abs", _group_sums(g.abs().mean(-1), batch_masks[0]))
+
+            if h.requires_grad:
+                h.register_hook(backward)
+
+        return forward
+
+    def embed_hook(module, args, out):
+        return out.detach().requires_grad_(True)
+
+    rows: list[slice] = [slice(0, 0)]
+    handles = [model.get_input_embeddings().register_forward_hook(embed_hook)]
+    handles += [m.register_forward_hook(linear_hook(name)) for name, m in linears.items()]
+    handles += [b.register_forward_hook(block_hook(i, rows)) for i, b in enumerate(blocks)]
+    total_loss = 0.0
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="gradient", unit="batch"):
+            rows[0] = slice(start, min(start + batch_size, n))
+            ids = input_ids[rows[0]].to(device)
+            batch_masks[:] = [masks[:, rows[0]].to(device)]
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the calibration loss is {loss.item()} on sequences {rows[0].start}.."
+                    f"{rows[0].stop - 1}: the forward pass overflows (try model.dtype=float32)"
+                )
+            loss.backward()
+            del logits
+            if acc.nonfinite:
+                where = next(
+                    (
+                        f"{prefix}.{i}"
+                        for i in reversed(range(len(blocks)))
+                        if f"{prefix}.{i}" in acc.nonfinite
+                    ),
+                    acc.nonfinite[0],
+                )
+                raise FloatingPointError(
+                    f"the gradient at the output of {where} is NaN/inf on sequences "
+                    f"{rows[0].start}..{rows[0].stop - 1} (an overflow in the backward pass; "
+                    "try model.dtype=float32)"
+                )
+            total_loss += loss.item()
+    finally:
+        for h in handles:
+            h.remove()
+
+    n_tokens = n * seq
+    group_tokens = masks.flatten(1).sum(1).double()
+    per_group = group_tokens.clamp(min=1).to(device)
+
+    def mean(key: str, count) -> torch.Tensor:
+        return (acc.sums[key] / count).float().cpu()
+
+    lin_stats = {
+        name: {
+            **(
+                {"fisher": mean(f"{name}.fisher", n_tokens)} if f"{name}.fisher" in acc.sums else {}
+            ),
+            "grad_sq": mean(f"{name}.grad_sq", n_tokens),
+            "act_sq": mean(f"{name}.act_sq", n_tokens),
+            "grad_abs": mean(f"{name}.grad_abs", per_group),
+        }
+        for name in linears
+        if f"{name}.grad_sq" in acc.sums
+    }
+    block_stats = {
+        i: {
+            "token_grad_abs": token_abs[i],
+            "token_grad_sq": token_sq[i],
+            "grad_abs": mean(f"block{i}.grad_abs", per_group),
+        }
+        for i in range(len(blocks))
+    }
+    n_loss = n * (seq - 1)
+    return GradientStats(
+        lin_stats,
+        block_stats,
+        tuple(names),
+        tuple(int(c) for c in group_tokens.tolist()),
+        n_tokens,
+        n_loss,
+        total_loss / n_loss,
+    )
+
+
+# ----------------------------------------------------------------------------- saved form
+
+STATS_FILE = "gradient.safetensors"
+
+
+def to_tensors(stats: GradientStats) -> dict[str, torch.Tensor]:
+    """Flat safetensors dict: ``linear/<path>/<stat>`` and ``block/<i>/<stat>``."""
+    out = {}
+    for name, d in stats.linears.items():
+        out.update({f"linear/{name}/{k}": v.contiguous() for k, v in d.items()})
+        if "fisher" in d:
+            out[f"linear/{name}/fisher"] = d["fisher"].to(torch.bfloat16).contiguous()
+    for i, d in stats.blocks.items():
+        out.update({f"block/{i:03d}/{k}": v.contiguous() for k, v in d.items()})
+    return out
+
+
+def from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> GradientStats:
+    """Inverse of :func:`to_tensors` with the scalar facts from the manifest's outputs."""
+    linears: dict[str, dict[str, torch.Tensor]] = {}
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        kind, name, stat = key.split("/")
+        if kind == "linear":
+            linears.setdefault(name, {})[stat] = t
+        else:
+            blocks.setdefault(int(name), {})[stat] = t
+    return GradientStats(
+        linears,
+        dict(sorted(blocks.items())),
+        tuple(meta["groups"]),
+        tuple(meta["group_tokens"]),
+        int(meta["n_tokens"]),
+        int(meta["n_loss_tokens"]),
+        float(meta["loss"]),
+    )

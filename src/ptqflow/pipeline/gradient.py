@@ -1,0 +1,82 @@
+"""Stage gradient: forward and backward passes of the full-precision model over the calibration
+blocks, reduced to the statistics :mod:`ptqflow.gradient` documents.
+
+Reads ``<artifacts>/calib/``; writes ``<artifacts>/gradient/``: ``gradient.safetensors``
+(per linear ``grad_sq``, ``act_sq``, ``grad_abs``; per block the per-token gradient magnitudes
+and ``grad_abs`` per token group) and ``manifest.json`` (token groups and counts, the loss), and
+``<reports>/gradient.json`` (per block and token group, mean |dL/dh|). Peak memory and time go
+to MLflow.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+from safetensors.torch import save_file
+
+from ptqflow.artifacts import atomic_dir, atomic_write_text, to_json, write_manifest
+from ptqflow.calib import load_blocks
+from ptqflow.config import ModelConfig, SensitivityConfig, parse
+from ptqflow.gradient import STATS_FILE, collect, text_groups, to_tensors
+from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
+from ptqflow.pipeline.common import StageRun, output_dirs, read_upstream, stage_params, tracked
+from ptqflow.pipeline.dag import stage_code
+from ptqflow.pipeline.table import BY_NAME
+
+STAGE = BY_NAME["gradient"]
+
+
+def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
+    run = run or StageRun.here()
+    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
+    artifacts, reports = output_dirs(cfg, run)
+    ref = resolve_model(model_cfg.source)
+    device = model_cfg.torch_device()
+    adapter = get_adapter(load_config(ref).model_type)
+    fingerprint = model_fingerprint(ref)
+    calib_dir = artifacts / "calib"
+    calib = read_upstream(calib_dir, "calib-data", {"model": fingerprint}, cfg)
+    inputs = {"model": fingerprint, "calib_tokens": calib["outputs"]["tokens_sha256"]}
+    input_ids = load_blocks(calib_dir)
+
+    with tracked(STAGE, cfg, run, f"gradient-{model_cfg.name}") as log:
+        model = load_model(ref, model_cfg.dtype)
+        t0 = time.perf_counter()
+        stats = collect(model, adapter, input_ids, text_groups(input_ids), device, sens.batch_size)
+        seconds = time.perf_counter() - t0
+        outputs = {
+            "groups": list(stats.groups),
+            "group_tokens": list(stats.group_tokens),
+            "n_tokens": stats.n_tokens,
+            "n_loss_tokens": stats.n_loss_tokens,
+            "loss": stats.loss,
+        }
+        with atomic_dir(artifacts / "gradient") as tmp:
+            save_file(to_tensors(stats), str(tmp / STATS_FILE))
+            write_manifest(
+                tmp,
+                STAGE.name,
+                stage_params(STAGE, cfg),
+                inputs,
+                outputs,
+                stage_code(STAGE, run.root),
+            )
+        summary = {
+            "loss": round(stats.loss, 8),
+            "tokens": stats.n_tokens,
+            "block_grad_abs": {
+                group: [round(float(b["grad_abs"][k]), 10) for b in stats.blocks.values()]
+                for k, group in enumerate(stats.groups)
+            },
+        }
+        atomic_write_text(reports / "gradient.json", to_json(summary))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.log_metrics({"loss": stats.loss, "seconds": seconds, "peak_rss_mb": peak_mb})
+    print(
+        f"gradient: {input_ids.shape[0]} sequences, loss {stats.loss:.4f}, {seconds:.1f}s, "
+        f"peak RSS {peak_mb:.0f} MiB -> {artifacts / 'gradient'}"
+    )
+    return {**outputs, "seconds": seconds, "peak_rss_mb": peak_mb}

@@ -237,11 +237,13 @@ class SensitivityConfig:
     Attributes:
         batch_size: calibration sequences per forward/backward pass (memory: one batch's
             activations).
+        seed: seeds the targets drawn from the model for the Fisher pass.
         candidates: quant config tags estimated for every decoder linear (``skip`` = full
             precision); a tag whose group size does not divide a layer is not offered to it.
     """
 
     batch_size: int = 1
+    seed: int = 0
     candidates: tuple[str, ...] = ("skip", "w8pc", "w4g128", "w4g64", "w3g64", "w3g32", "w2g64")
 
     def __post_init__(self) -> None:

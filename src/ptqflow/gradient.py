@@ -1,29 +1,35 @@
 """Gradient statistics of the full-precision model on the calibration tokens.
 
-One forward and backward pass per batch of calibration sequences, with the loss
+Per batch of calibration sequences, one forward pass and two backward passes:
 
-    L = sum over sequences and positions t of -log p(token[t+1] | tokens[..t])
+- the *data* pass, with the loss ``L = sum_t -log p(token[t+1] | tokens[..t])`` (next-token NLL
+  summed, so every token's term has unit weight);
+- the *model* pass, the same loss with every target drawn from the model's own next-token
+  distribution (seeded): its squared gradients estimate the true Fisher, ``E[g g^T]`` under the
+  model, which is the expected Hessian of the NLL. The empirical Fisher of the data pass
+  overestimates the curvature where the data disagree with the model (on SmolLM2 about 2x on
+  the layer that makes the massive activations).
 
-(next-token NLL, summed, so every token's term has unit weight). The weights never take a
-gradient: only activations do (the embedding output is the one leaf that requires grad), and
-hooks reduce each activation gradient to the statistics below as the backward pass produces it,
-so memory is one batch's activations, as in inference with autograd on.
+The weights never take a gradient: only activations do (the embedding output is the one leaf
+that requires grad), and hooks reduce each activation gradient as the backward pass produces
+it, so memory is one batch's activations, as in inference with autograd on.
 
 Per linear ``y = x W^T`` (``g = dL/dy``, means over all ``N`` token positions):
 
-- ``fisher [out, in]`` (decoder-block linears): ``mean_t g[t, i]^2 x[t, j]^2``, the diagonal of
-  the per-token empirical Fisher of the weight, which :mod:`ptqflow.sensitivity` turns into a
-  loss estimate for a quantization error. Stored in bfloat16 (half the bytes of the weights;
-  an estimate needs no more than its 3 significant digits);
-- ``grad_sq [out]``: ``mean_t g[t, i]^2``, the output-gradient second moment;
+- ``grad_w [out, in]`` (decoder-block linears): ``mean_t g[t, i] x[t, j]``, the weight gradient
+  of the data loss over ``N``;
+- ``fisher [out, in]`` (decoder-block linears): ``mean_t g[t, i]^2 x[t, j]^2`` of the model
+  pass, the diagonal of the per-token Fisher of the weight;
+- ``grad_sq [out]``: ``mean_t g[t, i]^2`` (data pass), the output-gradient second moment;
 - ``act_sq [in]``: ``mean_t x[t, j]^2``, the input second moment;
-- ``grad_abs [groups]``: ``mean |g|`` over the tokens of each token group (MBQ's statistic).
+- ``grad_abs [groups]``: ``mean |g|`` (data pass) over the tokens of each token group (MBQ's
+  statistic).
 
-The product ``grad_sq[i] * act_sq[j]`` (a Kronecker-factored Fisher) is not used in its place:
-on SmolLM2 it overestimates layers whose inputs carry massive activations on a few tokens
-(whose gradients are small) by up to 6x.
+:mod:`ptqflow.sensitivity` turns ``grad_w`` and ``fisher`` into a loss estimate for a
+quantization error. The two are stored in bfloat16 (an estimate needs no more than its 3
+significant digits), so the artifact is the size of the weights in bf16.
 
-Per decoder block, of its output hidden state ``h``:
+Per decoder block, of its output hidden state ``h`` (data pass):
 
 - ``token_grad_abs [n, seq]`` and ``token_grad_sq [n, seq]``: ``mean_c |dL/dh|`` and
   ``mean_c (dL/dh)^2`` per token (the gradient-weighted scale search reads these);
@@ -46,14 +52,17 @@ from tqdm import tqdm
 from ptqflow.blockwise import first_output
 from ptqflow.models.adapters import Adapter
 
+FULL = ("grad_w", "fisher")  # the weight-sized statistics, stored in bfloat16
+
 
 @dataclass
 class GradientStats:
     """What :func:`collect` measures (all float32 on the CPU; see the module docstring).
 
     Attributes:
-        linears: ``{path: {"fisher": [out, in], "grad_sq": [out], "act_sq": [in],
-            "grad_abs": [groups]}}`` (``fisher`` for decoder-block linears only).
+        linears: ``{path: {"grad_w": [out, in], "fisher": [out, in], "grad_sq": [out],
+            "act_sq": [in], "grad_abs": [groups]}}`` (``grad_w``, ``fisher``: decoder-block
+            linears only).
         blocks: ``{block index: {"token_grad_abs": [n, seq], "token_grad_sq": [n, seq],
             "grad_abs": [groups]}}``.
         groups: token group names, in the order of every ``grad_abs``.
@@ -103,6 +112,20 @@ def _group_sums(per_token: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (masks.double() * per_token.double().unsqueeze(0)).flatten(1).sum(1)
 
 
+def _raise_nonfinite(acc: _Accumulator, prefix: str, n_blocks: int, rows: slice) -> None:
+    """Raise if a hook saw a NaN/inf gradient, naming the first block (in backward order)."""
+    if not acc.nonfinite:
+        return
+    where = next(
+        (f"{prefix}.{i}" for i in reversed(range(n_blocks)) if f"{prefix}.{i}" in acc.nonfinite),
+        acc.nonfinite[0],
+    )
+    raise FloatingPointError(
+        f"the gradient at the output of {where} is NaN/inf on sequences {rows.start}.."
+        f"{rows.stop - 1} (an overflow in the backward pass; try model.dtype=float32)"
+    )
+
+
 def collect(
     model: nn.Module,
     adapter: Adapter,
@@ -110,6 +133,7 @@ def collect(
     groups: Mapping[str, torch.Tensor],
     device: torch.device,
     batch_size: int = 1,
+    seed: int = 0,
 ) -> GradientStats:
     """Run forward and backward over ``input_ids`` and reduce the gradients (module docstring).
 
@@ -119,6 +143,8 @@ def collect(
         groups: token group masks ``bool [n, seq]`` by name (e.g. :func:`text_groups`).
         device: where the model runs (it is moved there).
         batch_size: sequences per forward/backward pass.
+        seed: seeds the targets of the model pass (drawn on the CPU, so any device draws the
+            same ones).
 
     Raises:
         FloatingPointError: a NaN/inf loss or gradient; the message names the first block (in
@@ -141,6 +167,8 @@ def collect(
     token_sq = torch.zeros(len(blocks), n, seq, dtype=torch.float32)
     acc = _Accumulator()
     batch_masks: list[torch.Tensor] = []  # the current batch's [G, b, seq], set per batch
+    phase = ["data"]  # which backward pass the hooks see: "data" or "model"
+    sampler = torch.Generator().manual_seed(seed)
 
     def linear_hook(name: str):
         def forward(module, args, out):
@@ -148,13 +176,19 @@ def collect(
             acc.add(f"{name}.act_sq", x.detach().float().pow(2).flatten(0, -2).sum(0))
 
             def backward(g):
-                if acc.check(name, g):
-                    g = g.float()
-                    if name.startswith(prefix + "."):
-                        g2, x2 = g.pow(2).flatten(0, -2), x.detach().float().pow(2).flatten(0, -2)
-                        acc.add(f"{name}.fisher", g2.T @ x2, torch.float32)
-                    acc.add(f"{name}.grad_sq", g.pow(2).flatten(0, -2).sum(0))
-                    acc.add(f"{name}.grad_abs", _group_sums(g.abs().mean(-1), batch_masks[0]))
+                if not acc.check(name, g):
+                    return
+                per_token = g.float().abs().mean(-1)
+                g, xf = g.float().flatten(0, -2), x.detach().float().flatten(0, -2)
+                in_block = name.startswith(prefix + ".")
+                if phase[0] == "model":
+                    if in_block:
+                        acc.add(f"{name}.fisher", g.pow(2).T @ xf.pow(2), torch.float32)
+                    return
+                if in_block:
+                    acc.add(f"{name}.grad_w", g.T @ xf, torch.float32)
+                acc.add(f"{name}.grad_sq", g.pow(2).sum(0))
+                acc.add(f"{name}.grad_abs", _group_sums(per_token, batch_masks[0]))
 
             if out.requires_grad:
                 out.register_hook(backward)
@@ -166,7 +200,7 @@ def collect(
             h = first_output(out)
 
             def backward(g):
-                if acc.check(f"{prefix}.{index}", g):
+                if acc.check(f"{prefix}.{index}", g) and phase[0] == "data":
                     g = g.float()
                     token_abs[index, rows[0]] = g.abs().mean(-1).cpu()
                     token_sq[index, rows[0]] = g.pow(2).mean(-1).cpu()
@@ -199,22 +233,16 @@ def collect(
                     f"the calibration loss is {loss.item()} on sequences {rows[0].start}.."
                     f"{rows[0].stop - 1}: the forward pass overflows (try model.dtype=float32)"
                 )
-            loss.backward()
-            del logits
-            if acc.nonfinite:
-                where = next(
-                    (
-                        f"{prefix}.{i}"
-                        for i in reversed(range(len(blocks)))
-                        if f"{prefix}.{i}" in acc.nonfinite
-                    ),
-                    acc.nonfinite[0],
-                )
-                raise FloatingPointError(
-                    f"the gradient at the output of {where} is NaN/inf on sequences "
-                    f"{rows[0].start}..{rows[0].stop - 1} (an overflow in the backward pass; "
-                    "try model.dtype=float32)"
-                )
+            phase[0] = "data"
+            loss.backward(retain_graph=True)
+            _raise_nonfinite(acc, prefix, len(blocks), rows[0])
+            probs = torch.softmax(logits[:, :-1].detach().float(), -1).flatten(0, 1).cpu()
+            drawn = torch.multinomial(probs, 1, generator=sampler)[:, 0].to(device)
+            phase[0] = "model"
+            sampled = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), drawn, reduction="sum")
+            sampled.backward()
+            del logits, probs
+            _raise_nonfinite(acc, prefix, len(blocks), rows[0])
             total_loss += loss.item()
     finally:
         for h in handles:
@@ -229,9 +257,7 @@ def collect(
 
     lin_stats = {
         name: {
-            **(
-                {"fisher": mean(f"{name}.fisher", n_tokens)} if f"{name}.fisher" in acc.sums else {}
-            ),
+            **{k: mean(f"{name}.{k}", n_tokens) for k in FULL if f"{name}.{k}" in acc.sums},
             "grad_sq": mean(f"{name}.grad_sq", n_tokens),
             "act_sq": mean(f"{name}.act_sq", n_tokens),
             "grad_abs": mean(f"{name}.grad_abs", per_group),
@@ -269,8 +295,9 @@ def to_tensors(stats: GradientStats) -> dict[str, torch.Tensor]:
     out = {}
     for name, d in stats.linears.items():
         out.update({f"linear/{name}/{k}": v.contiguous() for k, v in d.items()})
-        if "fisher" in d:
-            out[f"linear/{name}/fisher"] = d["fisher"].to(torch.bfloat16).contiguous()
+        for k in FULL:
+            if k in d:
+                out[f"linear/{name}/{k}"] = d[k].to(torch.bfloat16).contiguous()
     for i, d in stats.blocks.items():
         out.update({f"block/{i:03d}/{k}": v.contiguous() for k, v in d.items()})
     return out

@@ -1,18 +1,16 @@
 """How much quantizing one linear alone raises the loss: a Fisher estimate per candidate config.
 
 For a linear ``y = x W^T`` quantized to ``W + D`` (``D = Q(W) - W``, round-to-nearest), the
-output moves by ``D x``. To second order, with the empirical Fisher of the per-token loss in
-place of the Hessian, the mean next-token NLL rises by
+mean next-token NLL changes, to second order, by
 
-    dL ~ 1/(2 N_loss) * sum_t (g_t . D x_t)^2
+    dL ~ N / N_loss * ( sum_ij grad_w[i, j] D[i, j] + 1/2 sum_ij fisher[i, j] D[i, j]^2 )
 
-(``g_t = dL/dy_t``; the first-order term is dropped: the model sits near a minimum of its
-training loss). Keeping the diagonal in output and input channels gives
-
-    dL ~ N / (2 N_loss) * sum_ij fisher[i, j] * D[i, j]^2,   fisher[i, j] = mean_t g_ti^2 x_tj^2
-
-with ``fisher`` from :mod:`ptqflow.gradient` and ``N`` the token positions. The estimate is in
-nats per predicted token, so it reads directly as ``log(ppl_q / ppl_fp)``.
+with ``grad_w`` (the weight gradient) and ``fisher`` (the diagonal per-token Fisher, in place of
+the Hessian) from :mod:`ptqflow.gradient`, ``N`` token positions and ``N_loss`` predicted
+tokens. The first-order term is kept: the FP model here need not sit at a minimum of its loss
+(the embedded default is a de-quantized Q4_1 GGUF), and on SmolLM2 it predicts the layers whose
+re-quantization lowers the perplexity. The estimate is in nats per predicted token, so it reads
+directly as ``log(ppl_q / ppl_fp)``, and may be negative.
 ``skip`` (full precision) costs 0. A candidate whose group size does not divide a layer's
 input features is not offered to that layer.
 """
@@ -55,17 +53,24 @@ def fits(spec: QuantSpec | None, in_features: int) -> bool:
 
 @torch.no_grad()
 def fisher_estimate(
-    weight: torch.Tensor, spec: QuantSpec, fisher: torch.Tensor, token_ratio: float
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    grad_w: torch.Tensor,
+    fisher: torch.Tensor,
+    token_ratio: float,
 ) -> float:
-    """The estimated mean-NLL increase from RTN-quantizing ``weight [out, in]`` at ``spec``.
+    """The estimated mean-NLL change from RTN-quantizing ``weight [out, in]`` at ``spec``.
 
     Args:
+        grad_w: ``[out, in]`` token mean of ``g_i x_j`` (any float dtype).
         fisher: ``[out, in]`` token mean of ``g_i^2 x_j^2`` (any float dtype).
         token_ratio: ``N / N_loss`` (token positions per predicted token).
     """
     w = weight.detach().float()
-    d2 = (fake_quantize(w, spec) - w).double().pow(2)
-    return 0.5 * token_ratio * float((fisher.double() * d2).sum())
+    d = (fake_quantize(w, spec) - w).double()
+    first = (grad_w.double() * d).sum()
+    second = 0.5 * (fisher.double() * d.pow(2)).sum()
+    return token_ratio * float(first + second)
 
 
 @dataclass(frozen=True)
@@ -91,14 +96,14 @@ def estimate_table(
     ratio = stats.n_tokens / stats.n_loss_tokens
     rows = []
     for name, w in weights.items():
-        fisher = stats.linears.get(name, {}).get("fisher")
-        if fisher is None:
-            raise KeyError(f"the gradient statistics have no Fisher entry for linear '{name}'")
+        s = stats.linears.get(name, {})
+        if not {"grad_w", "fisher"} <= set(s):
+            raise KeyError(f"the gradient statistics have no weight-sized entries for '{name}'")
         out_f, in_f = w.shape
         for tag, spec in candidates.items():
             if not fits(spec, in_f):
                 continue
-            est = 0.0 if spec is None else fisher_estimate(w, spec, fisher, ratio)
+            est = 0.0 if spec is None else fisher_estimate(w, spec, s["grad_w"], s["fisher"], ratio)
             if not math.isfinite(est):
                 raise FloatingPointError(f"the estimate for '{name}' at {tag} is {est}")
             rows.append(Row(name, layers[name], out_f, in_f, tag, est))
@@ -137,7 +142,8 @@ def from_csv(text: str) -> list[Row]:
 
 def heatmap(rows: Sequence[Row], path) -> None:
     """One panel per quantized candidate: decoder layer (rows) by linear kind (columns),
-    colour = log10 of the estimated NLL increase, on one scale across panels."""
+    colour = the estimated NLL change on one symmetric-log scale across panels (blue: a
+    predicted gain)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,22 +156,21 @@ def heatmap(rows: Sequence[Row], path) -> None:
     grids = {c: np.full((n_layers, len(kinds)), np.nan) for c in configs}
     for r in rows:
         if r.config != SKIP:
-            grids[r.config][r.layer, kinds.index(r.linear.rsplit(".", 1)[-1])] = math.log10(
-                max(r.estimate, 1e-12)
-            )
+            grids[r.config][r.layer, kinds.index(r.linear.rsplit(".", 1)[-1])] = r.estimate
     values = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
-    vmin, vmax = float(values.min()), float(values.max())
+    top = float(np.abs(values).max()) or 1.0
+    norm = matplotlib.colors.SymLogNorm(linthresh=top * 1e-4, vmin=-top, vmax=top)
     fig, axes = plt.subplots(
         1, len(configs), figsize=(1.2 + 1.9 * len(configs), 0.5 + 0.16 * n_layers), squeeze=False
     )
     for ax, c in zip(axes[0], configs, strict=True):
-        im = ax.imshow(grids[c], aspect="auto", cmap="magma", vmin=vmin, vmax=vmax)
+        im = ax.imshow(grids[c], aspect="auto", cmap="RdBu_r", norm=norm)
         ax.set_title(c, fontsize=9)
         ax.set_xticks(range(len(kinds)), kinds, rotation=90, fontsize=7)
         ax.set_yticks(range(0, n_layers, 5))
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("decoder layer")
-    fig.colorbar(im, ax=axes[0].tolist(), label="log10 est. NLL increase (nats/token)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="estimated NLL change (nats/token, symlog)")
     fig.suptitle("Estimated sensitivity: one linear quantized alone (RTN)", fontsize=10)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

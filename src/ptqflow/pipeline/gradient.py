@@ -2,8 +2,9 @@
 blocks, reduced to the statistics :mod:`ptqflow.gradient` documents.
 
 Reads ``<artifacts>/calib/``; writes ``<artifacts>/gradient/``: ``gradient.safetensors``
-(per linear ``grad_sq``, ``act_sq``, ``grad_abs``; per block the per-token gradient magnitudes
-and ``grad_abs`` per token group) and ``manifest.json`` (token groups and counts, the loss), and
+(per decoder linear the weight gradient and diagonal Fisher; per linear ``grad_sq``,
+``act_sq``, ``grad_abs``; per block the per-token gradient magnitudes and ``grad_abs`` per token
+group) and ``manifest.json`` (token groups and counts, the loss), and
 ``<reports>/gradient.json`` (per block and token group, mean |dL/dh|). Peak memory and time go
 to MLflow.
 """
@@ -45,7 +46,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     with tracked(STAGE, cfg, run, f"gradient-{model_cfg.name}") as log:
         model = load_model(ref, model_cfg.dtype)
         t0 = time.perf_counter()
-        stats = collect(model, adapter, input_ids, text_groups(input_ids), device, sens.batch_size)
+        groups = text_groups(input_ids)
+        stats = collect(model, adapter, input_ids, groups, device, sens.batch_size, sens.seed)
         seconds = time.perf_counter() - t0
         outputs = {
             "groups": list(stats.groups),

@@ -63,7 +63,14 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "gradient",
         "stages/gradient.py",
-        params=("model", "calib", "sensitivity.batch_size", "paths.artifacts", "paths.reports"),
+        params=(
+            "model",
+            "calib",
+            "sensitivity.batch_size",
+            "sensitivity.seed",
+            "paths.artifacts",
+            "paths.reports",
+        ),
         deps=("artifacts/calib",),
         outs=("artifacts/gradient",),
         metrics=("reports/gradient.json",),

@@ -49,7 +49,10 @@ def points(shapes) -> dict[str, list[str]]:
         "w3g64": b["w3g64"],
         "w4g64": b["w4g64"],
     }
-    out = {f"uniform-{t}": [f"quant={t}"] for t in UNIFORM}
+    out = {}
+    for t in UNIFORM:
+        spec = QuantSpec.from_tag(t)
+        out[f"uniform-{t}"] = [f"quant.w_bit={spec.w_bit}", f"quant.group_size={spec.group_size}"]
     for name, budget in budgets.items():
         out[f"auto-{name}"] = ["recipe=auto", f"recipe.budget={budget:.6f}", f"pack={FORMAT}"]
     return out
@@ -92,16 +95,19 @@ def main(selected: list[str]) -> None:
         for n, s in linear_shapes(load_config(resolve_model(cfg["model"]["source"]))).items()
         if ".layers." in n
     }
+    todo = points(shapes)
+    unknown = sorted(set(selected) - set(todo))
+    if unknown:
+        raise SystemExit(f"unknown point(s) {unknown}; known: {list(todo)}")
     rows = {}
-    for name, overrides in points(shapes).items():
-        if selected and name not in selected:
-            continue
+    for name in selected or list(todo):  # in the order given
+        overrides = todo[name]
         metrics = run_point(name, overrides)
         recipe_out = ROOT / "artifacts" / "pareto" / name / "recipe.json"
         alloc = json.loads(recipe_out.read_text()) if recipe_out.is_file() else {}
-        tag = overrides[0].split("=")[1] if name.startswith("uniform") else None
+        uniform = name.removeprefix("uniform-") if name.startswith("uniform-") else None
         rows[name] = {
-            "bits_per_weight": alloc.get("bits_per_weight") or bits(tag, shapes),
+            "bits_per_weight": alloc.get("bits_per_weight") or bits(uniform, shapes),
             "perplexity": metrics["perplexity"],
             **({"configs": alloc["configs"], "budget": alloc["budget_bytes"]} if alloc else {}),
         }

@@ -48,8 +48,10 @@ def _dump(recipe: dict, header: str) -> str:
     return "".join(f"# {line}\n" for line in header.splitlines()) + text
 
 
-def _configured(cfg: dict[str, Any], quant) -> tuple[dict, str]:
+def _configured(cfg: dict[str, Any], quant, linears) -> tuple[dict, str]:
+    """The configured recipe, checked against the model, as plain data with a header."""
     recipe = parse_recipe(cfg["recipe"], quant)
+    recipe.resolve(linears)
     configs = {
         name: {"w_bit": s.w_bit, "group_size": s.group_size, "zero_point": s.zero_point}
         for name, s in recipe.configs.items()
@@ -71,8 +73,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
 
     if not is_auto(cfg["recipe"]):
-        recipe, header = _configured(cfg, quant)
-        parse_recipe(cfg["recipe"], quant).resolve(linears)
+        recipe, header = _configured(cfg, quant, linears)
     else:
         auto = parse(AutoRecipeConfig, "recipe", cfg["recipe"])
         sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
@@ -105,7 +106,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             f"Allocated by ptqflow's recipe stage (recipe=auto, budget {auto.budget} bits/weight "
             f"in pack.format={fmt.name}, {pack.dtype}):\n"
             f"{alloc.bits_per_weight:.4f} bits/weight ({alloc.bytes:,} bytes for "
-            f"{alloc.weights:,} weights), estimated NLL increase {alloc.estimated_loss:.4f}.\n"
+            f"{alloc.weights:,} weights), estimated NLL change {alloc.estimated_loss:+.4f} nats/token.\n"
             "Rename it (name: auto means 'allocate') before using it from conf/recipe/."
         )
 

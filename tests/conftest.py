@@ -52,7 +52,8 @@ def build_tokenizer(out_dir: Path):
     return fast
 
 
-def build_tiny_llama(out_dir: Path, vocab_size: int, **overrides) -> None:
+def tiny_llama(vocab_size: int, **overrides):
+    """A 2-layer random Llama (hidden 64), seeded."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,7 +69,11 @@ def build_tiny_llama(out_dir: Path, vocab_size: int, **overrides) -> None:
     )
     cfg.update(overrides)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(out_dir)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def build_tiny_llama(out_dir: Path, vocab_size: int, **overrides) -> None:
+    tiny_llama(vocab_size, **overrides).save_pretrained(out_dir)
 
 
 @pytest.fixture(scope="session")

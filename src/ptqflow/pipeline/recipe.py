@@ -106,7 +106,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             f"Allocated by ptqflow's recipe stage (recipe=auto, budget {auto.budget} bits/weight "
             f"in pack.format={fmt.name}, {pack.dtype}):\n"
             f"{alloc.bits_per_weight:.4f} bits/weight ({alloc.bytes:,} bytes for "
-            f"{alloc.weights:,} weights), estimated NLL change {alloc.estimated_loss:+.4f} nats/token.\n"
+            f"{alloc.weights:,} weights), estimated NLL change "
+            f"{alloc.estimated_loss:+.4f} nats/token.\n"
             "Rename it (name: auto means 'allocate') before using it from conf/recipe/."
         )
 

@@ -109,7 +109,11 @@ def main(selected: list[str]) -> None:
         rows[name] = {
             "bits_per_weight": alloc.get("bits_per_weight") or bits(uniform, shapes),
             "perplexity": metrics["perplexity"],
-            **({"configs": alloc["configs"], "budget": alloc["budget_bytes"]} if alloc else {}),
+            **(
+                {"configs": alloc["configs"], "budget_bytes": alloc["budget_bytes"]}
+                if alloc
+                else {}
+            ),
         }
         print(f"{name}: {rows[name]}", flush=True)
     out = ROOT / "reports" / "pareto" / "pareto.json"

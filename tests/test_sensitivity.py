@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ptqflow.allocate import Option, allocate, allocate_recipe, held_candidates
 from ptqflow.blockwise import first_output
+from ptqflow.config import SensitivityConfig
 from ptqflow.formats import get_format
 from ptqflow.gradient import collect, text_groups
 from ptqflow.models import get_adapter
@@ -27,7 +28,7 @@ from ptqflow.pipeline import (
     sensitivity,
 )
 from ptqflow.quant import QuantSpec, fake_quantize
-from ptqflow.sensitivity import Row, estimate_table, fisher_estimate, parse_candidates
+from ptqflow.sensitivity import Row, estimate_table, fisher_estimate
 
 CPU = torch.device("cpu")
 LLAMA = get_adapter("llama")
@@ -164,7 +165,10 @@ def test_candidates_that_do_not_divide_a_layer_are_not_offered():
         n: {"grad_w": torch.zeros_like(t), "fisher": torch.ones_like(t)} for n, t in w.items()
     }
     rows = estimate_table(
-        w, {"a": 0, "b": 0}, stats_like, parse_candidates(["skip", "w4g64", "w4g32"])
+        w,
+        {"a": 0, "b": 0},
+        stats_like,
+        SensitivityConfig(candidates=["skip", "w4g64", "w4g32"]).specs,
     )
     assert [(r.linear, r.config) for r in rows] == [
         ("a", "skip"),
@@ -175,9 +179,9 @@ def test_candidates_that_do_not_divide_a_layer_are_not_offered():
     ]
     assert rows[0].estimate == 0.0 and all(r.estimate > 0 for r in rows if r.config != "skip")
     with pytest.raises(ValueError, match="listed twice"):
-        parse_candidates(["w4g64", "w4g64"])
+        SensitivityConfig(candidates=["w4g64", "w4g64"])
     with pytest.raises(ValueError, match="not a quant config tag"):
-        parse_candidates(["int4"])
+        SensitivityConfig(candidates=["int4"])
 
 
 # ----------------------------------------------------------------------------- allocation

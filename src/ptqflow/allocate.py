@@ -119,7 +119,8 @@ class Allocation:
 def held_candidates(
     candidates: Sequence[str], fmt: PackFormat, group_size: int, named: bool
 ) -> list[str]:
-    """The candidates ``fmt`` can hold. AWQ GEMM holds one group size: only ``group_size``.
+    """The candidates ``fmt`` can hold; a format of :attr:`~PackFormat.one_group_size` (AWQ
+    GEMM) only at ``group_size``.
 
     Raises:
         ValueError: ``named`` (the user listed them) and one cannot be held; the message gives
@@ -129,12 +130,12 @@ def held_candidates(
     for tag in candidates:
         spec = None if tag == SKIP else QuantSpec.from_tag(tag)
         ok = spec is None or (
-            spec.w_bit in fmt.bits and (fmt.name != "awq" or spec.group_size == group_size)
+            spec.w_bit in fmt.bits and (not fmt.one_group_size or spec.group_size == group_size)
         )
         (held if ok else refused).append(tag)
     if refused and named:
         allowed = held or [SKIP]
-        one_group = ", one group size: quant.group_size" if fmt.name == "awq" else ""
+        one_group = ", one group size: quant.group_size" if fmt.one_group_size else ""
         raise ValueError(
             f"recipe.candidates {refused} cannot be stored by pack.format={fmt.name} "
             f"({fmt.bits_text}{one_group}); of the candidates it holds {allowed}"

@@ -48,12 +48,17 @@ def sha256_tensor(t: torch.Tensor) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
+def hash_file(h: hashlib._Hash, path: str | Path) -> None:
+    """Feed a file's bytes to ``h`` in chunks."""
     with Path(path).open("rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hash of a file's bytes."""
+    h = hashlib.sha256()
+    hash_file(h, path)
     return "sha256:" + h.hexdigest()
 
 

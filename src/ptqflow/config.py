@@ -17,7 +17,7 @@ import torch
 
 from ptqflow.dtypes import torch_dtype
 from ptqflow.quant import QuantSpec
-from ptqflow.recipe import Recipe
+from ptqflow.recipe import SKIP, Recipe
 
 T = TypeVar("T")
 
@@ -249,11 +249,18 @@ class SensitivityConfig:
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
         object.__setattr__(self, "candidates", tuple(self.candidates))
-        for tag in self.candidates:
-            if tag != "skip":
-                QuantSpec.from_tag(tag)
-        if len(set(self.candidates)) != len(self.candidates) or not self.candidates:
-            raise ValueError(f"candidates={list(self.candidates)} must be distinct and non-empty")
+        if not self.candidates:
+            raise ValueError("the candidate list is empty; name at least one config, e.g. w4g64")
+        for i, tag in enumerate(self.candidates):
+            if tag in self.candidates[:i]:
+                raise ValueError(f"candidate {tag!r} is listed twice")
+            if tag != SKIP:
+                QuantSpec.from_tag(tag)  # a bad tag fails here, naming the syntax
+
+    @property
+    def specs(self) -> dict[str, QuantSpec | None]:
+        """``{tag: spec}`` in candidate order; ``skip`` maps to ``None`` (full precision)."""
+        return {t: None if t == SKIP else QuantSpec.from_tag(t) for t in self.candidates}
 
 
 @dataclass(frozen=True)

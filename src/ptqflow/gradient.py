@@ -178,16 +178,16 @@ def collect(
             def backward(g):
                 if not acc.check(name, g):
                     return
-                per_token = g.float().abs().mean(-1)
-                g, xf = g.float().flatten(0, -2), x.detach().float().flatten(0, -2)
+                gf, xf = g.float().flatten(0, -2), x.detach().float().flatten(0, -2)
                 in_block = name.startswith(prefix + ".")
                 if phase[0] == "model":
                     if in_block:
-                        acc.add(f"{name}.fisher", g.pow(2).T @ xf.pow(2), torch.float32)
+                        acc.add(f"{name}.fisher", gf.pow(2).T @ xf.pow(2), torch.float32)
                     return
                 if in_block:
-                    acc.add(f"{name}.grad_w", g.T @ xf, torch.float32)
-                acc.add(f"{name}.grad_sq", g.pow(2).sum(0))
+                    acc.add(f"{name}.grad_w", gf.T @ xf, torch.float32)
+                acc.add(f"{name}.grad_sq", gf.pow(2).sum(0))
+                per_token = g.float().abs().mean(-1)
                 acc.add(f"{name}.grad_abs", _group_sums(per_token, batch_masks[0]))
 
             if out.requires_grad:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,21 +29,8 @@ from ptqflow.gradient import GradientStats
 from ptqflow.quant import QuantSpec, fake_quantize
 from ptqflow.recipe import SKIP
 
-DEFAULT_CANDIDATES = ("skip", "w8pc", "w4g128", "w4g64", "w3g64", "w3g32", "w2g64")
 TABLE_FILE = "sensitivity.csv"
 COLUMNS = ("linear", "layer", "out_features", "in_features", "config", "estimate")
-
-
-def parse_candidates(tags: Iterable[str]) -> dict[str, QuantSpec | None]:
-    """``{tag: spec}`` (``skip`` -> ``None``) for candidate tags; duplicates and bad tags fail."""
-    out: dict[str, QuantSpec | None] = {}
-    for tag in tags:
-        if tag in out:
-            raise ValueError(f"candidate {tag!r} is listed twice")
-        out[tag] = None if tag == SKIP else QuantSpec.from_tag(tag)
-    if not out:
-        raise ValueError("the candidate list is empty; name at least one config, e.g. w4g64")
-    return out
 
 
 def fits(spec: QuantSpec | None, in_features: int) -> bool:

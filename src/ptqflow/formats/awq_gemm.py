@@ -22,15 +22,7 @@ class AwqGemm(PackFormat):
     marker = "qweight"
     out_multiple = 8
     scale_dtypes = ("float16",)
-
-    def check_plan(self, specs: dict[str, QuantSpec]) -> None:
-        groups = {s.group_size for s in specs.values()}
-        if len(groups) > 1 or any(s.per_channel for s in specs.values()):
-            raise ValueError(
-                f"pack.format=awq needs one group size for every quantized layer, got "
-                f"{sorted(groups)} (-1 = per-channel); use one group size or pick "
-                "pack.format=ptqflow (2..8 bits, any mix)"
-            )
+    one_group_size = True
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {

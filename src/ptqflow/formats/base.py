@@ -64,6 +64,7 @@ class PackFormat:
             linear has.
         out_multiple: the output dimension must divide by this (packing runs along it).
         scale_dtypes: storage dtypes it accepts for scales and unquantized tensors.
+        one_group_size: every quantized layer must share one (not per-channel) group size.
     """
 
     name: str
@@ -73,9 +74,19 @@ class PackFormat:
     marker: str
     out_multiple: int = 1
     scale_dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    one_group_size: bool = False
 
     def check_plan(self, specs: dict[str, QuantSpec]) -> None:
-        """Raise on constraints across layers (e.g. one group size for every layer)."""
+        """Raise on constraints across layers (:attr:`one_group_size`)."""
+        if not self.one_group_size:
+            return
+        groups = {s.group_size for s in specs.values()}
+        if len(groups) > 1 or any(s.per_channel for s in specs.values()):
+            raise ValueError(
+                f"pack.format={self.name} needs one group size for every quantized layer, got "
+                f"{sorted(groups)} (-1 = per-channel); use one group size or pick "
+                "pack.format=ptqflow (2..8 bits, any mix)"
+            )
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The tensors this format stores for one linear, keyed by suffix; scales in ``dtype``."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptqflow.artifacts import hash_file
 from ptqflow.dtypes import torch_dtype as dtype_of
 from ptqflow.models.adapters import Adapter, ScaleGroup, get_adapter, supported_model_types
 from ptqflow.sources import PKG_SCHEME, is_offline, resolve_path
@@ -184,7 +185,5 @@ def model_fingerprint(ref: ModelRef) -> str:
     h = hashlib.sha256()
     for path in files:
         h.update(path.name.encode())
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        hash_file(h, path)
     return "sha256:" + h.hexdigest()

@@ -121,6 +121,13 @@ def read_upstream(
     return manifest
 
 
+def calib_tokens(artifacts: Path, fingerprint: str, cfg: Mapping[str, Any]) -> str:
+    """The sha256 of the calibration blocks under ``artifacts``, refused unless they were made
+    for the model ``fingerprint`` and the current ``calib`` params."""
+    manifest = read_upstream(artifacts / "calib", "calib-data", {"model": fingerprint}, cfg)
+    return manifest["outputs"]["tokens_sha256"]
+
+
 def output_dirs(cfg: Mapping[str, Any], run: StageRun) -> tuple[Path, Path]:
     """``paths.artifacts`` and ``paths.reports``, resolved against the project root."""
     paths = parse(PathsConfig, "paths", cfg["paths"])

@@ -22,7 +22,7 @@ from ptqflow.calib import load_blocks
 from ptqflow.config import ModelConfig, SensitivityConfig, parse
 from ptqflow.gradient import STATS_FILE, collect, text_groups, to_tensors
 from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
-from ptqflow.pipeline.common import StageRun, output_dirs, read_upstream, stage_params, tracked
+from ptqflow.pipeline.common import StageRun, calib_tokens, output_dirs, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
 
@@ -38,10 +38,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     device = model_cfg.torch_device()
     adapter = get_adapter(load_config(ref).model_type)
     fingerprint = model_fingerprint(ref)
-    calib_dir = artifacts / "calib"
-    calib = read_upstream(calib_dir, "calib-data", {"model": fingerprint}, cfg)
-    inputs = {"model": fingerprint, "calib_tokens": calib["outputs"]["tokens_sha256"]}
-    input_ids = load_blocks(calib_dir)
+    inputs = {"model": fingerprint, "calib_tokens": calib_tokens(artifacts, fingerprint, cfg)}
+    input_ids = load_blocks(artifacts / "calib")
 
     with tracked(STAGE, cfg, run, f"gradient-{model_cfg.name}") as log:
         model = load_model(ref, model_cfg.dtype)
@@ -58,14 +56,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         }
         with atomic_dir(artifacts / "gradient") as tmp:
             save_file(to_tensors(stats), str(tmp / STATS_FILE))
-            write_manifest(
-                tmp,
-                STAGE.name,
-                stage_params(STAGE, cfg),
-                inputs,
-                outputs,
-                stage_code(STAGE, run.root),
-            )
+            code = stage_code(STAGE, run.root)
+            write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, outputs, code)
         summary = {
             "loss": round(stats.loss, 8),
             "tokens": stats.n_tokens,

@@ -47,6 +47,7 @@ from ptqflow.models import (
 )
 from ptqflow.pipeline.common import (
     StageRun,
+    calib_tokens,
     output_dirs,
     read_upstream,
     select,
@@ -124,9 +125,8 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
 
 def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, str]:
     """The calibration blocks and their hash, refused if made for another model or config."""
-    calib_dir = setup.artifacts / "calib"
-    manifest = read_upstream(calib_dir, "calib-data", {"model": setup.fingerprint}, cfg)
-    return load_blocks(calib_dir), manifest["outputs"]["tokens_sha256"]
+    sha = calib_tokens(setup.artifacts, setup.fingerprint, cfg)
+    return load_blocks(setup.artifacts / "calib"), sha
 
 
 def awq_inputs(

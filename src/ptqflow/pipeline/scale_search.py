@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ptqflow.artifacts import sha256_file
 from ptqflow.awq.scale import block_record, scale_capture, search_block_scales
@@ -59,8 +59,8 @@ def token_weights(
     grad_dir = setup.artifacts / "gradient"
     keep = {k: inputs[k] for k in ("model", "calib_tokens")}
     read_upstream(grad_dir, "gradient", keep, cfg, code_root=run.root)
-    tensors = load_file(str(grad_dir / STATS_FILE))
-    blocks = sorted(k for k in tensors if k.startswith("block/") and k.endswith("/token_grad_sq"))
-    weights = torch.stack([tensors[k] for k in blocks]).double()
+    with safe_open(str(grad_dir / STATS_FILE), framework="pt") as f:  # not the weight-sized rest
+        keys = [k for k in sorted(f.keys()) if k.endswith("/token_grad_sq")]  # noqa: SIM118
+        weights = torch.stack([f.get_tensor(k) for k in keys]).double()
     weights = weights / weights.mean(dim=(1, 2), keepdim=True)
     return weights.float(), sha256_file(grad_dir / STATS_FILE)

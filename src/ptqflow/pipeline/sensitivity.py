@@ -16,10 +16,17 @@ from ptqflow.artifacts import atomic_dir, sha256_file, write_manifest
 from ptqflow.config import ModelConfig, SensitivityConfig, parse
 from ptqflow.gradient import STATS_FILE, from_tensors
 from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
-from ptqflow.pipeline.common import StageRun, output_dirs, read_upstream, stage_params, tracked
+from ptqflow.pipeline.common import (
+    StageRun,
+    calib_tokens,
+    output_dirs,
+    read_upstream,
+    stage_params,
+    tracked,
+)
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
-from ptqflow.sensitivity import TABLE_FILE, estimate_table, heatmap, parse_candidates, to_csv
+from ptqflow.sensitivity import TABLE_FILE, estimate_table, heatmap, to_csv
 
 STAGE = BY_NAME["sensitivity"]
 
@@ -28,13 +35,11 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     model_cfg = parse(ModelConfig, "model", cfg["model"])
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
-    candidates = parse_candidates(sens.candidates)
     artifacts, reports = output_dirs(cfg, run)
     ref = resolve_model(model_cfg.source)
     adapter = get_adapter(load_config(ref).model_type)
     fingerprint = model_fingerprint(ref)
-    calib = read_upstream(artifacts / "calib", "calib-data", {"model": fingerprint}, cfg)
-    inputs = {"model": fingerprint, "calib_tokens": calib["outputs"]["tokens_sha256"]}
+    inputs = {"model": fingerprint, "calib_tokens": calib_tokens(artifacts, fingerprint, cfg)}
     grad_dir = artifacts / "gradient"
     manifest = read_upstream(grad_dir, "gradient", inputs, cfg, code_root=run.root)
     stats = from_tensors(load_file(str(grad_dir / STATS_FILE)), manifest["outputs"])
@@ -44,18 +49,12 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         model = load_model(ref, model_cfg.dtype)
         decoder = [(name, layer) for name, layer, _ in adapter.linears(model) if layer is not None]
         weights = {name: model.get_submodule(name).weight for name, _ in decoder}
-        rows = estimate_table(weights, dict(decoder), stats, candidates)
+        rows = estimate_table(weights, dict(decoder), stats, sens.specs)
         with atomic_dir(artifacts / "sensitivity") as tmp:
             (tmp / TABLE_FILE).write_text(to_csv(rows), encoding="utf-8")
             outputs = {"rows": len(rows), "linears": len(weights)}
-            write_manifest(
-                tmp,
-                STAGE.name,
-                stage_params(STAGE, cfg),
-                inputs,
-                outputs,
-                stage_code(STAGE, run.root),
-            )
+            code = stage_code(STAGE, run.root)
+            write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, outputs, code)
         figure = reports / "figures" / "sensitivity.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
         heatmap(rows, figure)

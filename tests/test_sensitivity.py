@@ -330,6 +330,12 @@ def test_gradient_to_packed_checkpoint_under_a_budget(tiny_cfg, tmp_path):
     assert "recipe" not in gradient_params and "pack" not in gradient_params
 
 
+def made_grad_sha(work):
+    return json.loads((work / "artifacts" / "gradient" / "manifest.json").read_text())["files"][
+        "gradient.safetensors"
+    ]
+
+
 def test_upstream_gradient_for_other_calibration_or_code_is_refused(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     calib_data.run(cfg)
@@ -337,7 +343,7 @@ def test_upstream_gradient_for_other_calibration_or_code_is_refused(tiny_cfg, tm
     weighted = tiny_cfg("search.scale.token_weight=gradient", "search.scale.n_grid=4")
     scale_search.run(weighted)
     made = json.loads((tmp_path / "artifacts" / "scales" / "manifest.json").read_text())
-    assert made["inputs"]["gradient"].startswith("sha256:")
+    assert made["inputs"]["gradient"] == {"gradient.safetensors": made_grad_sha(tmp_path)}
     calib_data.run(tiny_cfg("calib.seed=7"))
     with pytest.raises(ValueError, match="calib_tokens"):
         scale_search.run({**weighted, "calib": tiny_cfg("calib.seed=7")["calib"]})

@@ -114,13 +114,18 @@ def test_multirun_sweep_from_the_command_line(tiny_model_dir, texts, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(p.name for p in (tmp_path / "reports" / "runs").iterdir())
-    assert runs == ["rtn-w3g16.json", "rtn-w3g32.json", "rtn-w4g16.json", "rtn-w4g32.json"]
+    runs = sorted((tmp_path / "reports" / "runs").iterdir())
+    tags = [f"w{b}g{g}" for b in (3, 4) for g in (16, 32)]
+    assert [p.name.rsplit("-", 1)[0] for p in runs] == [f"rtn-{t}" for t in tags]
+    for path, (b, g) in zip(runs, [(b, g) for b in (3, 4) for g in (16, 32)], strict=True):
+        quant = json.loads(path.read_text())["params"]["quant"]
+        assert (quant["w_bit"], quant["group_size"]) == (b, g)
     assert not (tmp_path / "reports" / "eval").exists()
     names = sorted(
         name for name, status in mlflow_runs(tmp_path / "mlflow.db") if status == "FINISHED"
     )
-    assert names == [f"rtn-w{b}g{g}-local" for b in (3, 4) for g in (16, 32)]
+    assert [n.rsplit("-", 1)[0] for n in names] == [f"rtn-{t}-local" for t in tags]
+    assert [n.rsplit("-", 1)[1] for n in names] == [p.stem.rsplit("-", 1)[1] for p in runs]
 
 
 def test_search_benchmark_reports_a_child_that_dies(tiny_cfg):

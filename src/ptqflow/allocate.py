@@ -22,7 +22,7 @@ import torch
 from ptqflow.formats.base import PackFormat
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import SKIP
-from ptqflow.sensitivity import Row
+from ptqflow.sensitivity import Row, fits
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,67 @@ def held_candidates(
     return held
 
 
+def _options(
+    out_f: int,
+    in_f: int,
+    estimates: dict[str, float],
+    candidates: Sequence[str],
+    fmt: PackFormat,
+    dtype: torch.dtype,
+) -> list[Option]:
+    """The options of one ``[out_f, in_f]`` layer: each candidate it has an estimate for that
+    the format can pack at that shape; ``skip`` (or, when nothing fits, only it) at ``dtype``."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    opts = []
+    for tag in candidates:
+        if tag not in estimates:
+            continue
+        if tag == SKIP:
+            opts.append(Option(SKIP, out_f * in_f * elem, 0.0))
+        elif out_f % fmt.out_multiple == 0:
+            size = fmt.stored_bytes(QuantSpec.from_tag(tag), out_f, in_f, dtype)
+            opts.append(Option(tag, size, estimates[tag]))
+    return opts or [Option(SKIP, out_f * in_f * elem, 0.0)]
+
+
+def _check_budget(
+    options: list[list[Option]],
+    weights: int,
+    budget_bits: float,
+    candidates: Sequence[str],
+    fmt: PackFormat,
+) -> None:
+    lo = sum(min(o.bytes for o in opts) for opts in options)
+    hi = sum(max(o.bytes for o in opts) for opts in options)
+    if not lo <= math.floor(budget_bits * weights / 8) <= hi:
+        raise ValueError(
+            f"recipe.budget={budget_bits} bits/weight is outside what the candidates "
+            f"{list(candidates)} reach in pack.format={fmt.name}: "
+            f"{8 * lo / weights:.4f} to {8 * hi / weights:.4f} bits/weight"
+        )
+
+
+def check_budget(
+    shapes: Sequence[tuple[int, int]],
+    candidates: Sequence[str],
+    fmt: PackFormat,
+    dtype: torch.dtype,
+    budget_bits: float,
+) -> None:
+    """Refuse a budget the candidates cannot reach on layers of these ``(out, in)`` shapes,
+    from the shapes alone (before any sensitivity table exists): the check
+    :func:`allocate_recipe` makes.
+
+    Raises:
+        ValueError: giving the achievable range.
+    """
+    options = []
+    for out_f, in_f in shapes:
+        fit = {t: 0.0 for t in candidates if t == SKIP or fits(QuantSpec.from_tag(t), in_f)}
+        options.append(_options(out_f, in_f, fit, candidates, fmt, dtype))
+    _check_budget(options, sum(o * i for o, i in shapes), budget_bits, candidates, fmt)
+
+
 def allocate_recipe(
     rows: Sequence[Row],
     candidates: Sequence[str],
@@ -167,33 +228,20 @@ def allocate_recipe(
     layers: dict[str, list[Row]] = {}
     for r in rows:
         layers.setdefault(r.linear, []).append(r)
-    specs = {t: None if t == SKIP else QuantSpec.from_tag(t) for t in candidates}
-    elem = torch.tensor([], dtype=dtype).element_size()
-    options, weights = [], 0
-    for _name, layer_rows in layers.items():
-        out_f, in_f = layer_rows[0].out_features, layer_rows[0].in_features
-        weights += out_f * in_f
-        opts = []
-        for r in layer_rows:
-            if r.config not in specs:
-                continue
-            if specs[r.config] is None:
-                opts.append(Option(SKIP, out_f * in_f * elem, 0.0))
-            elif out_f % fmt.out_multiple == 0:
-                size = fmt.stored_bytes(specs[r.config], out_f, in_f, dtype)
-                opts.append(Option(r.config, size, r.estimate))
-        if not opts:
-            opts.append(Option(SKIP, out_f * in_f * elem, 0.0))  # nothing else fits this layer
-        options.append(opts)
-    lo = sum(min(o.bytes for o in opts) for opts in options)
-    hi = sum(max(o.bytes for o in opts) for opts in options)
-    budget_bytes = math.floor(budget_bits * weights / 8)
-    if not lo <= budget_bytes <= hi:
-        raise ValueError(
-            f"recipe.budget={budget_bits} bits/weight is outside what the candidates "
-            f"{list(candidates)} reach in pack.format={fmt.name}: "
-            f"{8 * lo / weights:.4f} to {8 * hi / weights:.4f} bits/weight"
+    options = [
+        _options(
+            rs[0].out_features,
+            rs[0].in_features,
+            {r.config: r.estimate for r in rs},
+            candidates,
+            fmt,
+            dtype,
         )
+        for rs in layers.values()
+    ]
+    weights = sum(rs[0].out_features * rs[0].in_features for rs in layers.values())
+    budget_bytes = math.floor(budget_bits * weights / 8)
+    _check_budget(options, weights, budget_bits, candidates, fmt)
     picks = allocate(options, budget_bytes, max_states)
     chosen = [opts[k] for opts, k in zip(options, picks, strict=True)]
     return Allocation(

@@ -3,8 +3,11 @@
 An output directory is built in a temporary sibling and renamed into place only when complete,
 so an interrupted stage never leaves half an output for DVC to cache, and a stage that fails
 leaves the previous output untouched. Each output directory carries ``manifest.json``: the
-stage, the params it used and their hash, the fingerprints of its inputs, package versions and
-a fingerprint of the code that ran.
+stage, the params it used and their hash, the fingerprints of its inputs, the sha256 of every
+file it holds, package versions and a fingerprint of the code that ran. A stage reads an
+upstream output only through :func:`read_manifest`, which refuses it unless every listed file is
+there, none is extra and each matches its hash; downstream manifests record those file hashes
+as their inputs, so provenance follows content, not params.
 
 Manifests hold no timestamps and no git commit: the commit that records an output (with its
 ``dvc.lock``) is always made after the run, so a commit id would make every rerun differ from
@@ -20,7 +23,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,35 @@ def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     hash_file(h, path)
     return "sha256:" + h.hexdigest()
+
+
+def read_safetensors(
+    path: str | Path, stage: str, keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (those whose key ``keep`` accepts, default all) and metadata of a safetensors
+    file written by ``stage``.
+
+    Raises:
+        ValueError: the file is not readable as safetensors (truncated, not safetensors), or a
+            floating-point tensor holds NaN/inf; naming the file, the tensor and the stage to
+            rerun.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    rerun = f"rerun it (`dvc repro {stage}`)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); the '{stage}' output is "
+            f"damaged: {rerun}"
+        ) from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor '{key}' holds NaN or inf values; {rerun}")
+    return tensors, metadata
 
 
 def package_versions() -> dict[str, str]:
@@ -126,6 +158,26 @@ def publish_dir(src: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable(directory: str | Path) -> None:
+    """Create ``directory`` if needed and make sure a file can be written there, so an
+    unwritable output location fails before any work, not after it.
+
+    Raises:
+        PermissionError: naming the directory and the system's reason.
+    """
+    directory = Path(directory)
+    probe = directory / f".write-check-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write to {directory} ({e.strerror or e}); make it writable or point "
+            "paths.artifacts / paths.reports somewhere that is"
+        ) from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file through a temporary sibling and a rename."""
     path = Path(path)
@@ -134,6 +186,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     tmp.chmod(FILE_MODE)
     os.replace(tmp, path)
+
+
+def file_hashes(out_dir: str | Path) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every file under ``out_dir`` but the manifest."""
+    out_dir = Path(out_dir)
+    return {
+        path.relative_to(out_dir).as_posix(): sha256_file(path)
+        for path in sorted(out_dir.rglob("*"))
+        if path.is_file() and path.relative_to(out_dir).as_posix() != MANIFEST
+    }
+
+
+def digest(value: Any) -> Any:
+    """A fingerprint as one line: a ``{file: sha256}`` map by the sha256 of its JSON, anything
+    else as it is."""
+    return params_hash(value) if isinstance(value, Mapping) else value
 
 
 def write_manifest(
@@ -152,6 +220,8 @@ def write_manifest(
         inputs: fingerprints of what it read: model weights, upstream artifacts.
         outputs: facts about what it wrote (counts, tensor hashes).
         code: fingerprint of the sources that ran (:func:`ptqflow.pipeline.dag.stage_code`).
+
+    The manifest also lists the sha256 of every file already in ``out_dir``, so write it last.
     """
     manifest = {
         "stage": stage,
@@ -159,6 +229,7 @@ def write_manifest(
         "params_hash": params_hash(params),
         "inputs": dict(inputs),
         "outputs": dict(outputs or {}),
+        "files": file_hashes(out_dir),
         "packages": package_versions(),
         "code": code,
     }
@@ -167,15 +238,53 @@ def write_manifest(
 
 
 def read_manifest(out_dir: str | Path, stage: str) -> dict:
-    """Read an upstream stage's manifest, with a clear error if it is missing or foreign."""
-    path = Path(out_dir) / MANIFEST
+    """Read an upstream stage's manifest and verify its output by content.
+
+    Raises:
+        FileNotFoundError: the manifest, or a file it lists, is missing.
+        ValueError: the manifest is unreadable or another stage's, a file is there that it does
+            not list, or a file's bytes differ from its recorded sha256. Each names the first
+            offending file and the stage to rerun.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    rerun = f"rerun it (`dvc repro {stage}`)"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: run the '{stage}' stage first (`dvc repro {stage}`)"
         )
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("stage") != stage:
-        raise ValueError(f"{path} was written by stage '{manifest.get('stage')}', not '{stage}'")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable manifest ({e}); {rerun}") from None
+    if not isinstance(manifest, dict) or manifest.get("stage") != stage:
+        found = manifest.get("stage") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path} was written by stage '{found}', not '{stage}'")
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        raise ValueError(f"{path} lists no file hashes (an older ptqflow wrote it); {rerun}")
+    present = {
+        p.relative_to(out_dir).as_posix()
+        for p in out_dir.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    }
+    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
+    if missing:
+        raise FileNotFoundError(
+            f"{out_dir / missing[0]} is missing: the '{stage}' output is incomplete "
+            f"({len(missing)} of the {len(listed)} files its manifest lists are gone); {rerun}"
+        )
+    if extra:
+        raise ValueError(
+            f"{out_dir / extra[0]} is not part of the '{stage}' output its manifest describes "
+            f"({len(extra)} unlisted file(s)); remove it or {rerun}"
+        )
+    for name, expected in sorted(listed.items()):
+        if sha256_file(out_dir / name) != expected:
+            raise ValueError(
+                f"{out_dir / name} does not match the sha256 its manifest records: it changed "
+                f"or was corrupted after the '{stage}' stage wrote it; {rerun}"
+            )
     return manifest
 
 
@@ -186,11 +295,16 @@ def check_inputs(manifest: Mapping[str, Any], expected: Mapping[str, str]) -> No
         ValueError: naming every fingerprint that differs, and how to refresh the artifact.
     """
     have = manifest.get("inputs", {})
-    diffs = [
-        f"{key}: artifact has {have.get(key)!r}, current is {value!r}"
-        for key, value in expected.items()
-        if have.get(key) != value
-    ]
+    diffs = []
+    for key, value in expected.items():
+        old = have.get(key)
+        if old == value:
+            continue
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            changed = [f for f in sorted(set(old) | set(value)) if old.get(f) != value.get(f)]
+            diffs.append(f"{key}: {len(changed)} file(s) differ, first {changed[0]}")
+        else:
+            diffs.append(f"{key}: artifact has {digest(old)!r}, current is {digest(value)!r}")
     if diffs:
         raise ValueError(
             f"upstream '{manifest.get('stage')}' output does not match the current config "

@@ -9,17 +9,19 @@ where it stopped and ends with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ptqflow.artifacts import publish_dir
+from ptqflow.artifacts import publish_dir, to_json
 from ptqflow.models.adapters import Adapter
 from ptqflow.quant import QuantSpec
 
@@ -130,13 +132,15 @@ def _to(v, device):
 class BlockStore:
     """Per-block results of a block-wise pass, saved as they are found.
 
-    Results live in ``.<name>.partial/`` beside the output directory, keyed by a fingerprint of
-    everything that determines them; a killed run restarts from the blocks already there, and a
-    run with another key starts afresh. :meth:`finalize` renames the partial directory into
+    Results live in ``.<name>.partial/`` beside the output directory, with everything that
+    determines them (``key``: params, inputs, code, the device and dtype that ran) written to
+    its ``KEY`` file as JSON; a killed run restarts from the blocks already there, and a run
+    with another key starts afresh. :meth:`finalize` renames the partial directory into
     place, so the output appears whole or not at all, with the same bytes either way.
     """
 
-    def __init__(self, out_dir: str | Path, key: str) -> None:
+    def __init__(self, out_dir: str | Path, key: Mapping[str, Any]) -> None:
+        key = to_json(key)
         self.out_dir = Path(out_dir)
         self.partial = self.out_dir.parent / f".{self.out_dir.name}.partial"
         key_file = self.partial / "KEY"
@@ -167,6 +171,33 @@ class BlockStore:
         (self.partial / "KEY").unlink()
         write_extra(self.partial)
         publish_dir(self.partial, self.out_dir)
+
+
+def block_files(out_dir: str | Path, stage: str) -> list[Path]:
+    """The per-block files of a finished block-wise output, in block order: exactly the
+    ``block_NNN.safetensors`` its ``index.json`` promises.
+
+    Raises:
+        FileNotFoundError: the index or a block file is missing (naming the first).
+        ValueError: a block file the index does not count is there.
+    """
+    out_dir = Path(out_dir)
+    rerun = f"rerun it (`dvc repro {stage}`)"
+    index = out_dir / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} is missing: the '{stage}' output is incomplete; {rerun}")
+    n = int(json.loads(index.read_text(encoding="utf-8"))["blocks"])
+    want = [out_dir / f"block_{i:03d}.safetensors" for i in range(n)]
+    missing = [p for p in want if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{missing[0]} is missing: {index.name} promises {n} blocks and {len(missing)} are "
+            f"gone; {rerun}"
+        )
+    extra = sorted(set(out_dir.glob("block_*.safetensors")) - set(want))
+    if extra:
+        raise ValueError(f"{extra[0]} is not one of the {n} blocks {index.name} lists; {rerun}")
+    return want
 
 
 BlockResult = tuple[dict[str, torch.Tensor], dict[str, str]]

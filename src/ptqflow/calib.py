@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ptqflow.artifacts import read_safetensors, sha256_tensor
 
 TOKENS_FILE = "tokens.safetensors"
 
@@ -69,9 +71,23 @@ def save_blocks(blocks: torch.Tensor, out_dir: str | Path) -> Path:
     return path
 
 
-def load_blocks(out_dir: str | Path) -> torch.Tensor:
-    """Read the token blocks written by :func:`save_blocks`."""
+def load_blocks(out_dir: str | Path, sha256: str | None = None) -> torch.Tensor:
+    """Read the token blocks written by :func:`save_blocks` (int64 ``[n, seqlen]``), refused
+    unless their :func:`~ptqflow.artifacts.sha256_tensor` is ``sha256`` when one is given."""
     path = Path(out_dir) / TOKENS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the calib-data stage first")
-    return load_file(str(path))["input_ids"]
+    tensors, _ = read_safetensors(path, "calib-data")
+    blocks = tensors.get("input_ids")
+    if blocks is None or blocks.dtype != torch.int64 or blocks.dim() != 2 or not blocks.numel():
+        got = None if blocks is None else f"{blocks.dtype} {tuple(blocks.shape)}"
+        raise ValueError(
+            f"{path} holds no int64 [n, seqlen] 'input_ids' (found {got}); rerun the "
+            "calib-data stage (`dvc repro calib-data`)"
+        )
+    if sha256 is not None and sha256_tensor(blocks) != sha256:
+        raise ValueError(
+            f"{path}: the tokens do not match the tokens_sha256 of their manifest; rerun the "
+            "calib-data stage (`dvc repro calib-data`)"
+        )
+    return blocks

@@ -1,13 +1,13 @@
 """Typed, validated configs for the stages.
 
 Stages receive plain mappings (from Hydra or ``params.yaml``) and turn each section into one of
-these dataclasses with :func:`parse`, so a typo or an out-of-range value fails at start-up with a
-message that names the key, before any model is loaded.
+these dataclasses with :func:`parse`, so a typo, a value of the wrong type (``zero_point=no``
+is a string, not false: :mod:`ptqflow.fields`) or an out-of-range value fails at start-up with
+a message that names the key, before any model is loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 from ptqflow.dtypes import torch_dtype
+from ptqflow.fields import check_value, field_types
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import SKIP, Recipe
 
@@ -27,15 +28,18 @@ TOKEN_WEIGHTS = ("none", "gradient")
 
 
 def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
-    """Build dataclass ``cls`` from ``values``; unknown or missing keys name the section."""
+    """Build dataclass ``cls`` from ``values``; unknown or missing keys and values of another
+    type than the field's name the section."""
     values = dict(values or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
+    fields = field_types(cls)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(
             f"unknown key(s) {unknown} in config section '{section}'; known: {sorted(fields)}"
         )
     try:
+        for name, value in values.items():
+            check_value(name, value, fields[name])
         return cls(**values)
     except TypeError as e:
         raise ValueError(f"config section '{section}': {e}") from None

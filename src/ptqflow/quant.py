@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ptqflow.fields import check_value
+
 MIN_BITS, MAX_BITS = 2, 8
 PER_CHANNEL = -1  # the group_size that means one group spanning the whole input row
 
@@ -53,6 +55,7 @@ class QuantSpec:
     zero_point: bool = True
 
     def __post_init__(self) -> None:
+        check_value("zero_point", self.zero_point, bool)
         if not isinstance(self.w_bit, int) or not MIN_BITS <= self.w_bit <= MAX_BITS:
             raise ValueError(
                 f"w_bit={self.w_bit!r} is out of range: weight quantization supports "

@@ -6,19 +6,27 @@ regex (prefix ``re:``), optionally restricted to a range of decoder-layer number
 named quant config or to ``skip``. The first matching rule wins; layers no rule matches get the
 default. Rules are checked eagerly: a rule that matches no layer, a config name that does not
 exist, or a group size that does not divide a layer's input features is an error that names
-the rule and the layer.
+the rule and the layer; a rule whose layers earlier rules all took is a :class:`RecipeWarning`;
+and a recipe that quantizes nothing is refused by the stages that quantize
+(:func:`require_quantized`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ptqflow.fields import check_fields, check_value
 from ptqflow.quant import QuantSpec
 
 SKIP = "skip"
+
+
+class RecipeWarning(UserWarning):
+    """A recipe that runs but surely does not say what its author meant."""
 
 
 def parse_layers(spec: str | int | None) -> range | None:
@@ -59,6 +67,7 @@ class Rule:
     name: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.modules:
             raise ValueError("a recipe rule needs a non-empty 'modules' pattern")
         if self.modules.startswith("re:"):
@@ -114,9 +123,14 @@ class Recipe:
         unknown = sorted(set(d) - {"name", "rules", "default", "configs"})
         if unknown:
             raise ValueError(f"unknown recipe key(s) {unknown}; use name, rules, default, configs")
+        for key in ("name", "default"):
+            check_value(key, d.get(key, ""), str)
         configs = dict(base_configs or {})
         for name, c in (d.get("configs") or {}).items():
-            configs[name] = c if isinstance(c, QuantSpec) else QuantSpec(**dict(c))
+            try:
+                configs[name] = c if isinstance(c, QuantSpec) else QuantSpec(**dict(c))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"config '{name}': {e}") from None
         rules = tuple(Rule(**dict(r)) for r in (d.get("rules") or ()))
         return cls(
             name=d.get("name", "custom"),
@@ -127,10 +141,14 @@ class Recipe:
 
     def spec_for(self, module: str, layer: int | None) -> tuple[QuantSpec | None, str]:
         """The spec for one module (``None`` = keep in full precision) and the deciding rule."""
-        for rule in self.rules:
-            if rule.matches(module, layer):
-                return self._spec(rule.config), rule.label
-        return self._spec(self.default), "default"
+        i = self._deciding(module, layer)
+        if i is None:
+            return self._spec(self.default), "default"
+        return self._spec(self.rules[i].config), self.rules[i].label
+
+    def _deciding(self, module: str, layer: int | None) -> int | None:
+        """The index of the first rule that matches, ``None`` for the default."""
+        return next((i for i, r in enumerate(self.rules) if r.matches(module, layer)), None)
 
     def _spec(self, name: str) -> QuantSpec | None:
         return None if name == SKIP else self.configs[name]
@@ -151,15 +169,17 @@ class Recipe:
             ValueError: a rule matches no layer, or a group size does not divide a layer.
         """
         plan: dict[str, QuantSpec | None] = {}
+        deciding: set[int | None] = set()
         for module, layer, in_features in linears:
             spec, label = self.spec_for(module, layer)
+            deciding.add(self._deciding(module, layer))
             if spec is not None:
                 try:
                     spec.check_divides(in_features, module)
                 except ValueError as e:
                     raise ValueError(f"recipe rule '{label}': {e}") from None
             plan[module] = spec
-        for rule in self.rules:
+        for i, rule in enumerate(self.rules):
             if not any(rule.matches(m, layer) for m, layer, _ in linears):
                 sample = ", ".join(m for m, _, _ in linears[:4])
                 raise ValueError(
@@ -167,4 +187,28 @@ class Recipe:
                     f"layers={rule.layers!r}) matches no linear layer of this model; "
                     f"module paths look like: {sample}, ..."
                 )
+            if i not in deciding:
+                warnings.warn(
+                    f"recipe '{self.name}': rule '{rule.label}' (modules={rule.modules!r}, "
+                    f"layers={rule.layers!r}) decides no layer: earlier rules take every layer "
+                    "it matches (the first matching rule wins); move it up or drop it",
+                    RecipeWarning,
+                    stacklevel=2,
+                )
         return plan
+
+
+def require_quantized(plan: Mapping[str, QuantSpec | None], recipe: str) -> None:
+    """Refuse a plan that quantizes no linear: a quantizing method would report the
+    full-precision model under a quantized name.
+
+    Raises:
+        ValueError: naming the recipe and what to do instead.
+    """
+    if not any(spec is not None for spec in plan.values()):
+        raise ValueError(
+            f"recipe '{recipe}' leaves all {len(plan)} linears of this model in full precision "
+            "(every rule and the default are 'skip'): nothing would be quantized. Give the "
+            "recipe a quant config (e.g. default: quant), or use eval.method=fp for the "
+            "full-precision figure"
+        )

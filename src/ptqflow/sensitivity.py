@@ -114,7 +114,7 @@ def from_csv(text: str) -> list[Row]:
     reader = csv.DictReader(io.StringIO(text))
     if tuple(reader.fieldnames or ()) != COLUMNS:
         raise ValueError(f"a sensitivity table has the columns {COLUMNS}, got {reader.fieldnames}")
-    return [
+    rows = [
         Row(
             d["linear"],
             int(d["layer"]),
@@ -125,6 +125,13 @@ def from_csv(text: str) -> list[Row]:
         )
         for d in reader
     ]
+    for row in rows:
+        if not math.isfinite(row.estimate):
+            raise ValueError(
+                f"the sensitivity table's estimate for {row.linear} at {row.config} is "
+                f"{row.estimate}; rerun the sensitivity stage (`dvc repro sensitivity`)"
+            )
+    return rows
 
 
 def heatmap(rows: Sequence[Row], path) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptqflow.artifacts import read_safetensors
 from ptqflow.awq.apply import clip_weight
-from ptqflow.blockwise import Calls
+from ptqflow.blockwise import Calls, block_files
 from ptqflow.config import ClipSearchConfig
 from ptqflow.quant import QuantSpec, fake_quantize
 
@@ -89,11 +90,36 @@ def search_block_clips(
     }
 
 
-def load_clips(out_dir: str | Path) -> BlockClips:
-    """Every saved clip value of a clip-search output (absolute paths)."""
-    from safetensors.torch import load_file
+def load_clips(
+    out_dir: str | Path,
+    specs: dict[str, QuantSpec | None] | None = None,
+    shapes: dict[str, tuple[int, int]] | None = None,
+) -> BlockClips:
+    """Every saved clip value of a clip-search output (absolute paths): each block its index
+    promises, every value finite and positive and, given the plan's ``specs`` and the model's
+    linear ``shapes``, one per output channel and group of a quantized linear.
 
+    Raises:
+        FileNotFoundError, ValueError: naming the file (and linear) at fault.
+    """
     clips: BlockClips = {}
-    for path in sorted(Path(out_dir).glob("block_*.safetensors")):
-        clips.update(load_file(str(path)))
+    for path in block_files(out_dir, "clip-search"):
+        tensors, _ = read_safetensors(path, "clip-search")
+        for name, v in tensors.items():
+            if specs is not None and shapes is not None:
+                spec = specs.get(name)
+                out_f, in_f = shapes.get(name, (0, 0))
+                want = None if spec is None else (out_f, in_f // spec.group_for(in_f))
+                if tuple(v.shape) != want:
+                    raise ValueError(
+                        f"{path}: clips of '{name}' have shape {tuple(v.shape)}, but the recipe "
+                        f"{'leaves it unquantized' if want is None else f'needs {want}'}; rerun "
+                        "the clip search (`dvc repro clip-search`)"
+                    )
+            if not bool((v > 0).all()):
+                raise ValueError(
+                    f"{path}: clips of '{name}' are not all positive; rerun the clip search "
+                    "(`dvc repro clip-search`)"
+                )
+            clips[name] = v
     return clips

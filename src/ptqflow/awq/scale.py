@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqflow.artifacts import read_safetensors
 from ptqflow.awq.apply import fold_scales
-from ptqflow.blockwise import Calls, first_output
+from ptqflow.blockwise import Calls, block_files, first_output
 from ptqflow.config import ScaleSearchConfig
 from ptqflow.models.adapters import Adapter, ScaleGroup
 from ptqflow.quant import QuantSpec, fake_quantize, group_width
@@ -229,21 +230,33 @@ def block_record(results: list[GroupScale]) -> tuple[dict[str, torch.Tensor], di
     return tensors, {"groups": json.dumps(groups)}
 
 
-def load_scales(out_dir: str | Path) -> list[GroupScale]:
-    """Every saved group of a scale-search output, in search order."""
-    from safetensors import safe_open
+def load_scales(
+    out_dir: str | Path, shapes: dict[str, tuple[int, int]] | None = None
+) -> list[GroupScale]:
+    """Every saved group of a scale-search output, in search order: each block its index
+    promises, every scale finite and positive and, given the model's linear ``shapes``
+    (``{path: (out, in)}``), as long as the input of each linear it scales.
 
+    Raises:
+        FileNotFoundError, ValueError: naming the file (and group) at fault.
+    """
     found = []
-    for path in sorted(Path(out_dir).glob("block_*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for g in json.loads(f.metadata()["groups"]):
-                found.append(
-                    GroupScale(
-                        g["prev"],
-                        tuple(g["linears"]),
-                        f.get_tensor(g["prev"]),
-                        g["alpha"],
-                        g["losses"],
+    for path in block_files(out_dir, "scale-search"):
+        tensors, meta = read_safetensors(path, "scale-search")
+        for g in json.loads(meta["groups"]):
+            s = tensors[g["prev"]]
+            for name in g["linears"] if shapes is not None else ():
+                if name not in shapes or s.shape != (shapes[name][1],):
+                    want = shapes[name][1] if name in shapes else "no such linear"
+                    raise ValueError(
+                        f"{path}: the scales of '{g['prev']}' have shape {tuple(s.shape)} but "
+                        f"'{name}' takes {want} inputs in this model; rerun the scale search "
+                        "(`dvc repro scale-search`)"
                     )
+            if not bool((s > 0).all()):
+                raise ValueError(
+                    f"{path}: the scales of '{g['prev']}' are not all positive; rerun the "
+                    "scale search (`dvc repro scale-search`)"
                 )
+            found.append(GroupScale(g["prev"], tuple(g["linears"]), s, g["alpha"], g["losses"]))
     return found

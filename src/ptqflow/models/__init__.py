@@ -9,7 +9,9 @@ source without loading weights, so bad input fails before any heavy work.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,8 @@ def resolve_model(spec: str) -> ModelRef:
                 f"model directory '{spec}' has no config.json; point model.source at a "
                 "transformers checkpoint directory, a .gguf file or a hub id"
             )
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors_complete(weights)
         return ModelRef(spec, "dir", str(path))
     if path.is_file():
         raise FileNotFoundError(
@@ -99,9 +103,32 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
+def check_safetensors_complete(path: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or promises more bytes than the
+    file holds (a truncated copy or download), naming the file; reads only the header."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size - 8:
+                raise ValueError(f"a header of {n} bytes")
+            header = json.loads(f.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    if size < 8 + n + end:
+        raise ValueError(
+            f"{path} is truncated: its header promises {8 + n + end:,} bytes, the file has "
+            f"{size:,}; copy or download it again"
+        )
+
+
 @contextmanager
 def _hub_errors(ref: ModelRef, what: str):
-    """Turn a failed hub download into one clear message; local errors pass through."""
+    """Turn a failed hub download, or a GGUF file the reader chokes on, into one clear message
+    naming the source; other errors pass through."""
     try:
         yield
     except OSError as e:
@@ -110,6 +137,13 @@ def _hub_errors(ref: ModelRef, what: str):
         raise FileNotFoundError(
             f"could not load {what} for '{ref.spec}' from the hub (no network, or no such "
             f"model?): {e}. Offline, use a local directory or a .gguf file."
+        ) from e
+    except (ValueError, EOFError, struct.error) as e:
+        if ref.kind != "gguf":
+            raise
+        raise ValueError(
+            f"{Path(ref.location) / ref.gguf_file} is not a complete GGUF file (truncated or "
+            f"damaged: the reader failed with '{e}'); copy or download it again"
         ) from e
 
 

@@ -40,8 +40,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     manifest = read_manifest(packed_dir, "real-pack")
     check_inputs(manifest, {"model": fingerprint})
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    tags = {"packed": manifest["params_hash"]}
-    with tracked(STAGE, cfg, run, f"{STAGE.name}-{model_cfg.name}", tags) as run_log:
+    inputs = {"model": fingerprint, "packed": manifest["files"]}
+    with tracked(STAGE, cfg, run, f"{STAGE.name}-{model_cfg.name}", inputs) as run_log:
         packed = load_packed(packed_dir, dtype, device)
         layers = {
             (m.in_features, m.out_features, m.group_size)

@@ -28,15 +28,15 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     ref = resolve_model(model.source)
     check_source(calib.source)
     out_dir = output_dirs(cfg, run)[0] / "calib"
+    inputs = {"model": model_fingerprint(ref)}
 
-    with tracked(STAGE, cfg, run, f"calib-{model.name}") as run_log:
+    with tracked(STAGE, cfg, run, f"calib-{model.name}", inputs) as run_log:
         docs = load_documents(calib.source, calib.text_field, calib.split)
         tokenizer = load_tokenizer(ref)
         blocks, stats = build_blocks(docs, tokenizer, calib.n_samples, calib.seqlen, calib.seed)
         outputs = {**stats.__dict__, "tokens_sha256": sha256_tensor(blocks)}
         with atomic_dir(out_dir) as tmp:
             save_blocks(blocks, tmp)
-            inputs = {"model": model_fingerprint(ref)}
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, outputs, code)
         run_log.log_metrics(stats.__dict__)

@@ -16,6 +16,7 @@ from ptqflow.awq.clip import clip_capture, search_block_clips
 from ptqflow.awq.scale import load_scales
 from ptqflow.blockwise import block_specs
 from ptqflow.config import parse_search
+from ptqflow.models import linear_shapes
 from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import load_calib, quant_setup, run_blockwise
 from ptqflow.pipeline.table import BY_NAME
@@ -30,14 +31,14 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     input_ids, calib_sha = load_calib(setup, cfg)
     scales_dir = setup.artifacts / "scales"
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}
+    scales = []
     if clip_cfg.apply_scales:
-        scales = read_upstream(scales_dir, "scale-search", inputs, cfg)
-        inputs["scales"] = scales["params_hash"]
+        inputs["scales"] = read_upstream(scales_dir, "scale-search", inputs, cfg)["files"]
+        scales = load_scales(scales_dir, linear_shapes(setup.hf_config))
     prefix = setup.adapter.block_prefix
 
     def prepare(model):
-        if clip_cfg.apply_scales:
-            apply_scales(model, load_scales(scales_dir))
+        apply_scales(model, scales)
 
     def capture(i, block):
         return clip_capture(block_specs(setup.plan, f"{prefix}.{i}"), clip_cfg)

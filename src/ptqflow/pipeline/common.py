@@ -11,13 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ptqflow.artifacts import (
     check_inputs,
     check_params,
+    check_writable,
+    digest,
     git_revision,
     params_hash,
     read_manifest,
 )
+from ptqflow.calib import load_blocks
 from ptqflow.config import PathsConfig, TrackingConfig, parse
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
@@ -84,16 +89,18 @@ def tracked(
     cfg: dict[str, Any],
     run: StageRun,
     run_name: str,
-    tags: dict[str, str] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ):
-    """An MLflow run for one stage invocation, tagged with what reproduces it."""
+    """An MLflow run for one stage invocation, tagged with what reproduces it: the stage, git
+    revision, params hash and the fingerprint of each input (``input.<name>``: the model's
+    hash, the calibration tokens' sha256, the digest of each upstream artifact's files)."""
     tracking = parse(TrackingConfig, "tracking", cfg.get("tracking"))
     params = stage_params(stage, cfg)
     tags = {
         "stage": stage.name,
         "git_revision": git_revision(run.root),
         "params_hash": params_hash(params),
-        **(tags or {}),
+        **{f"input.{k}": str(digest(v)) for k, v in (inputs or {}).items()},
     }
     if run.job is not None:
         tags["multirun_job"] = str(run.job)
@@ -128,7 +135,20 @@ def calib_tokens(artifacts: Path, fingerprint: str, cfg: Mapping[str, Any]) -> s
     return manifest["outputs"]["tokens_sha256"]
 
 
+def calib_blocks(
+    artifacts: Path, fingerprint: str, cfg: Mapping[str, Any]
+) -> tuple[torch.Tensor, str]:
+    """The calibration blocks under ``artifacts`` and their sha256, checked as
+    :func:`calib_tokens` does and against the hash the manifest records for them."""
+    sha = calib_tokens(artifacts, fingerprint, cfg)
+    return load_blocks(artifacts / "calib", sha), sha
+
+
 def output_dirs(cfg: Mapping[str, Any], run: StageRun) -> tuple[Path, Path]:
-    """``paths.artifacts`` and ``paths.reports``, resolved against the project root."""
+    """``paths.artifacts`` and ``paths.reports``, resolved against the project root and
+    checked writable (stages call this before any heavy work)."""
     paths = parse(PathsConfig, "paths", cfg["paths"])
-    return run.root / paths.artifacts, run.root / paths.reports
+    dirs = run.root / paths.artifacts, run.root / paths.reports
+    for d in dirs:
+        check_writable(d)
+    return dirs

@@ -18,7 +18,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from ptqflow.pipeline.table import STAGES, Stage
+from ptqflow.pipeline.table import ALL_PARAMS, STAGES, Stage
 
 # Where each package's sources live in a checkout (pyproject.toml's package-dir, which a test
 # holds to this), longest prefix first.
@@ -152,7 +152,9 @@ def render(root: Path) -> str:
                 + list(stage.args)
             ),
             "deps": [stage.script, *code, *stage.deps],
-            "params": list(stage.params),
+            "params": [{"params.yaml": None}]
+            if stage.params == (ALL_PARAMS,)
+            else list(stage.params),
         }
         if stage.outs:
             entry["outs"] = list(stage.outs)

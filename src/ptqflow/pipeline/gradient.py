@@ -18,11 +18,10 @@ from typing import Any
 from safetensors.torch import save_file
 
 from ptqflow.artifacts import atomic_dir, atomic_write_text, to_json, write_manifest
-from ptqflow.calib import load_blocks
 from ptqflow.config import ModelConfig, SensitivityConfig, parse
 from ptqflow.gradient import STATS_FILE, collect, text_groups, to_tensors
 from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
-from ptqflow.pipeline.common import StageRun, calib_tokens, output_dirs, stage_params, tracked
+from ptqflow.pipeline.common import StageRun, calib_blocks, output_dirs, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
 
@@ -38,10 +37,10 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     device = model_cfg.torch_device()
     adapter = get_adapter(load_config(ref).model_type)
     fingerprint = model_fingerprint(ref)
-    inputs = {"model": fingerprint, "calib_tokens": calib_tokens(artifacts, fingerprint, cfg)}
-    input_ids = load_blocks(artifacts / "calib")
+    input_ids, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
+    inputs = {"model": fingerprint, "calib_tokens": calib_sha}
 
-    with tracked(STAGE, cfg, run, f"gradient-{model_cfg.name}") as log:
+    with tracked(STAGE, cfg, run, f"gradient-{model_cfg.name}", inputs) as log:
         model = load_model(ref, model_cfg.dtype)
         t0 = time.perf_counter()
         groups = text_groups(input_ids)

@@ -16,16 +16,13 @@ import yaml
 from ptqflow.artifacts import (
     check_inputs,
     check_params,
-    params_hash,
     read_manifest,
-    sha256_file,
     to_json,
     write_manifest,
 )
 from ptqflow.awq.clip import load_clips
 from ptqflow.awq.scale import GroupScale, load_scales
 from ptqflow.blockwise import BlockResult, BlockStore, Calls, run_resumable
-from ptqflow.calib import load_blocks
 from ptqflow.config import (
     AutoRecipeConfig,
     ModelConfig,
@@ -40,6 +37,7 @@ from ptqflow.models import (
     ModelRef,
     get_adapter,
     linear_layers,
+    linear_shapes,
     load_config,
     load_model,
     model_fingerprint,
@@ -47,7 +45,7 @@ from ptqflow.models import (
 )
 from ptqflow.pipeline.common import (
     StageRun,
-    calib_tokens,
+    calib_blocks,
     output_dirs,
     read_upstream,
     select,
@@ -57,7 +55,7 @@ from ptqflow.pipeline.common import (
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import Stage
 from ptqflow.quant import QuantSpec
-from ptqflow.recipe import Recipe
+from ptqflow.recipe import Recipe, require_quantized
 
 
 @dataclass
@@ -72,7 +70,7 @@ class QuantSetup:
     plan: dict[str, QuantSpec | None]
     fingerprint: str
     hf_config: Any  # the transformers config (reading it from a GGUF takes seconds)
-    recipe_inputs: dict[str, str]  # {"recipe": fingerprint} when the recipe is the artifact
+    recipe_inputs: dict[str, Any]  # {"recipe": file hashes} when the recipe is the artifact
 
 
 RECIPE_FILE = "recipe.yaml"
@@ -87,15 +85,17 @@ def recipe_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return select(cfg, keys)
 
 
-def load_recipe(artifacts: Path, cfg: Mapping[str, Any], fingerprint: str) -> tuple[Recipe, str]:
+def load_recipe(
+    artifacts: Path, cfg: Mapping[str, Any], fingerprint: str
+) -> tuple[Recipe, dict[str, str]]:
     """The recipe the ``recipe`` stage wrote, refused unless made for the current model and
-    params, and its fingerprint."""
+    params, and its fingerprint (the hashes of its files)."""
     out_dir = artifacts / "recipe"
     manifest = read_manifest(out_dir, "recipe")
     check_inputs(manifest, {"model": fingerprint})
     check_params(manifest, recipe_params(cfg))
     text = (out_dir / RECIPE_FILE).read_text(encoding="utf-8")
-    return Recipe.from_dict(yaml.safe_load(text)), sha256_file(out_dir / RECIPE_FILE)
+    return Recipe.from_dict(yaml.safe_load(text)), manifest["files"]
 
 
 def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
@@ -110,14 +110,15 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
     fingerprint = model_fingerprint(ref)
     if is_auto(cfg["recipe"]):
         parse(AutoRecipeConfig, "recipe", cfg["recipe"])
-        recipe, recipe_sha = load_recipe(artifacts, cfg, fingerprint)
-        recipe_inputs = {"recipe": recipe_sha}
+        recipe, recipe_files = load_recipe(artifacts, cfg, fingerprint)
+        recipe_inputs = {"recipe": recipe_files}
     else:
         recipe, recipe_inputs = parse_recipe(cfg["recipe"], quant), {}
     model_cfg.torch_device()
     hf_config = load_config(ref)
     adapter = get_adapter(hf_config.model_type)
     plan = recipe.resolve(linear_layers(hf_config))
+    require_quantized(plan, recipe.name)
     return QuantSetup(
         model_cfg, artifacts, reports, ref, adapter, plan, fingerprint, hf_config, recipe_inputs
     )
@@ -125,15 +126,15 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
 
 def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, str]:
     """The calibration blocks and their hash, refused if made for another model or config."""
-    sha = calib_tokens(setup.artifacts, setup.fingerprint, cfg)
-    return load_blocks(setup.artifacts / "calib"), sha
+    return calib_blocks(setup.artifacts, setup.fingerprint, cfg)
 
 
 def awq_inputs(
     cfg: Mapping[str, Any], setup: QuantSetup, use_scales: bool = True, use_clips: bool = True
-) -> tuple[list[GroupScale], dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[list[GroupScale], dict[str, torch.Tensor], dict[str, Any]]:
     """The cached AWQ scales and clips to apply (either may be switched off for ablations),
-    each refused unless made for the current config, and their fingerprints."""
+    each refused unless made for the current config (the clips: from these very scales), and
+    their fingerprints (the hashes of their files)."""
     _, clip_cfg = parse_search(cfg["search"])
     if use_clips and clip_cfg.apply_scales != use_scales:
         raise ValueError(
@@ -143,19 +144,16 @@ def awq_inputs(
         )
     scales, clips, fingerprints = [], {}, {}
     inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
+    shapes = linear_shapes(setup.hf_config)
     if use_scales:
-        manifest = read_upstream(setup.artifacts / "scales", "scale-search", inputs, cfg)
-        scales, fingerprints["scales"] = (
-            load_scales(setup.artifacts / "scales"),
-            manifest["params_hash"],
-        )
+        scales_dir = setup.artifacts / "scales"
+        fingerprints["scales"] = read_upstream(scales_dir, "scale-search", inputs, cfg)["files"]
+        scales = load_scales(scales_dir, shapes)
     if use_clips:
         clip_inputs = inputs | ({"scales": fingerprints["scales"]} if use_scales else {})
-        manifest = read_upstream(setup.artifacts / "clips", "clip-search", clip_inputs, cfg)
-        clips, fingerprints["clips"] = (
-            load_clips(setup.artifacts / "clips"),
-            manifest["params_hash"],
-        )
+        clips_dir = setup.artifacts / "clips"
+        fingerprints["clips"] = read_upstream(clips_dir, "clip-search", clip_inputs, cfg)["files"]
+        clips = load_clips(clips_dir, setup.plan, shapes)
     return scales, clips, fingerprints
 
 
@@ -177,12 +175,15 @@ def run_blockwise(
     params = stage_params(stage, cfg)
     code = stage_code(stage, run.root)
     out_dir = setup.artifacts / Path(stage.outs[0]).name
-    store = BlockStore(out_dir, params_hash({"params": params, "inputs": inputs, "code": code}))
-    with tracked(stage, cfg, run, f"{stage.name}-{setup.model_cfg.name}") as run_log:
+    device = setup.model_cfg.torch_device()
+    # Blocks found on another device or in another dtype are not resumed from.
+    ran_on = {"device": str(device), "dtype": setup.model_cfg.dtype}
+    key = {"params": params, "inputs": inputs, "code": code, **ran_on}
+    store = BlockStore(out_dir, key)
+    with tracked(stage, cfg, run, f"{stage.name}-{setup.model_cfg.name}", inputs) as run_log:
         model = load_model(setup.ref, setup.model_cfg.dtype)
         if prepare is not None:
             prepare(model)
-        device = setup.model_cfg.torch_device()
         t0 = time.perf_counter()
         seconds = run_resumable(
             model, setup.adapter, input_ids, device, store, capture, search, stage.name
@@ -192,7 +193,7 @@ def run_blockwise(
         def finish(tmp: Path) -> None:
             index = {"format": f"ptqflow-{stage.name}/1", "blocks": len(seconds)}
             (tmp / "index.json").write_text(to_json(index), encoding="utf-8")
-            write_manifest(tmp, stage.name, params, inputs, index, code)
+            write_manifest(tmp, stage.name, params, inputs, {**index, **ran_on}, code)
 
         store.finalize(finish)
         searched = [s for s in seconds if s is not None]

@@ -37,7 +37,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     inputs.update(model=setup.fingerprint, **setup.recipe_inputs)
     out_dir = setup.artifacts / "packed"
     run_name = f"{STAGE.name}-{pack.method}-{pack.format}-{setup.model_cfg.name}"
-    with tracked(STAGE, cfg, run, run_name, {"model_fingerprint": setup.fingerprint}) as log:
+    with tracked(STAGE, cfg, run, run_name, inputs) as log:
         model = load_model(setup.ref, setup.model_cfg.dtype)
         apply_scales(model, scales)
         apply_clips(model, clips)

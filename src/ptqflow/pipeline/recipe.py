@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ptqflow.allocate import allocate_recipe, held_candidates
-from ptqflow.artifacts import atomic_dir, sha256_file, write_manifest
+from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.config import (
     AutoRecipeConfig,
     ModelConfig,
@@ -31,12 +31,14 @@ from ptqflow.config import (
     parse_recipe,
 )
 from ptqflow.formats import get_format
+from ptqflow.formats.base import PackFormat
 from ptqflow.models import linear_layers, load_config, model_fingerprint, resolve_model
 from ptqflow.pack import PackConfig
 from ptqflow.pipeline.common import StageRun, output_dirs, read_upstream, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.quantizing import RECIPE_FILE, recipe_params
 from ptqflow.pipeline.table import BY_NAME
+from ptqflow.recipe import require_quantized
 from ptqflow.sensitivity import TABLE_FILE, from_csv
 
 STAGE = BY_NAME["recipe"]
@@ -51,7 +53,7 @@ def _dump(recipe: dict, header: str) -> str:
 def _configured(cfg: dict[str, Any], quant, linears) -> tuple[dict, str]:
     """The configured recipe, checked against the model, as plain data with a header."""
     recipe = parse_recipe(cfg["recipe"], quant)
-    recipe.resolve(linears)
+    require_quantized(recipe.resolve(linears), recipe.name)
     configs = {
         name: {"w_bit": s.w_bit, "group_size": s.group_size, "zero_point": s.zero_point}
         for name, s in recipe.configs.items()
@@ -59,6 +61,23 @@ def _configured(cfg: dict[str, Any], quant, linears) -> tuple[dict, str]:
     rules = [{k: v for k, v in vars(r).items() if v is not None} for r in recipe.rules]
     plain = {"name": recipe.name, "rules": rules, "default": recipe.default, "configs": configs}
     return plain, f"Recipe '{recipe.name}' from conf/recipe, with its configs spelled out."
+
+
+def auto_candidates(
+    auto: AutoRecipeConfig, sens: SensitivityConfig, fmt: PackFormat, group_size: int
+) -> tuple[str, ...]:
+    """The configs ``recipe=auto`` allocates from: ``recipe.candidates`` (each must be in the
+    sensitivity table) or else every sensitivity candidate, less those ``fmt`` cannot hold
+    (:func:`~ptqflow.allocate.held_candidates`)."""
+    named = auto.candidates is not None
+    wanted = auto.candidates if named else sens.candidates
+    missing = sorted(set(wanted) - set(sens.candidates))
+    if missing:
+        raise ValueError(
+            f"recipe.candidates {missing} are not in the sensitivity table; add them to "
+            f"sensitivity.candidates (now {list(sens.candidates)})"
+        )
+    return tuple(held_candidates(wanted, fmt, group_size, named))
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -79,19 +98,11 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
         pack = parse(PackConfig, "pack", cfg["pack"])
         fmt = get_format(pack.format)
-        named = auto.candidates is not None
-        wanted = auto.candidates if named else sens.candidates
-        missing = sorted(set(wanted) - set(sens.candidates))
-        if missing:
-            raise ValueError(
-                f"recipe.candidates {missing} are not in the sensitivity table; add them to "
-                f"sensitivity.candidates (now {list(sens.candidates)})"
-            )
-        candidates = held_candidates(wanted, fmt, quant.group_size, named)
+        candidates = auto_candidates(auto, sens, fmt, quant.group_size)
         table_dir = artifacts / "sensitivity"
-        read_upstream(table_dir, "sensitivity", inputs, cfg, code_root=run.root)
+        made = read_upstream(table_dir, "sensitivity", inputs, cfg, code_root=run.root)
         rows = from_csv((table_dir / TABLE_FILE).read_text(encoding="utf-8"))
-        inputs["sensitivity"] = sha256_file(table_dir / TABLE_FILE)
+        inputs["sensitivity"] = made["files"]
         alloc = allocate_recipe(rows, candidates, fmt, pack.torch_dtype, auto.budget)
         recipe = alloc.recipe("auto")
         outputs = {
@@ -111,7 +122,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             "Rename it (name: auto means 'allocate') before using it from conf/recipe/."
         )
 
-    with tracked(STAGE, cfg, run, f"recipe-{recipe['name']}-{model_cfg.name}") as log:
+    with tracked(STAGE, cfg, run, f"recipe-{recipe['name']}-{model_cfg.name}", inputs) as log:
         with atomic_dir(artifacts / "recipe") as tmp:
             (tmp / RECIPE_FILE).write_text(_dump(recipe, header), encoding="utf-8")
             # A configured recipe is the config itself, whatever code copies it: recording the

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from ptqflow.artifacts import sha256_file
+from ptqflow.artifacts import read_safetensors
 from ptqflow.awq.scale import block_record, scale_capture, search_block_scales
 from ptqflow.blockwise import block_specs
 from ptqflow.config import parse_search
@@ -25,6 +24,7 @@ from ptqflow.pipeline.quantizing import load_calib, quant_setup, run_blockwise
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["scale-search"]
+TOKEN_KEY = "/token_grad_sq"  # the per-token statistics the token weights come from
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -51,16 +51,16 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
 
 
 def token_weights(
-    setup, cfg: dict[str, Any], inputs: dict[str, str], run: StageRun
-) -> tuple[torch.Tensor, str]:
+    setup, cfg: dict[str, Any], inputs: dict[str, Any], run: StageRun
+) -> tuple[torch.Tensor, dict[str, str]]:
     """Per block ``[n, seq]`` token weights from the gradient artifact (refused unless made
     from the same model, calibration tokens, params and code): ``mean (dL/dh)^2`` at the
     block's output, normalised to mean 1; and the artifact's fingerprint."""
     grad_dir = setup.artifacts / "gradient"
     keep = {k: inputs[k] for k in ("model", "calib_tokens")}
-    read_upstream(grad_dir, "gradient", keep, cfg, code_root=run.root)
-    with safe_open(str(grad_dir / STATS_FILE), framework="pt") as f:  # not the weight-sized rest
-        keys = [k for k in sorted(f.keys()) if k.endswith("/token_grad_sq")]  # noqa: SIM118
-        weights = torch.stack([f.get_tensor(k) for k in keys]).double()
+    files = read_upstream(grad_dir, "gradient", keep, cfg, code_root=run.root)["files"]
+    # Only the per-token tensors, not the weight-sized rest.
+    found, _ = read_safetensors(grad_dir / STATS_FILE, "gradient", lambda k: k.endswith(TOKEN_KEY))
+    weights = torch.stack([found[k] for k in sorted(found)]).double()
     weights = weights / weights.mean(dim=(1, 2), keepdim=True)
-    return weights.float(), sha256_file(grad_dir / STATS_FILE)
+    return weights.float(), files

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from safetensors.torch import load_file
-
-from ptqflow.artifacts import atomic_dir, sha256_file, write_manifest
+from ptqflow.artifacts import atomic_dir, read_safetensors, write_manifest
 from ptqflow.config import ModelConfig, SensitivityConfig, parse
 from ptqflow.gradient import STATS_FILE, from_tensors
 from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
@@ -42,10 +40,12 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     inputs = {"model": fingerprint, "calib_tokens": calib_tokens(artifacts, fingerprint, cfg)}
     grad_dir = artifacts / "gradient"
     manifest = read_upstream(grad_dir, "gradient", inputs, cfg, code_root=run.root)
-    stats = from_tensors(load_file(str(grad_dir / STATS_FILE)), manifest["outputs"])
-    inputs["gradient"] = sha256_file(grad_dir / STATS_FILE)
+    stats = from_tensors(
+        read_safetensors(grad_dir / STATS_FILE, "gradient")[0], manifest["outputs"]
+    )
+    inputs["gradient"] = manifest["files"]
 
-    with tracked(STAGE, cfg, run, f"sensitivity-{model_cfg.name}") as log:
+    with tracked(STAGE, cfg, run, f"sensitivity-{model_cfg.name}", inputs) as log:
         model = load_model(ref, model_cfg.dtype)
         decoder = [(name, layer) for name, layer, _ in adapter.linears(model) if layer is not None]
         weights = {name: model.get_submodule(name).weight for name, _ in decoder}

@@ -9,11 +9,14 @@ cannot drift apart.
 
 This module is not a file dependency of the stages: everything it says about a stage is in that
 stage's entry of ``dvc.yaml``, which DVC already tracks, so adding a stage here reruns nothing.
+
+The ``check`` stage reads every param and every other stage depends on its output, so DVC runs
+it first: a bad config stops there, before DVC deletes any stage's outputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class Stage:
     Attributes:
         name: the DVC stage name.
         script: its Hydra entry point (relative to the project root).
-        params: the config keys it reads (dotted; a section name means the whole section).
+        params: the config keys it reads (dotted; a section name means the whole section;
+            :data:`ALL_PARAMS` means every param).
             ``paths.*`` say where outputs go, not what they are, so manifests leave them out.
         deps: upstream artifact directories it reads.
         outs: directories it writes (DVC-cached).
@@ -42,6 +46,11 @@ class Stage:
     args: tuple[str, ...] = ()
 
 
+ALL_PARAMS = "*"
+CHECKED = "reports/check.json"  # the check stage's output: the model's fingerprint
+
+CHECK = Stage("check", "stages/check.py", params=(ALL_PARAMS,), metrics=(CHECKED,))
+
 EVAL_PROTOCOL = (
     "eval.source",
     "eval.text_field",
@@ -53,7 +62,7 @@ EVAL_PROTOCOL = (
 )
 EVAL = "stages/fake_quant_eval.py"
 
-STAGES: tuple[Stage, ...] = (
+_WORK: tuple[Stage, ...] = (
     Stage(
         "calib-data",
         "stages/calib_data.py",
@@ -159,5 +168,7 @@ STAGES: tuple[Stage, ...] = (
         plots=("reports/figures/bench.png",),
     ),
 )
+
+STAGES: tuple[Stage, ...] = (CHECK, *(replace(s, deps=(CHECKED, *s.deps)) for s in _WORK))
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

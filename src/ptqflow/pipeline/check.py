@@ -1,0 +1,92 @@
+"""Stage check: the whole composed config, checked in seconds before any other stage runs.
+
+DVC deletes a stage's outputs just before it runs that stage. Every other stage depends on this
+one's output, so an experiment with a bad value (``dvc exp run -S quant.w_bit=9``, a
+``zero_point`` that is not a boolean, a recipe that cannot hold the model, an unwritable
+output directory, a truncated model file) stops here, before DVC has removed anything.
+
+It checks what each stage checks before heavy work, for every section at once: every section's
+keys and types, the model source (and its files: a truncated GGUF or safetensors is named), the
+recipe against the model's shapes (``recipe=auto``: its budget against what the candidates can
+reach in ``pack.format``), the packed format against the recipe, both text sources, and the
+output directories. It loads no weights.
+
+Writes ``<reports>/check.json``: the model's fingerprint, the one fact every stage depends on.
+It changes only when the model's weights do, so a config change reruns no stage through it,
+while new weights in place (same path) rerun them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ptqflow.allocate import check_budget
+from ptqflow.artifacts import atomic_write_text, to_json
+from ptqflow.config import (
+    AutoRecipeConfig,
+    BenchConfig,
+    CalibConfig,
+    EvalConfig,
+    ModelConfig,
+    SensitivityConfig,
+    TrackingConfig,
+    is_auto,
+    parse,
+    parse_quant,
+    parse_recipe,
+    parse_search,
+)
+from ptqflow.formats import check_packable, get_format
+from ptqflow.models import (
+    get_adapter,
+    linear_layers,
+    linear_shapes,
+    load_config,
+    model_fingerprint,
+    resolve_model,
+)
+from ptqflow.pack import PackConfig
+from ptqflow.pipeline.common import StageRun, output_dirs
+from ptqflow.pipeline.recipe import auto_candidates
+from ptqflow.recipe import require_quantized
+from ptqflow.text import check_source
+
+CHECK_FILE = "check.json"
+
+
+def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
+    run = run or StageRun.here()
+    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    calib = parse(CalibConfig, "calib", cfg["calib"])
+    quant = parse_quant(cfg["quant"])
+    parse_search(cfg["search"])
+    sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
+    ev = parse(EvalConfig, "eval", cfg["eval"])
+    pack = parse(PackConfig, "pack", cfg["pack"])
+    parse(BenchConfig, "bench", cfg["bench"])
+    parse(TrackingConfig, "tracking", cfg["tracking"])
+    _, reports = output_dirs(cfg, run)
+    check_source(calib.source)
+    check_source(ev.source)
+
+    ref = resolve_model(model_cfg.source)
+    model_cfg.torch_device()
+    hf_config = load_config(ref)
+    get_adapter(hf_config.model_type)
+    shapes = linear_shapes(hf_config)
+    fmt = get_format(pack.format)
+    if is_auto(cfg["recipe"]):
+        auto = parse(AutoRecipeConfig, "recipe", cfg["recipe"])
+        candidates = auto_candidates(auto, sens, fmt, quant.group_size)
+        decoder = [shapes[name] for name, layer, _ in linear_layers(hf_config) if layer is not None]
+        check_budget(decoder, candidates, fmt, pack.torch_dtype, auto.budget)
+    else:
+        recipe = parse_recipe(cfg["recipe"], quant)
+        plan = recipe.resolve(linear_layers(hf_config))
+        require_quantized(plan, recipe.name)
+        check_packable(fmt, plan, shapes)
+
+    result = {"model": model_fingerprint(ref)}
+    atomic_write_text(reports / CHECK_FILE, to_json(result))
+    print(f"check: the config holds for {model_cfg.name} -> {reports / CHECK_FILE}")
+    return result

@@ -66,15 +66,18 @@ def sha256_file(path: str | Path) -> str:
 
 
 def read_safetensors(
-    path: str | Path, stage: str, keep: Callable[[str], bool] | None = None
+    path: str | Path,
+    stage: str,
+    keep: Callable[[str], bool] | None = None,
+    positive: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors (those whose key ``keep`` accepts, default all) and metadata of a safetensors
     file written by ``stage``.
 
     Raises:
         ValueError: the file is not readable as safetensors (truncated, not safetensors), or a
-            floating-point tensor holds NaN/inf; naming the file, the tensor and the stage to
-            rerun.
+            floating-point tensor holds NaN/inf (or, with ``positive``, a value <= 0); naming
+            the file, the tensor and the stage to rerun.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -91,6 +94,8 @@ def read_safetensors(
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{path}: tensor '{key}' holds NaN or inf values; {rerun}")
+        if positive and not bool((t > 0).all()):
+            raise ValueError(f"{path}: tensor '{key}' holds values <= 0; {rerun}")
     return tensors, metadata
 
 

@@ -242,7 +242,7 @@ def load_scales(
     """
     found = []
     for path in block_files(out_dir, "scale-search"):
-        tensors, meta = read_safetensors(path, "scale-search")
+        tensors, meta = read_safetensors(path, "scale-search", positive=True)
         for g in json.loads(meta["groups"]):
             s = tensors[g["prev"]]
             for name in g["linears"] if shapes is not None else ():
@@ -253,10 +253,5 @@ def load_scales(
                         f"'{name}' takes {want} inputs in this model; rerun the scale search "
                         "(`dvc repro scale-search`)"
                     )
-            if not bool((s > 0).all()):
-                raise ValueError(
-                    f"{path}: the scales of '{g['prev']}' are not all positive; rerun the "
-                    "scale search (`dvc repro scale-search`)"
-                )
             found.append(GroupScale(g["prev"], tuple(g["linears"]), s, g["alpha"], g["losses"]))
     return found

@@ -193,14 +193,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def output_files(out_dir: str | Path) -> list[str]:
+    """The relative posix paths of every file under ``out_dir`` but its manifest, sorted."""
+    out_dir = Path(out_dir)
+    rel = (p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    return sorted(r for r in rel if r != MANIFEST)
+
+
 def file_hashes(out_dir: str | Path) -> dict[str, str]:
     """``{relative posix path: sha256}`` of every file under ``out_dir`` but the manifest."""
-    out_dir = Path(out_dir)
-    return {
-        path.relative_to(out_dir).as_posix(): sha256_file(path)
-        for path in sorted(out_dir.rglob("*"))
-        if path.is_file() and path.relative_to(out_dir).as_posix() != MANIFEST
-    }
+    return {rel: sha256_file(Path(out_dir) / rel) for rel in output_files(out_dir)}
 
 
 def digest(value: Any) -> Any:
@@ -268,11 +270,7 @@ def read_manifest(out_dir: str | Path, stage: str) -> dict:
     listed = manifest.get("files")
     if not isinstance(listed, dict):
         raise ValueError(f"{path} lists no file hashes (an older ptqflow wrote it); {rerun}")
-    present = {
-        p.relative_to(out_dir).as_posix()
-        for p in out_dir.rglob("*")
-        if p.is_file() and p.name != MANIFEST
-    }
+    present = set(output_files(out_dir))
     missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
     if missing:
         raise FileNotFoundError(

@@ -141,14 +141,17 @@ class Recipe:
 
     def spec_for(self, module: str, layer: int | None) -> tuple[QuantSpec | None, str]:
         """The spec for one module (``None`` = keep in full precision) and the deciding rule."""
-        i = self._deciding(module, layer)
-        if i is None:
-            return self._spec(self.default), "default"
-        return self._spec(self.rules[i].config), self.rules[i].label
+        return self._decided(self._deciding(module, layer))
 
     def _deciding(self, module: str, layer: int | None) -> int | None:
         """The index of the first rule that matches, ``None`` for the default."""
         return next((i for i, r in enumerate(self.rules) if r.matches(module, layer)), None)
+
+    def _decided(self, i: int | None) -> tuple[QuantSpec | None, str]:
+        """The spec and label of rule ``i`` (``None``: the default)."""
+        if i is None:
+            return self._spec(self.default), "default"
+        return self._spec(self.rules[i].config), self.rules[i].label
 
     def _spec(self, name: str) -> QuantSpec | None:
         return None if name == SKIP else self.configs[name]
@@ -171,8 +174,9 @@ class Recipe:
         plan: dict[str, QuantSpec | None] = {}
         deciding: set[int | None] = set()
         for module, layer, in_features in linears:
-            spec, label = self.spec_for(module, layer)
-            deciding.add(self._deciding(module, layer))
+            i = self._deciding(module, layer)
+            deciding.add(i)
+            spec, label = self._decided(i)
             if spec is not None:
                 try:
                     spec.check_divides(in_features, module)

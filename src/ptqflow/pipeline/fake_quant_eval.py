@@ -130,11 +130,10 @@ def _subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> _Subject:
 
 def output_path(reports: Path, method: str, tag: str | None, job: int | None, key: str) -> Path:
     """Where the figures go: the stage's metrics file, or one file per sweep job, named by
-    the method, the quant tag and ``key`` (the params hash)."""
+    the method, the quant tag and ``key`` (the params hash's first 8 hex digits)."""
     if job is None:
         return reports / "eval" / f"{method}.json"
-    short = key.removeprefix("sha256:")[:8]
-    return reports / "runs" / f"{'-'.join(p for p in (method, tag, short) if p)}.json"
+    return reports / "runs" / f"{'-'.join(p for p in (method, tag, key) if p)}.json"
 
 
 def write_result(out: Path, metrics: dict[str, Any], params: dict[str, Any] | None) -> None:
@@ -161,13 +160,13 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     check_source(ev.source)
     tag, name = subject.tag, subject.model_cfg.name
     params = stage_params(stage, cfg)
-    key = params_hash(params)
+    key = params_hash(params).removeprefix("sha256:")[:8]
     out = output_path(subject.reports, ev.method, tag, run.job, key)
     check_writable(out.parent)
 
     run_name = "-".join(p for p in (ev.method, tag, name) if p)
     if run.job is not None:
-        run_name += f"-{key.removeprefix('sha256:')[:8]}"
+        run_name += f"-{key}"
     with tracked(stage, cfg, run, run_name, subject.inputs) as log:
         tokenizer = load_tokenizer(subject.ref)
         docs = load_documents(ev.source, ev.text_field, ev.split)

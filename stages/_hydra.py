@@ -25,8 +25,10 @@ def stage_main(run):
     @functools.wraps(run)
     def task(cfg) -> None:
         hc = HydraConfig.get()
-        job = hc.job.num if hc.mode == RunMode.MULTIRUN else None
-        run(OmegaConf.to_container(cfg, resolve=True), StageRun(ROOT, job))
+        stage_run = StageRun(ROOT)
+        if hc.mode == RunMode.MULTIRUN:
+            stage_run = StageRun(ROOT, hc.job.num, str(Path(hc.sweep.dir).resolve()))
+        run(OmegaConf.to_container(cfg, resolve=True), stage_run)
 
     app = hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")
     main = app(task)

@@ -106,7 +106,12 @@ def test_dvc_yaml_params_exist_in_params_yaml():
             for part in key.split("."):
                 assert part in node, f"stage {name}: param '{key}' not in params.yaml"
                 node = node[part]
-        outs = {o for st in stages.values() for o in st.get("outs", [])}
+        outs = {
+            o if isinstance(o, str) else next(iter(o))
+            for st in stages.values()
+            for kind in ("outs", "metrics", "plots")
+            for o in st.get(kind, [])
+        }
         for dep in stage["deps"]:
             assert dep in outs or Path(ROOT / dep).exists(), f"stage {name}: dep {dep} missing"
 

@@ -61,6 +61,7 @@ def test_editing_a_module_changes_only_the_fingerprints_of_stages_that_run_it(tm
         "eval-awq",
         "eval-packed",
         "benchmark",
+        *(f"lm-eval-{m}" for m in ("fp", "rtn", "awq", "packed")),
     }
 
 
@@ -72,8 +73,9 @@ def test_table_params_exist_and_paths_match_the_package_layout():
             for part in key.split("."):
                 assert part in node, f"stage {stage.name}: param '{key}' not in params.yaml"
                 node = node[part]
-    outs = {o for s in STAGES for o in (*s.outs, *s.metrics)}
+    outs = {o for s in STAGES for o in (*s.outs, *s.metrics, *s.plots)}
     assert {d for s in STAGES for d in s.deps} <= outs
+    assert all((ROOT / i).exists() for s in STAGES for i in s.inputs)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert pyproject["package-dir"] == dag.PACKAGE_DIRS
     packages = {

@@ -380,7 +380,12 @@ def test_a_new_budget_reruns_the_recipe_and_what_follows_it_but_not_the_gradient
     rerun = {name for name, entry in stages.items() if reads_budget(entry)}
     changed = True
     while changed:  # everything downstream of a rerun stage's outputs reruns too
-        outs = {o for name in rerun for o in stages[name].get("outs", [])}
+        outs = {
+            o if isinstance(o, str) else next(iter(o))
+            for name in rerun
+            for kind in ("outs", "metrics", "plots")
+            for o in stages[name].get(kind, [])
+        }
         more = {n for n, e in stages.items() if set(e.get("deps", [])) & outs} - rerun
         rerun |= more
         changed = bool(more)

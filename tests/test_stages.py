@@ -34,7 +34,7 @@ def test_calib_stage_writes_blocks_and_manifest_deterministically(tiny_cfg, tmp_
     first = {p.name: p.read_bytes() for p in calib_dir.iterdir()}
     calib_data.run(cfg)
     assert {p.name: p.read_bytes() for p in calib_dir.iterdir()} == first
-    assert mlflow_runs(tmp_path / "mlflow.db") == [("calib-local", "FINISHED")] * 2
+    assert mlflow_runs(tmp_path / "mlflow.db") == [("calib-40x32", "FINISHED")] * 2
 
 
 def test_eval_fp_and_rtn(tiny_cfg, tmp_path):
@@ -45,6 +45,7 @@ def test_eval_fp_and_rtn(tiny_cfg, tmp_path):
         assert math.isfinite(m["perplexity"]) and m["tokens"] == 6 * 31
     assert (fp["quant"], w8["quant"], w2["quant"]) == ("fp", "w8pc", "w2g32")
     assert w2["quantized_linears"] == 14 and w2["fp_linears"] == 1
+    assert fp["bits_per_weight"] == 16.0 and 2 < w2["bits_per_weight"] < w8["bits_per_weight"] < 9
     # 8-bit per-channel is nearly lossless; 2-bit is not.
     assert abs(w8["nll"] - fp["nll"]) < abs(w2["nll"] - fp["nll"])
     assert abs(w8["nll"] - fp["nll"]) < 1e-2
@@ -55,10 +56,10 @@ def test_eval_fp_and_rtn(tiny_cfg, tmp_path):
     assert json.loads((tmp_path / "reports" / "eval" / "rtn.json").read_text()) == w2
     runs = mlflow_runs(tmp_path / "mlflow.db")
     assert [name for name, _ in runs] == [
-        "fp-local",
-        "rtn-w8pc-local",
-        "rtn-w2g32-local",
-        "rtn-w2g32-local",
+        "fp",
+        "rtn-w8pc",
+        "rtn-w2g32",
+        "rtn-w2g32",
     ]
 
 
@@ -121,11 +122,26 @@ def test_multirun_sweep_from_the_command_line(tiny_model_dir, texts, tmp_path):
         quant = json.loads(path.read_text())["params"]["quant"]
         assert (quant["w_bit"], quant["group_size"]) == (b, g)
     assert not (tmp_path / "reports" / "eval").exists()
-    names = sorted(
-        name for name, status in mlflow_runs(tmp_path / "mlflow.db") if status == "FINISHED"
+    # one parent run for the sweep, a child per job, named by its config
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["ptqflow"], output_format="list")
+    [parent] = [r for r in found if "ptqflow.session" in r.data.tags]
+    assert parent.info.run_name.startswith("sweep eval-rtn ") and parent.info.status == "FINISHED"
+    children = sorted(
+        (r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: r.info.run_name,
     )
-    assert [n.rsplit("-", 1)[0] for n in names] == [f"rtn-{t}-local" for t in tags]
+    names = [r.info.run_name for r in children]
+    assert [n.rsplit("-", 1)[0] for n in names] == [f"rtn-{t}" for t in tags]
     assert [n.rsplit("-", 1)[1] for n in names] == [p.stem.rsplit("-", 1)[1] for p in runs]
+    for run in children:
+        assert run.info.status == "FINISHED" and "perplexity" in run.data.metrics
+        assert {"quant.w_bit", "quant.group_size"} <= set(run.data.params)
+        assert run.data.tags["torch"] and run.data.tags["device"] == "cpu"
+    # results land beside the database, not in the working directory's mlruns/
+    assert not (tmp_path / "mlruns").exists() and (tmp_path / "mlartifacts").is_dir()
 
 
 def test_search_benchmark_reports_a_child_that_dies(tiny_cfg):

@@ -67,7 +67,7 @@ def no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
 
-    for mod in ("ptqflow.pipeline.quantizing", "ptqflow.pipeline.fake_quant_eval"):
+    for mod in ("ptqflow.pipeline.quantizing", "ptqflow.pipeline.subject"):
         monkeypatch.setattr(f"{mod}.load_model", refuse)
 
 

@@ -126,6 +126,40 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LmEvalConfig:
+    """lm-eval tasks on the evaluated model (:mod:`ptqflow.lmeval`).
+
+    Attributes:
+        tasks: ptqflow's offline tasks (``wiki_ppl``, ``wiki_titles``) and/or standard lm-eval
+            task names (these need the Hugging Face hub).
+        batch_size: a fixed batch size (not lm-eval's ``auto``), so runs are reproducible.
+        max_length: the longest sequence fed to the model (rolling windows are cut to it).
+        wiki_docs: held-out articles scored by ``wiki_ppl``.
+        title_items: items of ``wiki_titles`` (700 keeps the accuracy's stderr under 2 points).
+        seed: draws the ``wiki_titles`` distractors and answer positions.
+        num_fewshot: few-shot examples for standard tasks (``null``: each task's default).
+        limit: score only the first ``limit`` documents of each task (a quick look; ``null``
+            for the full task).
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["wiki_ppl", "wiki_titles"])
+    batch_size: int = 32
+    max_length: int = 512
+    wiki_docs: int = 200
+    title_items: int = 700
+    seed: int = 1234
+    num_fewshot: int | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "max_length", "wiki_docs", "title_items")
+        if not self.tasks:
+            raise ValueError("tasks is empty: name at least one task (e.g. [wiki_ppl])")
+        if self.limit is not None:
+            _positive(self, "limit")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow tracking; relative sqlite paths resolve against the project root."""
 

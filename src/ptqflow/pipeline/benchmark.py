@@ -12,19 +12,21 @@ Without a GPU it times the reference path, records that kernel figures need a GP
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
 from ptqflow.bench import bench_kernels, decode_speed, device_name, module_bytes, plot
-from ptqflow.config import BenchConfig, ModelConfig, parse
+from ptqflow.config import BenchConfig, ModelConfig, parse, parse_quant
 from ptqflow.models import load_model, load_tokenizer, model_fingerprint, resolve_model
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
 from ptqflow.pipeline.common import StageRun, output_dirs, tracked
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["benchmark"]
+log = logging.getLogger(__name__)
 PROMPT = "The history of the city begins in the early"
 
 
@@ -41,7 +43,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     check_inputs(manifest, {"model": fingerprint})
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     inputs = {"model": fingerprint, "packed": manifest["files"]}
-    with tracked(STAGE, cfg, run, f"{STAGE.name}-{model_cfg.name}", inputs) as run_log:
+    tag = f"{parse_quant(manifest['params']['quant']).tag}-{manifest['params']['pack']['format']}"
+    with tracked(STAGE, cfg, run, f"bench-{tag}", inputs, str(device)) as run_log:
         packed = load_packed(packed_dir, dtype, device)
         layers = {
             (m.in_features, m.out_features, m.group_size)
@@ -96,7 +99,9 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
                 "decode_tokens_per_s_packed": quant_decode["tokens_per_s"],
                 "checkpoint_ratio": result["checkpoint"]["ratio"],
                 **{
-                    f"speedup_{r['K']}x{r['N']}_m{r['M']}": r["speedup"]
+                    f"kernel.{r['K']}x{r['N']}.g{r['group_size']}.{r['path']}.m{r['M']}.speedup": r[
+                        "speedup"
+                    ]
                     for r in kernels
                     if "speedup" in r
                 },
@@ -104,9 +109,12 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         )
         run_log.log_artifact(out)
         run_log.log_artifact(figure)
-    print(
-        f"{STAGE.name}: decode {fp_decode['tokens_per_s']:.1f} -> "
-        f"{quant_decode['tokens_per_s']:.1f} tok/s, checkpoint "
-        f"{result['checkpoint']['ratio']:.3f}x of fp16 -> {out}"
+    log.info(
+        "%s: decode %.1f -> %.1f tok/s, checkpoint %.3fx of fp16 -> %s",
+        STAGE.name,
+        fp_decode["tokens_per_s"],
+        quant_decode["tokens_per_s"],
+        result["checkpoint"]["ratio"],
+        out,
     )
     return result

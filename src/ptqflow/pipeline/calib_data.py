@@ -6,6 +6,7 @@ Writes ``<artifacts>/calib/``: ``tokens.safetensors`` (``input_ids`` int64 ``[n,
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ptqflow.artifacts import atomic_dir, sha256_tensor, write_manifest
@@ -18,6 +19,7 @@ from ptqflow.pipeline.table import BY_NAME
 from ptqflow.text import check_source, load_documents
 
 STAGE = BY_NAME["calib-data"]
+log = logging.getLogger(__name__)
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -30,7 +32,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     out_dir = output_dirs(cfg, run)[0] / "calib"
     inputs = {"model": model_fingerprint(ref)}
 
-    with tracked(STAGE, cfg, run, f"calib-{model.name}", inputs) as run_log:
+    with tracked(STAGE, cfg, run, f"calib-{calib.n_samples}x{calib.seqlen}", inputs) as run_log:
         docs = load_documents(calib.source, calib.text_field, calib.split)
         tokenizer = load_tokenizer(ref)
         blocks, stats = build_blocks(docs, tokenizer, calib.n_samples, calib.seqlen, calib.seed)
@@ -40,8 +42,12 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, outputs, code)
         run_log.log_metrics(stats.__dict__)
-    print(
-        f"calib-data: {stats.blocks} blocks of {calib.seqlen} tokens from "
-        f"{stats.documents_kept} documents -> {out_dir}"
+        run_log.log_dataset(f"calib:{calib.source}", calib.source, outputs["tokens_sha256"])
+    log.info(
+        "calib-data: %d blocks of %d tokens from %d documents -> %s",
+        stats.blocks,
+        calib.seqlen,
+        stats.documents_kept,
+        out_dir,
     )
     return outputs

@@ -18,6 +18,7 @@ while new weights in place (same path) rerun them all.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ptqflow.allocate import check_budget
@@ -52,6 +53,8 @@ from ptqflow.recipe import require_quantized
 from ptqflow.text import check_source
 
 CHECK_FILE = "check.json"
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -88,5 +91,5 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
 
     result = {"model": model_fingerprint(ref)}
     atomic_write_text(reports / CHECK_FILE, to_json(result))
-    print(f"check: the config holds for {model_cfg.name} -> {reports / CHECK_FILE}")
+    log.info("check: the config holds for %s -> %s", model_cfg.name, reports / CHECK_FILE)
     return result

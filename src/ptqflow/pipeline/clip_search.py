@@ -9,7 +9,10 @@ reruns the scale search.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import torch
 
 from ptqflow.awq.apply import apply_scales
 from ptqflow.awq.clip import clip_capture, search_block_clips
@@ -46,6 +49,28 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     def search(i, block, calls):
         specs = block_specs(setup.plan, f"{prefix}.{i}")
         clips = search_block_clips(block, calls, specs, clip_cfg)
-        return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {}
+        ratios = {n: clip_ratios(block.get_submodule(n).weight, c) for n, c in clips.items()}
+        return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {"ratios": json.dumps(ratios)}
 
-    return run_blockwise(STAGE, cfg, run, setup, input_ids, inputs, capture, search, prepare)
+    return run_blockwise(
+        STAGE, cfg, run, setup, input_ids, inputs, capture, search, prepare, block_summary
+    )
+
+
+def clip_ratios(weight: torch.Tensor, clip: torch.Tensor) -> list[float]:
+    """How much a clip cuts: its mean ratio to each group's largest weight magnitude, and the
+    fraction of groups it cuts at all."""
+    groups = weight.detach().float().abs().reshape(*clip.shape, -1).amax(-1)
+    ratio = (clip.float() / groups.clamp_min(torch.finfo(torch.float32).tiny)).clamp_max(1.0)
+    return [round(ratio.mean().item(), 6), round((ratio < 1).float().mean().item(), 6)]
+
+
+def block_summary(metadata: dict[str, str]) -> dict[str, float]:
+    """Per linear kind of a block (``v_proj``, ``down_proj``, ...): the clip's mean ratio to
+    the group maximum and the fraction of groups clipped."""
+    out = {}
+    for name, (mean_ratio, clipped) in json.loads(metadata.get("ratios", "{}")).items():
+        kind = name.rsplit(".", 1)[-1]
+        out[f"clip_ratio.{kind}"] = mean_ratio
+        out[f"clipped.{kind}"] = clipped
+    return out

@@ -23,10 +23,10 @@ from ptqflow.artifacts import (
     read_manifest,
 )
 from ptqflow.calib import load_blocks
-from ptqflow.config import PathsConfig, TrackingConfig, parse
+from ptqflow.config import PathsConfig, TrackingConfig, is_auto, parse, parse_quant
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
-from ptqflow.tracking import mlflow_run
+from ptqflow.tracking import dvc_session, mlflow_run, resolve_uri, sweep_session
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,12 @@ class StageRun:
         root: the project root; relative ``paths.*`` resolve against it and the stage's script
             is read from it for the code fingerprint.
         job: the job number inside a Hydra ``--multirun`` sweep, else ``None``.
+        sweep: that sweep's directory (it names the sweep's parent MLflow run).
     """
 
     root: Path
     job: int | None = None
+    sweep: str | None = None
 
     @classmethod
     def here(cls) -> StageRun:
@@ -84,27 +86,56 @@ def stage_params(stage: Stage | str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     return select(cfg, tuple(k for k in stage.params if k.split(".")[0] != "paths"))
 
 
-def tracked(
-    stage: Stage,
-    cfg: dict[str, Any],
-    run: StageRun,
-    run_name: str,
-    inputs: Mapping[str, Any] | None = None,
-):
-    """An MLflow run for one stage invocation, tagged with what reproduces it: the stage, git
-    revision, params hash and the fingerprint of each input (``input.<name>``: the model's
-    hash, the calibration tokens' sha256, the digest of each upstream artifact's files)."""
-    tracking = parse(TrackingConfig, "tracking", cfg.get("tracking"))
-    params = stage_params(stage, cfg)
+def run_tags(stage: Stage, run: StageRun, params: Mapping[str, Any]) -> dict[str, str]:
+    """What reproduces a stage run: the stage (and the DVC stage and experiment running it),
+    git revision, params hash, and the versions of the packages doing the numerics."""
+    import triton
+
     tags = {
         "stage": stage.name,
+        "dvc.stage": os.environ.get("DVC_STAGE", ""),
+        "dvc.exp": os.environ.get("DVC_EXP_NAME", ""),
         "git_revision": git_revision(run.root),
         "params_hash": params_hash(params),
-        **{f"input.{k}": str(digest(v)) for k, v in (inputs or {}).items()},
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "triton": triton.__version__,
     }
     if run.job is not None:
         tags["multirun_job"] = str(run.job)
-    return mlflow_run(tracking.enabled, tracking.uri, tracking.experiment, run_name, params, tags)
+    return {k: v for k, v in tags.items() if v}
+
+
+def tracked(
+    stage: Stage,
+    cfg: Mapping[str, Any],
+    run: StageRun,
+    run_name: str,
+    inputs: Mapping[str, Any] | None = None,
+    device: str | None = None,
+):
+    """An MLflow run for one stage invocation, named ``run_name`` (the stage's config tag),
+    the child of its session's parent run (the ``dvc repro``, ``dvc exp run`` or sweep), tagged
+    with :func:`run_tags`, the fingerprint of each input (``input.<name>``: the model's hash,
+    the calibration tokens' sha256, the digest of each upstream artifact's files) and, where
+    the stage runs a model, the device and dtype it resolved."""
+    tracking = parse(TrackingConfig, "tracking", cfg.get("tracking"))
+    params = stage_params(stage, cfg)
+    tags = run_tags(stage, run, params)
+    tags |= {f"input.{k}": str(digest(v)) for k, v in (inputs or {}).items()}
+    if device is not None:
+        tags |= {"device": device, "dtype": str(cfg["model"]["dtype"])}
+    session = sweep_session(run.sweep, stage.name) if run.sweep else dvc_session()
+    uri = resolve_uri(tracking.uri, run.root)
+    return mlflow_run(tracking.enabled, uri, tracking.experiment, run_name, params, tags, session)
+
+
+def quant_tag(cfg: Mapping[str, Any]) -> str:
+    """The config tag runs are named by: ``w4g64``, ``w3g64-<recipe name>``, ``auto3.8``."""
+    if is_auto(cfg["recipe"]):
+        return f"auto{cfg['recipe']['budget']}"
+    name = cfg["recipe"].get("name", "custom")
+    return parse_quant(cfg["quant"]).tag + ("" if name == "default" else f"-{name}")
 
 
 def read_upstream(

@@ -18,13 +18,16 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from ptqflow.pipeline.table import ALL_PARAMS, STAGES, Stage
+from ptqflow.pipeline.table import ALL_PARAMS, PLOT_SPECS, STAGES, Stage
 
 # Where each package's sources live in a checkout (pyproject.toml's package-dir, which a test
 # holds to this), longest prefix first.
 PACKAGE_DIRS = {"ptqflow.kernels": "kernels", "ptqflow": "src/ptqflow"}
 # Files a module reads at run time, relative to the module's package directory.
-DATA = {"ptqflow.kernels": ("tuning.json",)}
+DATA = {
+    "ptqflow.kernels": ("tuning.json",),
+    "ptqflow.lmeval": ("lm_tasks/wiki_ppl.yaml", "lm_tasks/wiki_titles.yaml"),
+}
 # Not a file dependency: every stage's entry in it is in dvc.yaml (see its docstring).
 NOT_DEPS = frozenset({"ptqflow.pipeline.table"})
 
@@ -110,7 +113,7 @@ def closure(script: Path, root: Path | None = None) -> dict[str, Path]:
                 seen.add(sub)
                 todo.append((*found, sub))
                 for data in DATA.get(sub, ()):
-                    files[f"{PACKAGE_DIRS[sub]}/{data}"] = found[1].parent / data
+                    files[f"{found[0].rpartition('/')[0]}/{data}"] = found[1].parent / data
     return dict(sorted(files.items()))
 
 
@@ -151,7 +154,7 @@ def render(root: Path) -> str:
                 ["PYTHONPATH=src python", stage.script, "--config-dir . --config-name params"]
                 + list(stage.args)
             ),
-            "deps": [stage.script, *code, *stage.deps],
+            "deps": [stage.script, *code, *stage.deps, *stage.inputs],
             "params": [{"params.yaml": None}]
             if stage.params == (ALL_PARAMS,)
             else list(stage.params),
@@ -162,8 +165,11 @@ def render(root: Path) -> str:
             entry["metrics"] = [{m: {"cache": False}} for m in stage.metrics]
         if stage.plots:
             entry["plots"] = [{p: {"cache": False}} for p in stage.plots]
+        if stage.docs:
+            entry["outs"] = [*entry.get("outs", []), *({d: {"cache": False}} for d in stage.docs)]
         stages[stage.name] = entry
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)
+    document = {"stages": stages, "plots": [dict(p) for p in PLOT_SPECS]}
+    return HEADER + yaml.safe_dump(document, sort_keys=False, width=100)
 
 
 if __name__ == "__main__":

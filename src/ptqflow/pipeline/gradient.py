@@ -11,6 +11,7 @@ to MLflow.
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["gradient"]
+log = logging.getLogger(__name__)
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -40,7 +42,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     input_ids, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
     inputs = {"model": fingerprint, "calib_tokens": calib_sha}
 
-    with tracked(STAGE, cfg, run, f"gradient-{model_cfg.name}", inputs) as log:
+    with tracked(STAGE, cfg, run, "gradient", inputs, str(device)) as mlrun:
         model = load_model(ref, model_cfg.dtype)
         t0 = time.perf_counter()
         groups = text_groups(input_ids)
@@ -67,9 +69,13 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         }
         atomic_write_text(reports / "gradient.json", to_json(summary))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        log.log_metrics({"loss": stats.loss, "seconds": seconds, "peak_rss_mb": peak_mb})
-    print(
-        f"gradient: {input_ids.shape[0]} sequences, loss {stats.loss:.4f}, {seconds:.1f}s, "
-        f"peak RSS {peak_mb:.0f} MiB -> {artifacts / 'gradient'}"
+        mlrun.log_metrics({"loss": stats.loss, "seconds": seconds, "peak_rss_mb": peak_mb})
+    log.info(
+        "gradient: %d sequences, loss %.4f, %.1fs, peak RSS %.0f MiB -> %s",
+        input_ids.shape[0],
+        stats.loss,
+        seconds,
+        peak_mb,
+        artifacts / "gradient",
     )
     return {**outputs, "seconds": seconds, "peak_rss_mb": peak_mb}

@@ -4,6 +4,7 @@ current config), and the body of the block-wise searches."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 
 from ptqflow.artifacts import (
     check_inputs,
@@ -22,7 +24,7 @@ from ptqflow.artifacts import (
 )
 from ptqflow.awq.clip import load_clips
 from ptqflow.awq.scale import GroupScale, load_scales
-from ptqflow.blockwise import BlockResult, BlockStore, Calls, run_resumable
+from ptqflow.blockwise import BlockResult, BlockStore, Calls, block_files, run_resumable
 from ptqflow.config import (
     AutoRecipeConfig,
     ModelConfig,
@@ -47,6 +49,7 @@ from ptqflow.pipeline.common import (
     StageRun,
     calib_blocks,
     output_dirs,
+    quant_tag,
     read_upstream,
     select,
     stage_params,
@@ -74,6 +77,7 @@ class QuantSetup:
 
 
 RECIPE_FILE = "recipe.yaml"
+log = logging.getLogger(__name__)
 
 
 def recipe_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,11 +171,13 @@ def run_blockwise(
     capture: Callable[[int, torch.nn.Module], list[str]],
     search: Callable[[int, torch.nn.Module, Calls], BlockResult],
     prepare: Callable[[torch.nn.Module], None] | None = None,
+    summary: Callable[[dict[str, str]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The body both block-wise searches share: load the model (``prepare`` it), stream its
     blocks through ``capture``/``search`` with resume (:func:`ptqflow.blockwise.run_resumable`),
     then write index and manifest and move the results to ``stage.outs[0]``'s directory under
-    ``paths.artifacts``."""
+    ``paths.artifacts``. ``summary`` turns a saved block's metadata into the figures MLflow
+    records for it (one step per block)."""
     params = stage_params(stage, cfg)
     code = stage_code(stage, run.root)
     out_dir = setup.artifacts / Path(stage.outs[0]).name
@@ -180,7 +186,8 @@ def run_blockwise(
     ran_on = {"device": str(device), "dtype": setup.model_cfg.dtype}
     key = {"params": params, "inputs": inputs, "code": code, **ran_on}
     store = BlockStore(out_dir, key)
-    with tracked(stage, cfg, run, f"{stage.name}-{setup.model_cfg.name}", inputs) as run_log:
+    run_name = f"{stage.name.removesuffix('-search')}-{quant_tag(cfg)}"
+    with tracked(stage, cfg, run, run_name, inputs, str(device)) as run_log:
         model = load_model(setup.ref, setup.model_cfg.dtype)
         if prepare is not None:
             prepare(model)
@@ -200,5 +207,9 @@ def run_blockwise(
         run_log.log_metrics(
             {"search_seconds": total, "blocks_searched": len(searched), "blocks": len(seconds)}
         )
-    print(f"{stage.name}: {len(seconds)} blocks ({len(searched)} searched) in {total:.1f}s")
+        for i, path in enumerate(block_files(out_dir, stage.name)):
+            if summary is not None:
+                with safe_open(path, "pt") as f:
+                    run_log.log_metrics(summary(f.metadata() or {}), step=i)
+    log.info("%s: %d blocks (%d searched) in %.1fs", stage.name, len(seconds), len(searched), total)
     return {"seconds_per_block": seconds, "total_seconds": total}

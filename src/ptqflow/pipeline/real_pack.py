@@ -10,6 +10,7 @@ fake-quant model's function. Writes ``<artifacts>/packed/``: ``config.json`` wit
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ptqflow.artifacts import atomic_dir, write_manifest
@@ -18,12 +19,13 @@ from ptqflow.config import parse
 from ptqflow.formats import check_packable, get_format
 from ptqflow.models import linear_shapes, load_model, load_tokenizer
 from ptqflow.pack import PackConfig, save_packed
-from ptqflow.pipeline.common import StageRun, stage_params, tracked
+from ptqflow.pipeline.common import StageRun, quant_tag, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.quantizing import awq_inputs, quant_setup
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["real-pack"]
+log = logging.getLogger(__name__)
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -36,8 +38,9 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         scales, clips, inputs = awq_inputs(cfg, setup)
     inputs.update(model=setup.fingerprint, **setup.recipe_inputs)
     out_dir = setup.artifacts / "packed"
-    run_name = f"{STAGE.name}-{pack.method}-{pack.format}-{setup.model_cfg.name}"
-    with tracked(STAGE, cfg, run, run_name, inputs) as log:
+    run_name = f"pack-{pack.method}-{quant_tag(cfg)}-{pack.format}"
+    device = str(setup.model_cfg.torch_device())
+    with tracked(STAGE, cfg, run, run_name, inputs, device) as mlrun:
         model = load_model(setup.ref, setup.model_cfg.dtype)
         apply_scales(model, scales)
         apply_clips(model, clips)
@@ -45,9 +48,20 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             stats = save_packed(model, load_tokenizer(setup.ref), setup.plan, pack, tmp)
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
-        log.log_metrics({"checkpoint_bytes": stats["bytes"]})
-        log.log_artifact(out_dir / "config.json")
-    print(
-        f"{STAGE.name}: {stats['quantized_linears']} linears, {stats['bytes']:,} bytes -> {out_dir}"
+        mlrun.log_metrics(
+            {
+                k: v
+                for k, v in stats.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
+        for name in ("config.json", "manifest.json"):
+            mlrun.log_artifact(out_dir / name)
+    log.info(
+        "%s: %d linears, %s bytes -> %s",
+        STAGE.name,
+        stats["quantized_linears"],
+        f"{stats['bytes']:,}",
+        out_dir,
     )
     return stats

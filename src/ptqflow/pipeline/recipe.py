@@ -14,6 +14,7 @@ achievable range.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
 
@@ -34,7 +35,7 @@ from ptqflow.formats import get_format
 from ptqflow.formats.base import PackFormat
 from ptqflow.models import linear_layers, load_config, model_fingerprint, resolve_model
 from ptqflow.pack import PackConfig
-from ptqflow.pipeline.common import StageRun, output_dirs, read_upstream, tracked
+from ptqflow.pipeline.common import StageRun, output_dirs, quant_tag, read_upstream, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.quantizing import RECIPE_FILE, recipe_params
 from ptqflow.pipeline.table import BY_NAME
@@ -42,6 +43,7 @@ from ptqflow.recipe import require_quantized
 from ptqflow.sensitivity import TABLE_FILE, from_csv
 
 STAGE = BY_NAME["recipe"]
+log = logging.getLogger(__name__)
 
 
 def _dump(recipe: dict, header: str) -> str:
@@ -122,7 +124,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             "Rename it (name: auto means 'allocate') before using it from conf/recipe/."
         )
 
-    with tracked(STAGE, cfg, run, f"recipe-{recipe['name']}-{model_cfg.name}", inputs) as log:
+    with tracked(STAGE, cfg, run, f"recipe-{quant_tag(cfg)}", inputs) as mlrun:
         with atomic_dir(artifacts / "recipe") as tmp:
             (tmp / RECIPE_FILE).write_text(_dump(recipe, header), encoding="utf-8")
             # A configured recipe is the config itself, whatever code copies it: recording the
@@ -130,7 +132,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             code = stage_code(STAGE, run.root) if is_auto(cfg["recipe"]) else "configured"
             write_manifest(tmp, STAGE.name, recipe_params(cfg), inputs, outputs, code)
         numeric = {k: v for k, v in outputs.items() if isinstance(v, (int, float))}
-        log.log_metrics(numeric)
+        mlrun.log_metrics(numeric)
     summary = f", {outputs['bits_per_weight']:.4f} bits/weight" if outputs else ""
-    print(f"recipe: '{recipe['name']}'{summary} -> {artifacts / 'recipe' / RECIPE_FILE}")
+    log.info("recipe: '%s'%s -> %s", recipe["name"], summary, artifacts / "recipe" / RECIPE_FILE)
     return outputs

@@ -10,6 +10,7 @@ Each block is saved as it is found, so a killed run resumes where it stopped. Wi
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -47,7 +48,22 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg, w)
         return block_record([r.under(f"{prefix}.{i}") for r in results])
 
-    return run_blockwise(STAGE, cfg, run, setup, input_ids, inputs, capture, search)
+    return run_blockwise(
+        STAGE, cfg, run, setup, input_ids, inputs, capture, search, summary=block_summary
+    )
+
+
+def block_summary(metadata: dict[str, str]) -> dict[str, float]:
+    """Per scale group of a block, named by its first linear (``q_proj``, ``gate_proj``, ...):
+    the chosen alpha and the loss it saves against no scaling (alpha 0), as a fraction."""
+    out = {}
+    for group in json.loads(metadata.get("groups", "[]")):
+        kind = group["linears"][0].rsplit(".", 1)[1]
+        out[f"alpha.{kind}"] = group["alpha"]
+        losses = group["losses"]
+        if losses and losses[0] > 0:
+            out[f"loss_saved.{kind}"] = 1 - min(losses) / losses[0]
+    return out
 
 
 def token_weights(

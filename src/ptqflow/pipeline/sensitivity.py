@@ -8,6 +8,7 @@ and ``manifest.json``, and the heatmap ``<reports>/figures/sensitivity.png``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ptqflow.artifacts import atomic_dir, read_safetensors, write_manifest
@@ -27,6 +28,7 @@ from ptqflow.pipeline.table import BY_NAME
 from ptqflow.sensitivity import TABLE_FILE, estimate_table, heatmap, to_csv
 
 STAGE = BY_NAME["sensitivity"]
+log = logging.getLogger(__name__)
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -45,7 +47,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     )
     inputs["gradient"] = manifest["files"]
 
-    with tracked(STAGE, cfg, run, f"sensitivity-{model_cfg.name}", inputs) as log:
+    device = str(model_cfg.torch_device())
+    with tracked(STAGE, cfg, run, "sensitivity", inputs, device) as mlrun:
         model = load_model(ref, model_cfg.dtype)
         decoder = [(name, layer) for name, layer, _ in adapter.linears(model) if layer is not None]
         weights = {name: model.get_submodule(name).weight for name, _ in decoder}
@@ -58,8 +61,11 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         figure = reports / "figures" / "sensitivity.png"
         figure.parent.mkdir(parents=True, exist_ok=True)
         heatmap(rows, figure)
-        log.log_artifact(figure)
-    print(
-        f"sensitivity: {len(rows)} rows for {len(weights)} linears -> {artifacts / 'sensitivity'}"
+        mlrun.log_artifact(figure)
+    log.info(
+        "sensitivity: %d rows for %d linears -> %s",
+        len(rows),
+        len(weights),
+        artifacts / "sensitivity",
     )
     return outputs

@@ -29,10 +29,12 @@ class Stage:
         params: the config keys it reads (dotted; a section name means the whole section;
             :data:`ALL_PARAMS` means every param).
             ``paths.*`` say where outputs go, not what they are, so manifests leave them out.
-        deps: upstream artifact directories it reads.
+        deps: upstream outputs it reads (another stage's outs or metrics).
+        inputs: committed files or directories it reads that no stage writes.
         outs: directories it writes (DVC-cached).
         metrics: metrics files it writes (committed, not cached).
-        plots: figures it writes (committed, not cached).
+        plots: figures and plot data it writes (committed, not cached).
+        docs: other files it writes (committed, not cached).
         args: Hydra overrides on its command line.
     """
 
@@ -40,13 +42,44 @@ class Stage:
     script: str
     params: tuple[str, ...]
     deps: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
     outs: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
+    docs: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
 
 
 ALL_PARAMS = "*"
+# Plot data the report writes, and how `dvc plots show` / `dvc plots diff` draw it (the
+# stages' PNG figures are plots too, drawn as images).
+REPORT_PLOTS = tuple(f"reports/plots/{n}.csv" for n in ("quality", "alphas", "speedup"))
+PLOT_SPECS = (
+    {
+        "quality": {
+            "template": "scatter",
+            "x": "bits_per_weight",
+            "y": {"reports/plots/quality.csv": "perplexity"},
+            "title": "Perplexity against bits per weight, every recorded run",
+        }
+    },
+    {
+        "alphas": {
+            "template": "scatter",
+            "x": "block",
+            "y": {"reports/plots/alphas.csv": "alpha"},
+            "title": "AWQ scale exponent chosen per block",
+        }
+    },
+    {
+        "speedup": {
+            "template": "linear",
+            "x": "M",
+            "y": {"reports/plots/speedup.csv": "speedup"},
+            "title": "W4A16 kernel speedup over dense against M",
+        }
+    },
+)
 CHECKED = "reports/check.json"  # the check stage's output: the model's fingerprint
 
 CHECK = Stage("check", "stages/check.py", params=(ALL_PARAMS,), metrics=(CHECKED,))
@@ -61,6 +94,44 @@ EVAL_PROTOCOL = (
     "paths.reports",
 )
 EVAL = "stages/fake_quant_eval.py"
+LM_EVAL = "stages/lm_eval.py"
+METHODS = ("fp", "rtn", "awq", "packed")
+# What builds each evaluated model: its params and upstream outputs (both eval stages share it).
+SUBJECT_PARAMS = {
+    "fp": ("model",),
+    "rtn": ("model", "quant", "recipe"),
+    "awq": ("model", "quant", "recipe", "eval.scales", "eval.clips"),
+    "packed": ("model",),
+}
+SUBJECT_DEPS = {
+    "fp": (),
+    "rtn": ("artifacts/recipe",),
+    "awq": ("artifacts/recipe", "artifacts/scales", "artifacts/clips"),
+    "packed": ("artifacts/packed",),
+}
+
+
+def _eval(method: str) -> Stage:
+    return Stage(
+        f"eval-{method}",
+        EVAL,
+        params=(*SUBJECT_PARAMS[method], *EVAL_PROTOCOL),
+        deps=SUBJECT_DEPS[method],
+        metrics=(f"reports/eval/{method}.json",),
+        args=(f"eval.method={method}",),
+    )
+
+
+def _lm_eval(method: str) -> Stage:
+    return Stage(
+        f"lm-eval-{method}",
+        LM_EVAL,
+        params=(*SUBJECT_PARAMS[method], "lm_eval", "paths.reports"),
+        deps=SUBJECT_DEPS[method],
+        metrics=(f"reports/lm_eval/{method}.json",),
+        args=(f"eval.method={method}",),
+    )
+
 
 _WORK: tuple[Stage, ...] = (
     Stage(
@@ -107,21 +178,8 @@ _WORK: tuple[Stage, ...] = (
         deps=("artifacts/sensitivity",),
         outs=("artifacts/recipe",),
     ),
-    Stage(
-        "eval-fp",
-        EVAL,
-        params=("model", *EVAL_PROTOCOL),
-        metrics=("reports/eval/fp.json",),
-        args=("eval.method=fp",),
-    ),
-    Stage(
-        "eval-rtn",
-        EVAL,
-        params=("model", "quant", "recipe", *EVAL_PROTOCOL),
-        deps=("artifacts/recipe",),
-        metrics=("reports/eval/rtn.json",),
-        args=("eval.method=rtn",),
-    ),
+    _eval("fp"),
+    _eval("rtn"),
     Stage(
         "scale-search",
         "stages/scale_search.py",
@@ -136,14 +194,7 @@ _WORK: tuple[Stage, ...] = (
         deps=("artifacts/calib", "artifacts/recipe", "artifacts/scales"),
         outs=("artifacts/clips",),
     ),
-    Stage(
-        "eval-awq",
-        EVAL,
-        params=("model", "quant", "recipe", "eval.scales", "eval.clips", *EVAL_PROTOCOL),
-        deps=("artifacts/recipe", "artifacts/scales", "artifacts/clips"),
-        metrics=("reports/eval/awq.json",),
-        args=("eval.method=awq",),
-    ),
+    _eval("awq"),
     Stage(
         "real-pack",
         "stages/real_pack.py",
@@ -151,14 +202,7 @@ _WORK: tuple[Stage, ...] = (
         deps=("artifacts/recipe", "artifacts/scales", "artifacts/clips"),
         outs=("artifacts/packed",),
     ),
-    Stage(
-        "eval-packed",
-        EVAL,
-        params=("model", *EVAL_PROTOCOL),
-        deps=("artifacts/packed",),
-        metrics=("reports/eval/packed.json",),
-        args=("eval.method=packed",),
-    ),
+    _eval("packed"),
     Stage(
         "benchmark",
         "stages/benchmark.py",
@@ -166,6 +210,26 @@ _WORK: tuple[Stage, ...] = (
         deps=("artifacts/packed",),
         metrics=("reports/bench.json",),
         plots=("reports/figures/bench.png",),
+    ),
+    *(_lm_eval(m) for m in METHODS),
+    Stage(
+        "report",
+        "stages/report.py",
+        params=("paths.artifacts", "paths.reports"),
+        deps=(
+            *(f"reports/eval/{m}.json" for m in METHODS),
+            *(f"reports/lm_eval/{m}.json" for m in METHODS),
+            "reports/bench.json",
+            "reports/figures/sensitivity.png",
+            "artifacts/scales",
+        ),
+        inputs=("reports/runs", "reports/pareto/pareto.json"),
+        plots=(
+            "reports/figures/pareto_report.png",
+            "reports/figures/alphas.png",
+            "reports/figures/speedup.png",
+        ),
+        docs=("reports/report.md", *REPORT_PLOTS),
     ),
 )
 

@@ -1,0 +1,224 @@
+"""The model an evaluation stage scores (``eval.method`` fp, rtn, awq or packed), checked against
+the model's shapes and the upstream artifacts before any weight is read, and where its figures
+go. Shared by the perplexity and the lm-eval stages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
+from ptqflow.awq.apply import apply_clips, apply_scales
+from ptqflow.config import EvalConfig, ModelConfig, is_auto, parse, parse_quant
+from ptqflow.formats import get_format
+from ptqflow.models import (
+    ModelRef,
+    linear_layers,
+    linear_shapes,
+    load_config,
+    load_model,
+    model_fingerprint,
+    resolve_model,
+)
+from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
+from ptqflow.pipeline.common import StageRun, output_dirs
+from ptqflow.pipeline.quantizing import awq_inputs, quant_setup
+from ptqflow.quant import QuantSpec, fake_quantize_linears
+
+# Sizes of fake-quantized models count what pack.format=ptqflow (any mix of bits) stores, with
+# float16 scales; unquantized linears count at 16 bits.
+SIZE_FORMAT = "ptqflow"
+_FP_BYTES = 2
+
+
+@dataclass
+class Subject:
+    """The model one evaluation scores, checked but not yet loaded.
+
+    Attributes:
+        inputs: fingerprints of the model and the artifacts it is built from.
+        n_linears: every linear of the model.
+        tag: the quant config, e.g. ``w4g64`` (None for fp).
+        linear_bytes: bytes the decoder-block linears take in a checkpoint (bias aside), and
+            ``bits_per_weight`` the same per weight.
+        build: loads the model; returns it and its quantized linears.
+    """
+
+    model_cfg: ModelConfig
+    ref: ModelRef
+    reports: Path
+    inputs: dict[str, Any]
+    n_linears: int
+    tag: str | None
+    linear_bytes: int
+    bits_per_weight: float
+    build: Callable[[], tuple[nn.Module, list[str]]]
+
+    def size(self) -> dict[str, Any]:
+        return {
+            "bits_per_weight": round(self.bits_per_weight, 6),
+            "linear_bytes": self.linear_bytes,
+        }
+
+
+def planned_bytes(plan: Mapping[str, QuantSpec | None], config) -> tuple[int, int]:
+    """``(bytes, weights)`` of the decoder-block linears of ``plan`` (:data:`SIZE_FORMAT`)."""
+    shapes, fmt = linear_shapes(config), get_format(SIZE_FORMAT)
+    size = weights = 0
+    for name, layer, _ in linear_layers(config):
+        if layer is None:
+            continue
+        out_f, in_f = shapes[name]
+        spec = plan.get(name)
+        size += (
+            out_f * in_f * _FP_BYTES
+            if spec is None
+            else fmt.stored_bytes(spec, out_f, in_f, torch.float16)
+        )
+        weights += out_f * in_f
+    return size, weights
+
+
+def stored_bytes(packed_dir: Path, config) -> tuple[int, int]:
+    """``(bytes, weights)`` of the decoder-block linears as a packed checkpoint stores them,
+    read from its safetensors header (every tensor of each linear but its bias)."""
+    shapes = linear_shapes(config)
+    decoder = [n for n, layer, _ in linear_layers(config) if layer is not None]
+    prefixes = tuple(f"{n}." for n in decoder)
+    size = 0
+    with safe_open(packed_dir / WEIGHTS, "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            if key.startswith(prefixes) and not key.endswith(".bias"):
+                piece = f.get_slice(key)
+                numel = 1
+                for d in piece.get_shape():
+                    numel *= d
+                size += numel * _ELEMENT_BYTES[piece.get_dtype()]
+    return size, sum(shapes[n][0] * shapes[n][1] for n in decoder)
+
+
+_ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "I16": 2}
+
+
+def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
+    """Check the whole request against the model's shapes and the upstream artifacts before
+    any weight is read."""
+    if ev.method in ("fp", "packed"):
+        model_cfg = parse(ModelConfig, "model", cfg["model"])
+        artifacts, reports = output_dirs(cfg, run)
+        ref = resolve_model(model_cfg.source)
+        device = model_cfg.torch_device()
+        fingerprint = model_fingerprint(ref)
+        config = load_config(ref)
+        n_linears = len(linear_layers(config))
+        if ev.method == "fp":
+            size, weights = planned_bytes({}, config)
+            build = lambda: (load_model(ref, model_cfg.dtype).to(device), [])  # noqa: E731
+            return Subject(
+                model_cfg,
+                ref,
+                reports,
+                {"model": fingerprint},
+                n_linears,
+                None,
+                size,
+                8 * size / weights,
+                build,
+            )
+        packed_dir = artifacts / "packed"
+        manifest = read_manifest(packed_dir, "real-pack")
+        check_inputs(manifest, {"model": fingerprint})
+        made = manifest["params"]
+        tag = f"{parse_quant(made['quant']).tag}-{made['pack']['format']}"
+        size, weights = stored_bytes(packed_dir, config)
+
+        def build_packed():
+            model = load_packed(packed_dir, model_cfg.torch_dtype, device)
+            return model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+        inputs = {"model": fingerprint, "packed": manifest["files"]}
+        return Subject(
+            model_cfg, ref, reports, inputs, n_linears, tag, size, 8 * size / weights, build_packed
+        )
+
+    setup = quant_setup(cfg, run)
+    recipe_name = cfg["recipe"].get("name", "custom")
+    if is_auto(cfg["recipe"]):
+        tag = f"auto{cfg['recipe']['budget']}"
+    else:
+        tag = parse_quant(cfg["quant"]).tag + (
+            "" if recipe_name == "default" else f"-{recipe_name}"
+        )
+    scales, clips, inputs = [], {}, {"model": setup.fingerprint, **setup.recipe_inputs}
+    if ev.method == "awq":
+        if not (ev.scales or ev.clips):
+            raise ValueError(
+                "eval.method=awq with eval.scales=false and eval.clips=false is plain RTN; "
+                "use eval.method=rtn"
+            )
+        scales, clips, found = awq_inputs(cfg, setup, ev.scales, ev.clips)
+        inputs.update(found)
+        if not (ev.scales and ev.clips):
+            tag += "-scales-only" if ev.scales else "-clips-only"
+
+    def build_fake():
+        model = load_model(setup.ref, setup.model_cfg.dtype)
+        apply_scales(model, scales)
+        apply_clips(model, clips)
+        done = fake_quantize_linears(model, setup.plan)
+        return model.to(setup.model_cfg.torch_device()), done
+
+    size, weights = planned_bytes(setup.plan, setup.hf_config)
+    return Subject(
+        setup.model_cfg,
+        setup.ref,
+        setup.reports,
+        inputs,
+        len(setup.plan),
+        tag,
+        size,
+        8 * size / weights,
+        build_fake,
+    )
+
+
+def output_path(
+    reports: Path, kind: str, method: str, tag: str | None, job: int | None, key: str
+) -> Path:
+    """Where the figures of a ``kind`` (``eval`` or ``lm_eval``) evaluation go: the stage's
+    metrics file ``<reports>/<kind>/<method>.json``, or in a sweep one file per job under
+    ``<reports>/runs/``, named by the kind (lm-eval only), the method, the quant tag and
+    ``key`` (the params hash's first 8 hex digits)."""
+    if job is None:
+        return reports / kind / f"{method}.json"
+    prefix = () if kind == "eval" else (kind,)
+    return reports / "runs" / f"{'-'.join(p for p in (*prefix, method, tag, key) if p)}.json"
+
+
+def write_result(out: Path, metrics: dict[str, Any], params: dict[str, Any] | None) -> None:
+    """Write the figures (with ``params`` for a sweep file), refusing to replace a sweep file
+    that holds other figures or params: that result stays, this one is in MLflow."""
+    record = metrics if params is None else {**metrics, "params": params}
+    text = to_json(record)
+    if params is not None and out.is_file() and out.read_text(encoding="utf-8") != text:
+        old = json.loads(out.read_text(encoding="utf-8"))
+        raise FileExistsError(
+            f"{out} already holds another result for this config (the code or its inputs "
+            f"changed since it was written; it records {_headline(old)}, this run "
+            f"{_headline(metrics)}). It is left as it was and this run is logged to MLflow; "
+            "delete the file to record the new figures"
+        )
+    atomic_write_text(out, text)
+
+
+def _headline(metrics: Mapping[str, Any]) -> str:
+    if "perplexity" in metrics:
+        return f"perplexity {metrics['perplexity']}"
+    return json.dumps(metrics.get("tasks"), sort_keys=True)

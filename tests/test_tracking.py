@@ -1,0 +1,74 @@
+"""MLflow runs for comparison: a parent run per `dvc repro` / `dvc exp run` / sweep, a project
+database wherever the process runs, and the results DVC skipped recorded once from dvc.lock."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import yaml
+
+from ptqflow.pipeline import fake_quant_eval, restore
+from ptqflow.pipeline.common import StageRun
+from ptqflow.tracking import dvc_session, file_md5, resolve_uri
+
+
+def runs(db):
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    return mlflow.search_runs(experiment_names=["ptqflow"], output_format="list")
+
+
+def test_relative_sqlite_uri_resolves_against_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "project"
+    assert resolve_uri("sqlite:///mlflow.db", root) == f"sqlite:///{root / 'mlflow.db'}"
+    clone = root / ".dvc" / "tmp" / "exps" / "tmpabc"
+    assert resolve_uri("sqlite:///mlflow.db", clone) == f"sqlite:///{root / 'mlflow.db'}"
+    assert resolve_uri("sqlite:////abs/x.db", root) == "sqlite:////abs/x.db"
+
+
+def test_stages_of_one_dvc_experiment_share_a_parent_run(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-reed")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef")
+    for method in ("fp", "rtn"):
+        monkeypatch.setenv("DVC_STAGE", f"eval-{method}")
+        fake_quant_eval.run(tiny_cfg(f"eval.method={method}"), StageRun(tmp_path))
+    found = runs(tmp_path / "mlflow.db")
+    [parent] = [r for r in found if r.info.run_name == "dvc exp run bushy-reed"]
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["fp", "rtn-w4g32"]
+    assert {r.data.tags["dvc.stage"] for r in children} == {"eval-fp", "eval-rtn"}
+    assert {r.data.tags["dvc.exp"] for r in children} == {"bushy-reed"}
+    assert parent.info.status == "FINISHED"
+    # each run carries the md5 of the metrics file it wrote (as dvc.lock records it)
+    rtn = next(r for r in children if r.info.run_name == "rtn-w4g32")
+    assert rtn.data.tags["metrics_md5"] == file_md5(tmp_path / "reports" / "eval" / "rtn.json")
+
+
+def test_a_dvc_experiment_is_its_own_session():
+    assert dvc_session({}) is None  # not run by DVC
+    session = dvc_session({"DVC_STAGE": "eval-fp", "DVC_EXP_NAME": "x"})
+    assert session is not None and session.key.startswith("dvc-exp:x:")
+
+
+def test_results_dvc_skipped_are_restored_once(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("eval.method=fp")
+    fake_quant_eval.run(cfg, StageRun(tmp_path))
+    metrics = tmp_path / "reports" / "eval" / "fp.json"
+    lock = {"stages": {"eval-fp": {"outs": [{"path": "reports/eval/fp.json"}]}}}
+    lock["stages"]["eval-fp"]["outs"][0]["md5"] = file_md5(metrics)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    # the live run tagged its md5: nothing to restore
+    assert restore.restore(tmp_path, cfg) == []
+    # a fresh database (a fresh clone): restored once, then never again
+    other = {**cfg, "tracking": {**cfg["tracking"], "uri": f"sqlite:///{tmp_path / 'b.db'}"}}
+    assert restore.restore(tmp_path, other) == ["fp"]
+    assert restore.restore(tmp_path, other) == []
+    [child] = [r for r in runs(tmp_path / "b.db") if "mlflow.parentRunId" in r.data.tags]
+    assert child.data.tags["restored_from"] == "dvc.lock"
+    assert child.data.metrics["perplexity"] == json.loads(metrics.read_text())["perplexity"]
+    assert child.data.params["eval.seqlen"] == "32"
+    # a metrics file that differs from the lock is not restored
+    metrics.write_text(metrics.read_text().replace("fp", "xx"))
+    third = {**cfg, "tracking": {**cfg["tracking"], "uri": f"sqlite:///{tmp_path / 'c.db'}"}}
+    assert restore.restore(tmp_path, third) == []

@@ -4,16 +4,20 @@ fake-quant, the offline tasks are built from held-out text only, and bad task na
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import as_stored, make_text
+from conftest import ROOT, as_stored, make_text, tiny_overrides
 
 from ptqflow import lmeval
 from ptqflow.evaluate import perplexity
 from ptqflow.models import load_model, load_tokenizer, resolve_model
 from ptqflow.pack import load_packed
-from ptqflow.pipeline import lm_eval, real_pack, recipe
+from ptqflow.pipeline import lm_evaluation, real_pack, recipe
+from ptqflow.pipeline.common import StageRun
 from ptqflow.pipeline.quantizing import quant_setup
 from ptqflow.text import wiki_articles
 
@@ -54,7 +58,7 @@ def test_packed_and_fake_quant_give_the_same_loglikelihoods(tiny_cfg, tmp_path):
     cfg = tiny_cfg("pack.method=rtn")
     recipe.run(cfg)
     real_pack.run(cfg)
-    setup = quant_setup(cfg, None or lm_eval.StageRun(tmp_path))
+    setup = quant_setup(cfg, StageRun(tmp_path))
     fake = as_stored(load_model(setup.ref, "float32"), setup.plan)
     packed = load_packed(tmp_path / "artifacts" / "packed", torch.float32, torch.device("cpu"))
     tok = load_tokenizer(setup.ref)
@@ -62,9 +66,9 @@ def test_packed_and_fake_quant_give_the_same_loglikelihoods(tiny_cfg, tmp_path):
     a, b = rolling(hflm(fake, tok), texts), rolling(hflm(packed, tok), texts)
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
     # and through the stage: the same task figures, method rtn and method packed
-    run = lm_eval.StageRun(tmp_path)
-    rtn = lm_eval.run(tiny_cfg("eval.method=rtn", *LM), run)
-    pk = lm_eval.run(tiny_cfg("eval.method=packed", *LM), run)
+    run = StageRun(tmp_path)
+    rtn = lm_evaluation.run(tiny_cfg("eval.method=rtn", *LM), run)
+    pk = lm_evaluation.run(tiny_cfg("eval.method=packed", *LM), run)
     for task in ("wiki_ppl", "wiki_titles"):
         for metric, value in rtn["tasks"][task].items():
             if "stderr" not in metric:
@@ -113,14 +117,14 @@ def test_unknown_and_offline_task_names_fail_before_the_model_loads(tiny_cfg, mo
     # through the stage: refused before any weight is read (the model path does not exist)
     cfg = tiny_cfg("eval.method=fp", "lm_eval.tasks=[wiki_ppl,hellaswag]", "model.source=/nope")
     with pytest.raises(lmeval.OfflineTaskError, match="hellaswag"):
-        lm_eval.run(cfg)
+        lm_evaluation.run(cfg)
 
 
 def test_lm_eval_stage_writes_metrics_and_logs_a_run(tiny_cfg, tmp_path):
     import mlflow
 
     cfg = tiny_cfg("eval.method=fp", *LM)
-    out = lm_eval.run(cfg, lm_eval.StageRun(tmp_path))
+    out = lm_evaluation.run(cfg, StageRun(tmp_path))
     saved = json.loads((tmp_path / "reports" / "lm_eval" / "fp.json").read_text())
     assert saved == out and saved["quant"] == "fp" and saved["bits_per_weight"] == 16.0
     titles = saved["tasks"]["wiki_titles"]
@@ -133,3 +137,28 @@ def test_lm_eval_stage_writes_metrics_and_logs_a_run(tiny_cfg, tmp_path):
     assert run.data.tags["stage"] == "lm-eval-fp" and run.data.tags["device"] == "cpu"
     assert run.data.metrics["wiki_titles.acc"] == titles["acc"]
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"wiki_ppl", "wiki_titles"}
+
+
+def test_a_sweep_from_the_command_line_writes_one_file_per_job(tiny_model_dir, texts, tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "lm_evaluation.py"),
+        "--multirun",
+        "quant.w_bit=3,4",
+        "eval.method=rtn",
+        "lm_eval.tasks=[wiki_titles]",
+        *LM,
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        *tiny_overrides(tiny_model_dir, texts, tmp_path),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "reports" / "runs").iterdir())
+    assert [p.name.rsplit("-", 1)[0] for p in runs] == ["lm_eval-rtn-w3g32", "lm_eval-rtn-w4g32"]
+    for path in runs:
+        saved = json.loads(path.read_text())
+        assert set(saved["tasks"]) == {"wiki_titles"} and saved["params"]["lm_eval"]["seed"]
+    # the results are logged, not only printed: Hydra's job log holds them
+    logs = list((tmp_path / "multirun").rglob("lm_evaluation.log"))
+    assert len(logs) == 2 and all("wiki_titles acc" in p.read_text() for p in logs)

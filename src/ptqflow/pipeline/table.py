@@ -94,7 +94,7 @@ EVAL_PROTOCOL = (
     "paths.reports",
 )
 EVAL = "stages/fake_quant_eval.py"
-LM_EVAL = "stages/lm_eval.py"
+LM_EVAL = "stages/lm_evaluation.py"
 METHODS = ("fp", "rtn", "awq", "packed")
 # What builds each evaluated model: its params and upstream outputs (both eval stages share it).
 SUBJECT_PARAMS = {

@@ -3,6 +3,7 @@ the checks of upstream artifacts."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
@@ -86,11 +87,16 @@ def stage_params(stage: Stage | str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     return select(cfg, tuple(k for k in stage.params if k.split(".")[0] != "paths"))
 
 
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
 def run_tags(stage: Stage, run: StageRun, params: Mapping[str, Any]) -> dict[str, str]:
     """What reproduces a stage run: the stage (and the DVC stage and experiment running it),
     git revision, params hash, and the versions of the packages doing the numerics."""
-    import triton
-
     tags = {
         "stage": stage.name,
         "dvc.stage": os.environ.get("DVC_STAGE", ""),
@@ -99,7 +105,7 @@ def run_tags(stage: Stage, run: StageRun, params: Mapping[str, Any]) -> dict[str
         "params_hash": params_hash(params),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
-        "triton": triton.__version__,
+        "triton": _version("triton"),
     }
     if run.job is not None:
         tags["multirun_job"] = str(run.job)

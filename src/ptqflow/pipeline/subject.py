@@ -16,7 +16,7 @@ from torch import nn
 
 from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
 from ptqflow.awq.apply import apply_clips, apply_scales
-from ptqflow.config import EvalConfig, ModelConfig, is_auto, parse, parse_quant
+from ptqflow.config import EvalConfig, ModelConfig, parse, parse_quant
 from ptqflow.formats import get_format
 from ptqflow.models import (
     ModelRef,
@@ -28,7 +28,7 @@ from ptqflow.models import (
     resolve_model,
 )
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
-from ptqflow.pipeline.common import StageRun, output_dirs
+from ptqflow.pipeline.common import StageRun, output_dirs, quant_tag
 from ptqflow.pipeline.quantizing import awq_inputs, quant_setup
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
@@ -149,13 +149,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         )
 
     setup = quant_setup(cfg, run)
-    recipe_name = cfg["recipe"].get("name", "custom")
-    if is_auto(cfg["recipe"]):
-        tag = f"auto{cfg['recipe']['budget']}"
-    else:
-        tag = parse_quant(cfg["quant"]).tag + (
-            "" if recipe_name == "default" else f"-{recipe_name}"
-        )
+    tag = quant_tag(cfg)
     scales, clips, inputs = [], {}, {"model": setup.fingerprint, **setup.recipe_inputs}
     if ev.method == "awq":
         if not (ev.scales or ev.clips):

@@ -30,8 +30,10 @@ run: install
 	$(BIN)/dvc repro
 	PYTHONPATH=src $(BIN)/python -m ptqflow.pipeline.restore
 
-# The MLflow UI on the project's database, on loopback only.
+# The MLflow UI on the project's database, on loopback only; the link it prints opens the runs
+# table with perplexity, accuracy, bits and the quant params as columns.
 ui: install
+	PYTHONPATH=src $(BIN)/python -m ptqflow.tracking sqlite:///$(CURDIR)/mlflow.db ptqflow
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 test: install

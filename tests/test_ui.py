@@ -195,8 +195,15 @@ def test_compare_view_shows_the_sweep(sweep_db, mlflow_server, browser, tmp_path
     def row(run_id: str) -> str:  # one ag-grid row per run: its id is the run's id
         return f"div[role='row'][row-id='{run_id}']"
 
-    # The experiment's runs table: the sweep shows as one parent row, its children folded in.
-    d.get(f"{mlflow_server}/#/experiments/{exp_id}/runs")
+    # The experiment's runs table, opened by the link `make ui` prints: the sweep shows as one
+    # parent row, its children folded in; perplexity and the quant params are columns.
+    d.get(f"{mlflow_server}/#/experiments/{exp_id}/runs?viewStateShareKey=ptqflow")
+
+    def perplexity_column(drv) -> bool:  # columns off screen are not rendered: the first one
+        headers = drv.find_elements(By.CSS_SELECTOR, "[role='columnheader']")
+        return any(h.text.strip().startswith("perpl") for h in headers)
+
+    wait(perplexity_column, "perplexity as a column of the runs table")
     wait(
         EC.text_to_be_present_in_element(
             (By.CSS_SELECTOR, row(parent.info.run_id)), parent.info.run_name

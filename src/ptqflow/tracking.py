@@ -27,6 +27,18 @@ from typing import Any
 _EXP_TMP = (".dvc", "tmp", "exps")
 SESSION_TAG = "ptqflow.session"
 PARENT_TAG = "mlflow.parentRunId"
+# A saved view of the runs table that shows the figures worth comparing as columns (MLflow 3's
+# runs table shows only Source, Models and Dataset until a user picks more): an experiment tag
+# the UI loads from ``#/experiments/<id>/runs?viewStateShareKey=ptqflow`` (:func:`runs_url`).
+VIEW_KEY = "ptqflow"
+VIEW_COLUMNS = (
+    "attributes.`Dataset`",
+    "metrics.`perplexity`",
+    "metrics.`wiki_titles.acc`",
+    "metrics.`bits_per_weight`",
+    "params.`quant.w_bit`",
+    "params.`quant.group_size`",
+)
 METRICS_MD5_TAG = "metrics_md5"  # the md5 (as dvc.lock records it) of the metrics file written
 
 
@@ -202,8 +214,20 @@ def _connect(uri: str, experiment: str):
         if found is not None
         else client.create_experiment(experiment, artifact_location=artifact_location(uri))
     )
+    if found is None or f"mlflow.sharedViewState.{VIEW_KEY}" not in found.tags:
+        view = {"selectedColumns": list(VIEW_COLUMNS)}
+        envelope = {"name": "ptqflow: results", "createdAt": 0, "state": json.dumps(view)}
+        client.set_experiment_tag(
+            exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(envelope)
+        )
     mlflow.set_experiment(experiment_id=exp_id)
     return mlflow, client, exp_id
+
+
+def runs_url(uri: str, experiment: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The link to the experiment's runs table in its results view (``make ui`` prints it)."""
+    _, _, exp_id = _connect(uri, experiment)
+    return f"{base}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
 def parent_run(client, exp_id: str, session: Session, tags: Mapping[str, str]) -> str:
@@ -255,3 +279,9 @@ def mlflow_run(
         if parent is not None:
             previous = client.get_run(parent).info.status
             client.set_terminated(parent, "FAILED" if "FAILED" in (status, previous) else status)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"MLflow: {runs_url(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else 'ptqflow')}")

@@ -224,7 +224,9 @@ def test_awq_against_rtn_sentence(tmp_path, awq_acc, expected):
     reports = results(tmp_path / "reports", awq_acc=awq_acc)
     write_report(reports, bits_of=NO_BITS)
     md = (reports / "report.md").read_text()
-    (line,) = [x for x in md.splitlines() if x.startswith("- `wiki_titles` at w4g64 (dvc)")]
+    lines = [x for x in md.splitlines() if x.startswith("- `wiki_titles` at w4g64 (dvc)")]
+    (line,) = [x for x in lines if " % accuracy " in x]
+    assert len(lines) == 2  # and one on the length-normalised accuracy
     assert expected in line
     assert "- perplexity at w4g64 (dvc): AWQ 14.8557 against RTN 17.1860; AWQ is better" in md
 

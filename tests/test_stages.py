@@ -3,13 +3,10 @@ bad input, MLflow runs, and a real Hydra --multirun sweep."""
 
 import json
 import math
-import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, run_sweep
 
 from ptqflow.calib import load_blocks
 from ptqflow.pipeline import calib_data, fake_quant_eval
@@ -102,19 +99,8 @@ def test_calib_bad_input_keeps_previous_output(tiny_cfg, tmp_path):
 
 
 def test_multirun_sweep_from_the_command_line(tiny_model_dir, texts, tmp_path):
-    cmd = [
-        sys.executable,
-        str(ROOT / "stages" / "fake_quant_eval.py"),
-        "--multirun",
-        "quant.w_bit=3,4",
-        "quant.group_size=16,32",
-        f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        *tiny_overrides(tiny_model_dir, texts, tmp_path),
-    ]
-    cmd.remove("quant.group_size=32")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = ["quant.w_bit=3,4", "quant.group_size=16,32"]
+    run_sweep("fake_quant_eval.py", sweep, tiny_model_dir, texts, tmp_path)
     runs = sorted((tmp_path / "reports" / "runs").iterdir())
     tags = [f"w{b}g{g}" for b in (3, 4) for g in (16, 32)]
     assert [p.name.rsplit("-", 1)[0] for p in runs] == [f"rtn-{t}" for t in tags]

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from conftest import run_sweep
 
 BROWSER = next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
@@ -62,19 +62,11 @@ def free_port() -> int:
 def sweep_db(tiny_model_dir, texts, tmp_path) -> Path:
     """A real `--multirun` sweep (2 bit widths x 2 group sizes) of the evaluation stage, logged
     to ``tmp_path/mlflow.db``: one parent run, four children."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "stages" / "fake_quant_eval.py"),
-        "--multirun",
-        "quant.w_bit=" + ",".join(map(str, BITS)),
-        "quant.group_size=" + ",".join(map(str, GROUPS)),
-        f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        *tiny_overrides(tiny_model_dir, texts, tmp_path),
+    sweep = [
+        f"quant.w_bit={','.join(map(str, BITS))}",
+        f"quant.group_size={','.join(map(str, GROUPS))}",
     ]
-    cmd.remove("quant.group_size=32")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_sweep("fake_quant_eval.py", sweep, tiny_model_dir, texts, tmp_path)
     return tmp_path / "mlflow.db"
 
 

@@ -86,6 +86,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def outlier_model_dir(tmp_path_factory):
+    """The tiny Llama with a few input channels of every linear amplified 30x by the norms:
+    the activation outliers of real LLMs, which AWQ's scales exist for (a plain random model
+    has none, and there AWQ has nothing to gain over RTN)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("outlier-llama")
+    build_tiny_llama(out, vocab_size=len(build_tokenizer(out)))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 40, 51]] *= 30
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def texts(tmp_path_factory) -> dict[str, Path]:
     """A calibration JSONL (60 short documents) and an evaluation .txt."""
     out = tmp_path_factory.mktemp("texts")

@@ -6,29 +6,11 @@ import stat
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tokenizer, compose, tiny_overrides, tree_bytes
+from conftest import compose, tiny_overrides, tree_bytes
 
 from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, scale_search
 
 AWQ = ["search.scale.n_grid=8", "search.clip.n_grid=8", "search.clip.n_tokens=64"]
-
-
-@pytest.fixture(scope="module")
-def outlier_model_dir(tmp_path_factory):
-    """The tiny Llama with a few input channels of every linear amplified 30x by the norms:
-    the activation outliers of real LLMs, which AWQ's scales exist for (a plain random model
-    has none, and there AWQ has nothing to gain over RTN)."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("outlier-llama")
-    build_tiny_llama(out, vocab_size=len(build_tokenizer(out)))
-    model = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[[3, 17, 40, 51]] *= 30
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
 """The real config: composition, params.yaml drift, every preset parses."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, compose
 
+from ptqflow.activation import ActSpec
 from ptqflow.config import (
     AutoRecipeConfig,
     CalibConfig,
@@ -15,8 +17,10 @@ from ptqflow.config import (
     SensitivityConfig,
     TrackingConfig,
     parse,
+    parse_act,
     parse_quant,
     parse_recipe,
+    quant_label,
 )
 
 
@@ -46,10 +50,39 @@ def test_default_config_parses():
     assert parse_recipe(cfg["recipe"], quant).name == "default"
 
 
+WA_PRESETS = {"w8a8": "w8pc-sym-a8", "w4a8": "w4pc-a8"}  # weight-activation: name -> tag
+
+
 @pytest.mark.parametrize("name", presets("quant"))
 def test_quant_presets(name):
-    spec = parse_quant(compose([f"quant={name}"])["quant"])
-    assert spec.tag.replace("-", "_").startswith(name.split("_")[0])
+    values = compose([f"quant={name}"])["quant"]
+    if name in WA_PRESETS:
+        assert quant_label(values) == WA_PRESETS[name]
+        assert parse_act(values) == ActSpec(8, "token")
+    else:
+        assert parse_quant(values).tag.replace("-", "_").startswith(name.split("_")[0])
+        assert parse_act(values) is None and quant_label(values) == parse_quant(values).tag
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"a_bit": 3}, "a_bit=3 is out of range"),
+        ({"a_bit": 8, "a_granularity": "channel"}, "a_granularity='channel'"),
+        ({"a_granularity": "tensor"}, "a_bit is null"),
+        ({"a_bit": "8"}, "a_bit='8' is a str"),
+    ],
+)
+def test_bad_activation_keys(override, message):
+    values = compose([])["quant"] | override
+    for fn in (parse_act, parse_quant):  # either half of the section refuses them
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fn(values)
+
+
+def test_static_activation_tag():
+    values = compose(["quant=w8a8", "quant.a_granularity=tensor"])["quant"]
+    assert quant_label(values) == "w8pc-sym-a8t"
 
 
 @pytest.mark.parametrize("name", presets("recipe"))

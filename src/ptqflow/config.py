@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ptqflow.activation import ActSpec
 from ptqflow.dtypes import torch_dtype
 from ptqflow.fields import check_value, field_types
 from ptqflow.quant import QuantSpec
@@ -24,6 +25,7 @@ T = TypeVar("T")
 
 EVAL_METHODS = ("fp", "rtn", "awq", "packed")
 SEARCH_LOSSES = ("mse", "mae")
+SCALE_GRIDS = ("awq", "smoothquant")
 TOKEN_WEIGHTS = ("none", "gradient")
 
 
@@ -187,17 +189,22 @@ class ScaleSearchConfig:
             squared loss gradient at its block's output (from the gradient stage), normalised
             to mean 1 over the block's tokens, the per-token weight of a Fisher estimate of
             the loss change.
+        grid: ``awq`` (the exponent of mean ``|x|``) or ``smoothquant`` (the migration
+            strength ``max|x|^a / max|W|^(1-a)``, for weight-activation configs).
     """
 
     n_grid: int = 20
     duo_scaling: bool = False
     loss: str = "mse"
     token_weight: str = "none"
+    grid: str = "awq"
 
     def __post_init__(self) -> None:
         _positive(self, "n_grid")
         if self.loss not in SEARCH_LOSSES:
             raise ValueError(f"loss={self.loss!r}: use one of {list(SEARCH_LOSSES)}")
+        if self.grid not in SCALE_GRIDS:
+            raise ValueError(f"grid={self.grid!r}: use one of {list(SCALE_GRIDS)}")
         if self.token_weight not in TOKEN_WEIGHTS:
             raise ValueError(
                 f"token_weight={self.token_weight!r}: use one of {list(TOKEN_WEIGHTS)}"
@@ -346,8 +353,36 @@ def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSear
     )
 
 
+ACT_KEYS = {"a_bit": "a_bit", "a_granularity": "granularity"}  # quant key -> ActSpec field
+
+
 def parse_quant(values: Mapping[str, Any]) -> QuantSpec:
-    return parse(QuantSpec, "quant", values)
+    """The weight half of the ``quant`` section (its activation keys: :func:`parse_act`)."""
+    values = dict(values or {})
+    parse_act(values)  # a bad activation key fails here too, whichever half a stage reads
+    return parse(QuantSpec, "quant", {k: v for k, v in values.items() if k not in ACT_KEYS})
+
+
+def parse_act(values: Mapping[str, Any]) -> ActSpec | None:
+    """The activation half of the ``quant`` section: ``a_bit`` (``null``: weight-only, the
+    activations stay in the model dtype) and ``a_granularity`` (``token`` or ``tensor``)."""
+    values = dict(values or {})
+    act = {ACT_KEYS[k]: v for k, v in values.items() if k in ACT_KEYS}
+    if act.get("a_bit") is None:
+        if act.get("granularity", "token") != "token":
+            raise ValueError(
+                f"config section 'quant': a_granularity={act['granularity']!r} is set but "
+                "a_bit is null (weight-only); set quant.a_bit=8 to quantize activations"
+            )
+        return None
+    return parse(ActSpec, "quant", act)
+
+
+def quant_label(values: Mapping[str, Any]) -> str:
+    """The tag of a whole ``quant`` section: ``w4g64``, or with activations ``w4pc-a8``,
+    ``w8pc-sym-a8t``."""
+    act = parse_act(values)
+    return parse_quant(values).tag + ("" if act is None else f"-{act.tag}")
 
 
 def parse_recipe(values: Mapping[str, Any], quant: QuantSpec) -> Recipe:

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ptqflow import activation
+from ptqflow.activation import ActSpec
 from ptqflow.dtypes import torch_dtype
 from ptqflow.formats import FORMATS, IntWeight, PackFormat, detect_format, get_format
 from ptqflow.kernels import reference as ref
@@ -144,9 +146,11 @@ def save_packed(
     plan: dict[str, QuantSpec | None],
     cfg: PackConfig,
     out_dir: str | Path,
+    act: ActSpec | None = None,
 ) -> dict[str, int]:
-    """Write the checkpoint directory: ``config.json`` (with ``quantization_config``),
-    ``model.safetensors``, generation config and tokenizer. Returns tensor and byte counts."""
+    """Write the checkpoint directory: ``config.json`` (with ``quantization_config``, which
+    declares the activation quantization ``act`` if given), ``model.safetensors``, generation
+    config and tokenizer. Returns tensor and byte counts."""
     out_dir = Path(out_dir)
     fmt = FORMATS[cfg.format]
     state = packed_state_dict(model, plan, fmt, cfg.torch_dtype)
@@ -158,7 +162,10 @@ def save_packed(
     config.architectures = [type(model).__name__]
     if "lm_head" in specs:  # a quantized head cannot share the embedding's tensor
         config.tie_word_embeddings = False
-    config.quantization_config = fmt.quantization_config(specs, sorted(skipped), in_features)
+    qc = fmt.quantization_config(specs, sorted(skipped), in_features)
+    if act is not None:
+        fmt.declare_activations(qc, act)
+    config.quantization_config = qc
     config.dtype = cfg.dtype
     config.save_pretrained(out_dir)
     _portable_config(out_dir / "config.json")
@@ -207,7 +214,9 @@ def load_packed(
     """Load a checkpoint written by :func:`save_packed` (or any AWQ GEMM / compressed-tensors
     pack-quantized checkpoint of a supported architecture) with :class:`QuantLinear` layers.
 
-    Unquantized tensors are cast to ``dtype``; packed scales keep their stored dtype.
+    Unquantized tensors are cast to ``dtype``; packed scales keep their stored dtype. A
+    checkpoint that declares activation quantization gets it on every packed linear's input
+    (:func:`ptqflow.activation.attach`).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -256,4 +265,7 @@ def load_packed(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"checkpoint '{path}' lacks tensors for {left[:5]} (of {len(left)})")
+    act = fmt.declared_activations(raw["quantization_config"])
+    if act is not None:
+        activation.attach(model, names, act)
     return model.to(device).eval()

@@ -12,6 +12,15 @@ output rows of ``|W|`` divided by its group's max. Each candidate replaces the g
 best ``s`` is folded into the previous op (norm weight, or the previous linear's rows) and
 multiplied into the linears' columns, which leaves the FP function unchanged.
 
+With activation quantization (W8A8, W4A8: an :class:`~ptqflow.activation.ActSpec`), a candidate
+computes each quantized linear as ``Q_a(x / s) @ Q(W * s)^T``, so the search weighs the
+activation error a scale removes against the weight error it adds. ``grid="smoothquant"`` then
+searches SmoothQuant's migration strength instead of AWQ's exponent:
+
+    s = max|x|^alpha / (max|W|^(1-alpha) + 1e-4)      (max over tokens / over output rows)
+
+normalised the same way (a constant factor in ``s`` changes neither quantizer).
+
 When the inspected module is the single linear itself (v->o, up->down), the squared error is
 computed from the input's Gram matrix ``G = X^T X``: ``||X D^T||^2 = sum((D G) * D)`` with
 ``D = Q(W s)/s - W``. That is the same loss (no approximation; it avoids the cancellation in
@@ -31,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptqflow import activation
+from ptqflow.activation import ActSpec
 from ptqflow.artifacts import read_safetensors
 from ptqflow.awq.apply import fold_scales
 from ptqflow.blockwise import Calls, block_files, first_output
@@ -44,6 +55,16 @@ from ptqflow.quant import QuantSpec, fake_quantize, group_width
 def activation_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean ``|x|`` per channel over all tokens: float32 ``[C]``."""
     return x.reshape(-1, x.shape[-1]).abs().float().mean(0)
+
+
+def activation_max(x: torch.Tensor) -> torch.Tensor:
+    """Max ``|x|`` per channel over all tokens: float32 ``[C]``."""
+    return x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+
+
+def weight_max(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Max ``|W|`` per input channel over the rows of every weight: float32 ``[in]``."""
+    return torch.cat([t.float() for t in weights], 0).abs().amax(0)
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -119,6 +140,7 @@ def search_group(
     inspect_call: tuple[tuple, dict],
     cfg: ScaleSearchConfig,
     token_weights: torch.Tensor | None = None,
+    act: ActSpec | None = None,
 ) -> GroupScale | None:
     """Grid-search the scale of one group of a block; the block is left unchanged.
 
@@ -129,6 +151,7 @@ def search_group(
         x: the linears' input ``[batch, seq, C]``.
         inspect_call: ``(args, kwargs)`` the inspected module was called with.
         token_weights: optional per-token loss weights ``[batch, seq]``.
+        act: quantize the quantized linears' inputs too (weight-activation configs).
 
     Returns:
         The best scale, or ``None`` when no linear of the group is quantized.
@@ -139,14 +162,16 @@ def search_group(
         return None
     # Clones: on the CPU `.cpu()`/`.detach()` share storage with the weight changed below.
     originals = [lin.weight.detach().clone() for lin in linears]
-    x_mean = activation_mean(x)
-    w_mean = None
-    if cfg.duo_scaling:
-        w_mean = weight_mean(originals, quantized[0][1].group_size)
+    if cfg.grid == "smoothquant":
+        x_stat, w_stat = activation_max(x), weight_max(originals)
+    else:
+        x_stat = activation_mean(x)
+        w_stat = weight_mean(originals, quantized[0][1].group_size) if cfg.duo_scaling else None
     inspect = block.get_submodule(group.inspect)
     args, kwargs = inspect_call
 
-    linear_inspect = group.linears == (group.inspect,) and cfg.loss == "mse"
+    # The Gram-matrix loss needs the input unchanged across candidates: not so under Q_a.
+    linear_inspect = group.linears == (group.inspect,) and cfg.loss == "mse" and act is None
     if linear_inspect:
         g = gram(x, token_weights)
         n_tok = x.shape[:-1].numel() if token_weights is None else token_weights.float().sum()
@@ -158,18 +183,27 @@ def search_group(
     best = (float("inf"), -1, None)
     try:
         for i in range(cfg.n_grid):
-            s = candidate_scales(x_mean, w_mean, i / cfg.n_grid).to(x.device)
+            s = candidate_scales(x_stat, w_stat, i / cfg.n_grid).to(x.device)
             if linear_inspect:
                 spec = quantized[0][1]
                 w = originals[0].float()
                 d = fake_quantize(w * s, spec) / s - w
                 loss = ((d @ g) * d).sum().item() / norm
             else:
+                hooks = []
                 for name, lin, w in zip(group.linears, linears, originals, strict=True):
                     if specs[name] is not None:
                         sw = s.to(w.dtype)
-                        lin.weight.copy_(fake_quantize(w * sw, specs[name]) / sw)
-                out = first_output(inspect(*args, **kwargs))
+                        if act is None:
+                            lin.weight.copy_(fake_quantize(w * sw, specs[name]) / sw)
+                        else:
+                            lin.weight.copy_(fake_quantize(w * sw, specs[name]))
+                            hooks.append(lin.register_forward_pre_hook(_scaled_act_quant(sw, act)))
+                try:
+                    out = first_output(inspect(*args, **kwargs))
+                finally:
+                    for h in hooks:
+                        h.remove()
                 loss = _weighted_loss(out, ref, cfg.loss, token_weights)
             losses.append(loss)
             if loss < best[0]:
@@ -185,6 +219,16 @@ def search_group(
     return GroupScale(group.prev, group.linears, best[2], best[1] / cfg.n_grid, losses)
 
 
+def _scaled_act_quant(s: torch.Tensor, act: ActSpec):
+    """A pre-hook that feeds a linear ``Q_a(x / s)``: its input once ``1/s`` is folded into
+    the previous op, quantized."""
+
+    def hook(module, args):
+        return (activation.fake_quantize(args[0] / s, act), *args[1:])
+
+    return hook
+
+
 def scale_capture(adapter: Adapter, block: nn.Module) -> list[str]:
     """The submodules whose calls :func:`search_block_scales` needs."""
     return [n for g in adapter.scale_groups(block) for n in (g.linears[0], g.inspect)]
@@ -197,6 +241,7 @@ def search_block_scales(
     specs: dict[str, QuantSpec | None],
     cfg: ScaleSearchConfig,
     token_weights: torch.Tensor | None = None,
+    act: ActSpec | None = None,
 ) -> list[GroupScale]:
     """Search every scale group of one block, then fold the results in, in group order.
 
@@ -208,7 +253,8 @@ def search_block_scales(
     results = []
     for group in adapter.scale_groups(block):
         lin_in = calls[group.linears[0]][0][0]
-        res = search_group(block, group, specs, lin_in, calls[group.inspect], cfg, token_weights)
+        call = calls[group.inspect]
+        res = search_group(block, group, specs, lin_in, call, cfg, token_weights, act)
         if res is not None:
             results.append(res)
     for res in results:

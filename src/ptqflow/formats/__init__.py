@@ -6,6 +6,7 @@ A new format is one new module with a :class:`PackFormat` subclass, registered b
 
 from __future__ import annotations
 
+from ptqflow.activation import ActSpec
 from ptqflow.formats.awq_gemm import AwqGemm
 from ptqflow.formats.base import IntWeight, PackFormat
 from ptqflow.formats.bitstream import Bitstream
@@ -39,13 +40,30 @@ def detect_format(config: dict) -> PackFormat:
 
 
 def check_packable(
-    fmt: PackFormat, plan: dict[str, QuantSpec | None], shapes: dict[str, tuple[int, int]]
+    fmt: PackFormat,
+    plan: dict[str, QuantSpec | None],
+    shapes: dict[str, tuple[int, int]],
+    act: ActSpec | None = None,
 ) -> None:
     """Raise, naming the layer and the fix, if ``fmt`` cannot hold the quantized ``plan``
-    (``shapes``: ``{name: (out, in)}``). Cheap: run it before loading weights."""
+    (``shapes``: ``{name: (out, in)}``) with activation quantization ``act``. Cheap: run it
+    before loading weights."""
     specs = {name: spec for name, spec in plan.items() if spec is not None}
     if not specs:
         raise ValueError("the recipe quantizes no linear, so there is nothing to pack")
+    if act is not None and not fmt.holds_activations:
+        holders = [f.name for f in FORMATS.values() if f.holds_activations]
+        raise ValueError(
+            f"pack.format={fmt.name} is weight-only: a loader would run quant.a_bit="
+            f"{act.a_bit} layers with unquantized activations, not what was evaluated; pick "
+            f"pack.format={' or '.join(holders)}"
+        )
+    if act is not None and act.static:
+        raise ValueError(
+            "static per-tensor activation scales (quant.a_granularity=tensor) are not packed; "
+            "pack with quant.a_granularity=token, or score the static config with "
+            "fake-quant-eval alone (`python stages/fake_quant_eval.py quant.a_granularity=tensor`)"
+        )
     bad = {name: s.tag for name, s in specs.items() if s.w_bit not in fmt.bits}
     if bad:
         name, tag = next(iter(bad.items()))

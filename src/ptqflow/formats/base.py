@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ptqflow.kernels import reference as ref
+from ptqflow.activation import ActSpec
 from ptqflow.quant import QuantSpec, quantize
 
 
@@ -65,6 +66,8 @@ class PackFormat:
         out_multiple: the output dimension must divide by this (packing runs along it).
         scale_dtypes: storage dtypes it accepts for scales and unquantized tensors.
         one_group_size: every quantized layer must share one (not per-channel) group size.
+        holds_activations: it can declare dynamic per-token activation quantization (W8A8,
+            W4A8), so a loader quantizes the inputs of the packed linears as fake-quant did.
     """
 
     name: str
@@ -75,6 +78,7 @@ class PackFormat:
     out_multiple: int = 1
     scale_dtypes: tuple[str, ...] = ("float16", "bfloat16")
     one_group_size: bool = False
+    holds_activations: bool = False
 
     def check_plan(self, specs: dict[str, QuantSpec]) -> None:
         """Raise on constraints across layers (:attr:`one_group_size`)."""
@@ -120,6 +124,15 @@ class PackFormat:
     def matches(self, qc: dict) -> bool:
         """Whether a checkpoint's ``quantization_config`` is in this format."""
         raise NotImplementedError
+
+    def declare_activations(self, qc: dict, act: ActSpec) -> None:
+        """Add dynamic activation quantization ``act`` to ``qc`` (formats that
+        :attr:`holds_activations`)."""
+        raise NotImplementedError
+
+    def declared_activations(self, qc: dict) -> ActSpec | None:
+        """The activation quantization a checkpoint's ``qc`` declares (None: weight-only)."""
+        return None
 
     def declared_bits(self, qc: dict) -> dict[str, int]:
         """Bits per module path, where the config says them (checked against the tensors)."""

@@ -21,6 +21,7 @@ class Bitstream(PackFormat):
     bits_text = f"{MIN_BITS}..{MAX_BITS}-bit weights"
     tensors = ("qweight", "qzeros", "scales")
     marker = "qweight"
+    holds_activations = True
     out_multiple = 32
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -53,6 +54,13 @@ class Bitstream(PackFormat):
 
     def matches(self, qc: dict) -> bool:
         return qc.get("quant_method") == "ptqflow" and qc.get("format") == "bitstream"
+
+    def declare_activations(self, qc: dict, act: ActSpec) -> None:
+        qc["activations"] = {"bits": act.a_bit, "granularity": act.granularity}
+
+    def declared_activations(self, qc: dict) -> ActSpec | None:
+        a = qc.get("activations")
+        return None if a is None else ActSpec(int(a["bits"]), str(a["granularity"]))
 
     def declared_bits(self, qc: dict) -> dict[str, int]:
         return {name: m["bits"] for name, m in qc.get("modules", {}).items()}

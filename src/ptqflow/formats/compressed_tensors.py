@@ -13,6 +13,7 @@ import torch
 
 from ptqflow.formats.base import IntWeight, PackFormat
 from ptqflow.kernels import reference as ref
+from ptqflow.activation import ActSpec
 from ptqflow.quant import QuantSpec
 
 
@@ -22,6 +23,7 @@ class CompressedTensors(PackFormat):
     bits_text = "4- or 8-bit weights"
     tensors = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
     marker = "weight_packed"
+    holds_activations = True
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         in_f, out_f = w.q.shape
@@ -82,6 +84,36 @@ class CompressedTensors(PackFormat):
             "global_compression_ratio": None,
             "sparsity_config": {},
         }
+
+    def declare_activations(self, qc: dict, act: ActSpec) -> None:
+        for group in qc["config_groups"].values():
+            group["input_activations"] = {
+                "num_bits": act.a_bit,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "token",
+                "dynamic": True,
+                "group_size": None,
+                "actorder": None,
+                "observer": None,
+                "observer_kwargs": {},
+                "block_structure": None,
+            }
+
+    def declared_activations(self, qc: dict) -> ActSpec | None:
+        found = {
+            (a["num_bits"], a["strategy"], a["dynamic"], a["symmetric"], a["type"])
+            for g in qc.get("config_groups", {}).values()
+            if (a := g.get("input_activations"))
+        }
+        if not found:
+            return None
+        if len(found) > 1 or next(iter(found))[1:] != ("token", True, True, "int"):
+            raise ValueError(
+                f"input_activations {sorted(found)}: ptqflow loads dynamic symmetric int "
+                "per-token activation quantization, the same for every config group"
+            )
+        return ActSpec(next(iter(found))[0])
 
     def matches(self, qc: dict) -> bool:
         return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == (

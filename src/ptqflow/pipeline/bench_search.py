@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ptqflow.artifacts import atomic_write_text, to_json
-from ptqflow.config import parse_quant
+from ptqflow.config import quant_label
 from ptqflow.pipeline import calib_data, clip_search, scale_search
 from ptqflow.pipeline.common import StageRun, output_dirs
 
@@ -63,7 +63,7 @@ def measure(stage: str, cfg: dict[str, Any], run: StageRun) -> dict[str, Any]:
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     reports = output_dirs(cfg, run)[1]
-    tag = parse_quant(cfg["quant"]).tag
+    tag = quant_label(cfg["quant"])
     work = Path(tempfile.mkdtemp(prefix="ptqflow-bench-"))
     try:
         bench_cfg = cfg | {

@@ -19,7 +19,7 @@ import torch
 
 from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
 from ptqflow.bench import bench_kernels, decode_speed, device_name, module_bytes, plot
-from ptqflow.config import BenchConfig, ModelConfig, parse, parse_quant
+from ptqflow.config import BenchConfig, ModelConfig, parse, quant_label
 from ptqflow.models import load_model, load_tokenizer, model_fingerprint, resolve_model
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
 from ptqflow.pipeline.common import StageRun, output_dirs, tracked
@@ -43,7 +43,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     check_inputs(manifest, {"model": fingerprint})
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     inputs = {"model": fingerprint, "packed": manifest["files"]}
-    tag = f"{parse_quant(manifest['params']['quant']).tag}-{manifest['params']['pack']['format']}"
+    tag = f"{quant_label(manifest['params']['quant'])}-{manifest['params']['pack']['format']}"
     with tracked(STAGE, cfg, run, f"bench-{tag}", inputs, str(device)) as run_log:
         packed = load_packed(packed_dir, dtype, device)
         layers = {

@@ -33,6 +33,7 @@ from ptqflow.config import (
     TrackingConfig,
     is_auto,
     parse,
+    parse_act,
     parse_quant,
     parse_recipe,
     parse_search,
@@ -87,7 +88,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         recipe = parse_recipe(cfg["recipe"], quant)
         plan = recipe.resolve(linear_layers(hf_config))
         require_quantized(plan, recipe.name)
-        check_packable(fmt, plan, shapes)
+        check_packable(fmt, plan, shapes, parse_act(cfg["quant"]))
 
     result = {"model": model_fingerprint(ref)}
     atomic_write_text(reports / CHECK_FILE, to_json(result))

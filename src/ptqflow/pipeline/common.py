@@ -24,7 +24,7 @@ from ptqflow.artifacts import (
     read_manifest,
 )
 from ptqflow.calib import load_blocks
-from ptqflow.config import PathsConfig, TrackingConfig, is_auto, parse, parse_quant
+from ptqflow.config import PathsConfig, TrackingConfig, is_auto, parse, quant_label
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
 from ptqflow.tracking import dvc_session, mlflow_run, resolve_uri, sweep_session
@@ -141,7 +141,7 @@ def quant_tag(cfg: Mapping[str, Any]) -> str:
     if is_auto(cfg["recipe"]):
         return f"auto{cfg['recipe']['budget']}"
     name = cfg["recipe"].get("name", "custom")
-    return parse_quant(cfg["quant"]).tag + ("" if name == "default" else f"-{name}")
+    return quant_label(cfg["quant"]) + ("" if name == "default" else f"-{name}")
 
 
 def read_upstream(

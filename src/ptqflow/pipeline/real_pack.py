@@ -15,7 +15,7 @@ from typing import Any
 
 from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.awq.apply import apply_clips, apply_scales
-from ptqflow.config import parse
+from ptqflow.config import parse, parse_act
 from ptqflow.formats import check_packable, get_format
 from ptqflow.models import linear_shapes, load_model, load_tokenizer
 from ptqflow.pack import PackConfig, save_packed
@@ -32,7 +32,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     pack = parse(PackConfig, "pack", cfg["pack"])
     setup = quant_setup(cfg, run)
-    check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config))
+    act = parse_act(cfg["quant"])
+    check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config), act)
     scales, clips, inputs = [], {}, {}
     if pack.method == "awq":
         scales, clips, inputs = awq_inputs(cfg, setup)
@@ -45,7 +46,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         apply_scales(model, scales)
         apply_clips(model, clips)
         with atomic_dir(out_dir) as tmp:
-            stats = save_packed(model, load_tokenizer(setup.ref), setup.plan, pack, tmp)
+            stats = save_packed(model, load_tokenizer(setup.ref), setup.plan, pack, tmp, act)
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
         mlrun.log_metrics(

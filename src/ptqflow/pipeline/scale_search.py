@@ -18,7 +18,7 @@ import torch
 from ptqflow.artifacts import read_safetensors
 from ptqflow.awq.scale import block_record, scale_capture, search_block_scales
 from ptqflow.blockwise import block_specs
-from ptqflow.config import parse_search
+from ptqflow.config import parse_act, parse_search
 from ptqflow.gradient import STATS_FILE
 from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import load_calib, quant_setup, run_blockwise
@@ -32,6 +32,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     setup = quant_setup(cfg, run)
     scale_cfg, _ = parse_search(cfg["search"])
+    act = parse_act(cfg["quant"])
     input_ids, calib_sha = load_calib(setup, cfg)
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}
     prefix = setup.adapter.block_prefix
@@ -45,7 +46,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     def search(i, block, calls):
         specs = block_specs(setup.plan, f"{prefix}.{i}")
         w = None if weights is None else weights[i].to(next(block.parameters()).device)
-        results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg, w)
+        results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg, w, act)
         return block_record([r.under(f"{prefix}.{i}") for r in results])
 
     return run_blockwise(

@@ -14,9 +14,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ptqflow import activation
+from ptqflow.activation import ActSpec
 from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
 from ptqflow.awq.apply import apply_clips, apply_scales
-from ptqflow.config import EvalConfig, ModelConfig, parse, parse_quant
+from ptqflow.config import EvalConfig, ModelConfig, parse, parse_act, quant_label
 from ptqflow.formats import get_format
 from ptqflow.models import (
     ModelRef,
@@ -29,7 +31,7 @@ from ptqflow.models import (
 )
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
 from ptqflow.pipeline.common import StageRun, output_dirs, quant_tag
-from ptqflow.pipeline.quantizing import awq_inputs, quant_setup
+from ptqflow.pipeline.quantizing import awq_inputs, load_calib, quant_setup
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
 # Sizes of fake-quantized models count what pack.format=ptqflow (any mix of bits) stores, with
@@ -136,10 +138,10 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         manifest = read_manifest(packed_dir, "real-pack")
         check_inputs(manifest, {"model": fingerprint})
         made = manifest["params"]
-        tag = f"{parse_quant(made['quant']).tag}-{made['pack']['format']}"
+        tag = f"{quant_label(made['quant'])}-{made['pack']['format']}"
         size, weights = stored_bytes(packed_dir, config)
 
-        def build_packed():
+        def build_packed():  # the checkpoint declares its activation quantization, if any
             model = load_packed(packed_dir, model_cfg.torch_dtype, device)
             return model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
@@ -151,6 +153,9 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
     setup = quant_setup(cfg, run)
     tag = quant_tag(cfg)
     scales, clips, inputs = [], {}, {"model": setup.fingerprint, **setup.recipe_inputs}
+    act, calib = parse_act(cfg["quant"]), None
+    if act is not None and act.static:
+        calib, inputs["calib_tokens"] = load_calib(setup, cfg)
     if ev.method == "awq":
         if not (ev.scales or ev.clips):
             raise ValueError(
@@ -167,7 +172,9 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         apply_scales(model, scales)
         apply_clips(model, clips)
         done = fake_quantize_linears(model, setup.plan)
-        return model.to(setup.model_cfg.torch_device()), done
+        model = model.to(setup.model_cfg.torch_device())
+        quantize_activations(model, done, act, calib)
+        return model, done
 
     size, weights = planned_bytes(setup.plan, setup.hf_config)
     return Subject(
@@ -181,6 +188,18 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         8 * size / weights,
         build_fake,
     )
+
+
+def quantize_activations(
+    model: nn.Module, names: list[str], act: ActSpec | None, calib: torch.Tensor | None
+) -> None:
+    """Quantize the inputs of the linears ``names`` (weight-activation configs; nothing for
+    weight-only ones), with static scales calibrated on the blocks ``calib`` when ``act`` asks
+    for them."""
+    if act is None:
+        return
+    scales = activation.calibrate_scales(model, names, act, calib) if act.static else None
+    activation.attach(model, names, act, scales)
 
 
 def output_path(

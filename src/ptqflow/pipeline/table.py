@@ -97,16 +97,17 @@ EVAL = "stages/fake_quant_eval.py"
 LM_EVAL = "stages/lm_evaluation.py"
 METHODS = ("fp", "rtn", "awq", "packed")
 # What builds each evaluated model: its params and upstream outputs (both eval stages share it).
+# rtn and awq read the calibration blocks for static activation scales (quant.a_granularity).
 SUBJECT_PARAMS = {
     "fp": ("model",),
-    "rtn": ("model", "quant", "recipe"),
-    "awq": ("model", "quant", "recipe", "eval.scales", "eval.clips"),
+    "rtn": ("model", "calib", "quant", "recipe"),
+    "awq": ("model", "calib", "quant", "recipe", "search", "eval.scales", "eval.clips"),
     "packed": ("model",),
 }
 SUBJECT_DEPS = {
     "fp": (),
-    "rtn": ("artifacts/recipe",),
-    "awq": ("artifacts/recipe", "artifacts/scales", "artifacts/clips"),
+    "rtn": ("artifacts/calib", "artifacts/recipe"),
+    "awq": ("artifacts/calib", "artifacts/recipe", "artifacts/scales", "artifacts/clips"),
     "packed": ("artifacts/packed",),
 }
 

@@ -5,7 +5,6 @@ import json
 import stat
 
 import pytest
-import torch
 from conftest import compose, tiny_overrides, tree_bytes
 
 from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, scale_search

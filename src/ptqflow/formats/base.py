@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqflow.kernels import reference as ref
 from ptqflow.activation import ActSpec
+from ptqflow.kernels import reference as ref
 from ptqflow.quant import QuantSpec, quantize
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ptqflow.activation import ActSpec
 from ptqflow.formats.base import IntWeight, PackFormat
 from ptqflow.kernels import reference as ref
 from ptqflow.quant import MAX_BITS, MIN_BITS, QuantSpec

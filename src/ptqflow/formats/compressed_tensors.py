@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ptqflow.activation import ActSpec
 from ptqflow.formats.base import IntWeight, PackFormat
 from ptqflow.kernels import reference as ref
-from ptqflow.activation import ActSpec
 from ptqflow.quant import QuantSpec
 
 

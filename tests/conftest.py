@@ -72,6 +72,61 @@ def tiny_llama(vocab_size: int, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg))
 
 
+VLM_KINDS = ("llava", "qwen2_vl", "idefics3")
+
+
+def tiny_vlm_config(kind: str, vocab_size: int, image_token: int):
+    """A tiny vision-language config (2 decoder blocks, hidden 64; a 2-layer vision tower on
+    32x32 images): ``llava`` (CLIP + Llama), ``qwen2_vl`` or ``idefics3`` (SmolVLM)."""
+    from transformers import Idefics3Config, LlavaConfig, Qwen2VLConfig
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "llava":
+        return LlavaConfig(
+            text_config={"model_type": "llama", **text},
+            vision_config={
+                "model_type": "clip_vision_model",
+                **vision,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            image_token_index=image_token,
+            vision_feature_layer=-1,
+        )
+    if kind == "qwen2_vl":
+        return Qwen2VLConfig(
+            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+            vision_config=dict(
+                depth=2,
+                embed_dim=32,
+                hidden_size=64,
+                num_heads=4,
+                mlp_ratio=2,
+                patch_size=8,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            image_token_id=image_token,
+        )
+    if kind == "idefics3":
+        return Idefics3Config(
+            text_config={"model_type": "llama", **text},
+            vision_config={**vision, "image_size": 32, "patch_size": 8},
+            scale_factor=2,
+            image_token_id=image_token,
+        )
+    raise ValueError(kind)
+
+
 def build_tiny_llama(out_dir: Path, vocab_size: int, **overrides) -> None:
     tiny_llama(vocab_size, **overrides).save_pretrained(out_dir)
 

@@ -26,6 +26,7 @@ T = TypeVar("T")
 EVAL_METHODS = ("fp", "rtn", "awq", "packed")
 SEARCH_LOSSES = ("mse", "mae")
 SCALE_GRIDS = ("awq", "smoothquant")
+BALANCES = ("none", "mbq")
 TOKEN_WEIGHTS = ("none", "gradient")
 
 
@@ -342,15 +343,34 @@ def is_auto(recipe: Mapping[str, Any]) -> bool:
 
 
 def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSearchConfig]:
-    """The ``search`` section: ``{scale: {...}, clip: {...}}``."""
+    """The ``search`` section: ``{scale: {...}, clip: {...}, balance: ...}`` (``balance``:
+    :func:`parse_balance`)."""
     values = dict(values or {})
-    unknown = sorted(set(values) - {"scale", "clip"})
+    unknown = sorted(set(values) - {"scale", "clip", "balance"})
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section 'search'; known: scale, clip")
+        raise ValueError(
+            f"unknown key(s) {unknown} in config section 'search'; known: scale, clip, balance"
+        )
+    scale = parse(ScaleSearchConfig, "search.scale", values.get("scale"))
+    if parse_balance(values) == "mbq" and scale.token_weight != "none":
+        raise ValueError(
+            "search.balance=mbq and search.scale.token_weight="
+            f"{scale.token_weight} both weigh the tokens; set one of them to none"
+        )
     return (
-        parse(ScaleSearchConfig, "search.scale", values.get("scale")),
+        scale,
         parse(ClipSearchConfig, "search.clip", values.get("clip")),
     )
+
+
+def parse_balance(values: Mapping[str, Any]) -> str:
+    """``search.balance``: ``none`` (every token alike, AWQ) or ``mbq`` (vision tokens weighed
+    against language tokens by the gradient ratio of their block, MBQ; vision-language models
+    only)."""
+    balance = dict(values or {}).get("balance", "none")
+    if balance not in BALANCES:
+        raise ValueError(f"search.balance={balance!r}: use one of {list(BALANCES)}")
+    return balance
 
 
 ACT_KEYS = {"a_bit": "a_bit", "a_granularity": "granularity"}  # quant key -> ActSpec field

@@ -86,6 +86,53 @@ def text_groups(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"all": torch.ones(input_ids.shape, dtype=torch.bool)}
 
 
+VISION, LANGUAGE = "vision", "language"  # the token groups of a vision-language model
+
+
+def modality_groups(vision: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token groups of a vision-language model from its modality mask ``bool [n, seq]`` (True
+    at image-token positions)."""
+    return {VISION: vision.bool(), LANGUAGE: ~vision.bool()}
+
+
+def modality_ratios(stats: GradientStats, prefix: str) -> torch.Tensor:
+    """MBQ's per-block balance: ``r_i = mean|dL/dh_i|`` over vision tokens divided by the same
+    over language tokens (``h_i`` the output of block ``i``, from the caption loss), floored
+    at the median over blocks so one block with a vanishing vision gradient cannot drop the
+    vision error from its search. Float32 ``[n_blocks]``.
+
+    Raises:
+        ValueError: the statistics are text-only (no vision and language token groups).
+        FloatingPointError: a block's ratio is NaN, infinite or zero, naming the block.
+    """
+    if VISION not in stats.groups or LANGUAGE not in stats.groups:
+        raise ValueError(
+            f"search.balance=mbq weighs vision tokens against language tokens, but the "
+            f"gradient statistics have token groups {list(stats.groups)} (a text-only "
+            "calibration set); use search.balance=none for a text model"
+        )
+    v, lang = stats.groups.index(VISION), stats.groups.index(LANGUAGE)
+    ratios = []
+    for i, block in stats.blocks.items():
+        r = block["grad_abs"][v].double() / block["grad_abs"][lang].double()
+        if not torch.isfinite(r) or r <= 0:
+            raise FloatingPointError(
+                f"the vision/language gradient ratio of {prefix}.{i} is {r.item()} (mean "
+                f"|dL/dh| vision {block['grad_abs'][v].item()}, language "
+                f"{block['grad_abs'][lang].item()}): rerun the gradient stage in float32 "
+                "on a calibration set with both image and caption tokens"
+            )
+        ratios.append(r)
+    r = torch.stack(ratios)
+    return torch.maximum(r, r.median()).float()
+
+
+def balance_weights(ratio: float, vision: torch.Tensor) -> torch.Tensor:
+    """Per-token loss weights ``[n, seq]`` of one block: 1 for language tokens, ``ratio`` for
+    vision tokens, so a search's loss is ``(language error + r * vision error) / tokens``."""
+    return torch.where(vision.bool(), torch.tensor(float(ratio)), torch.tensor(1.0))
+
+
 class _Accumulator:
     """Float64 sums on the compute device, filled by the hooks; non-finite gradients seen."""
 

@@ -163,13 +163,21 @@ def load_tokenizer(ref: ModelRef):
         return AutoTokenizer.from_pretrained(ref.location, **ref.hf_kwargs())
 
 
-def load_model(ref: ModelRef, dtype: str = "float32") -> nn.Module:
-    """Load the causal LM in ``dtype`` (GGUF weights are dequantized to it), in eval mode."""
-    from transformers import AutoModelForCausalLM
+def auto_class(config):
+    """The transformers auto class that builds the model ``config`` describes (causal LM, or
+    image-text-to-text for a vision-language model), as its adapter says."""
+    import transformers
 
+    return getattr(transformers, get_adapter(config.model_type).auto_class)
+
+
+def load_model(ref: ModelRef, dtype: str = "float32", config=None) -> nn.Module:
+    """Load the model in ``dtype`` (GGUF weights are dequantized to it), in eval mode;
+    ``config``: its transformers config when already read (saves reading it again)."""
     torch_dtype = dtype_of(dtype, what="model dtype")
+    config = config if config is not None else load_config(ref)
     with _hub_errors(ref, "the weights"):
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class(config).from_pretrained(
             ref.location, dtype=torch_dtype, **ref.hf_kwargs()
         )
     return model.eval()
@@ -186,10 +194,8 @@ def linear_layers(config) -> list[tuple[str, int | None, int]]:
 
 def skeleton(config) -> nn.Module:
     """The model ``config`` describes, built on the meta device (no weights read or allocated)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_class(config).from_config(config)
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:

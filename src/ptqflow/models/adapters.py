@@ -33,6 +33,8 @@ class Adapter:
 
     model_types: tuple[str, ...] = ()
     block_prefix: str = ""
+    multimodal = False  # whether the model reads images as well as text
+    auto_class = "AutoModelForCausalLM"  # the transformers class that builds it from a config
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.block_prefix)
@@ -115,7 +117,39 @@ class GPTNeoXAdapter(Adapter):
         ]
 
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), OPTAdapter(), GPTNeoXAdapter())
+class VisionLanguageAdapter(LlamaAdapter):
+    """A vision-language model whose language decoder is a Llama-family block (LLaVA 1.5 and
+    OneVision, Qwen2-VL and Qwen2.5-VL, SmolVLM / Idefics3): the recipe quantizes the decoder;
+    the vision tower and projector sit outside ``block_prefix``, so they stay in full precision
+    unless a recipe rule names them."""
+
+    multimodal = True
+    auto_class = "AutoModelForImageTextToText"
+
+
+class LlavaAdapter(VisionLanguageAdapter):
+    model_types = ("llava", "llava_onevision")
+    block_prefix = "model.language_model.layers"
+
+
+class Qwen2VLAdapter(VisionLanguageAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    block_prefix = "model.language_model.layers"
+
+
+class Idefics3Adapter(VisionLanguageAdapter):
+    model_types = ("idefics3",)
+    block_prefix = "model.text_model.layers"
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    LlamaAdapter(),
+    OPTAdapter(),
+    GPTNeoXAdapter(),
+    LlavaAdapter(),
+    Qwen2VLAdapter(),
+    Idefics3Adapter(),
+)
 
 
 def supported_model_types() -> list[str]:

@@ -49,6 +49,7 @@ from ptqflow.models import (
 )
 from ptqflow.pack import PackConfig
 from ptqflow.pipeline.common import StageRun, output_dirs
+from ptqflow.pipeline.quantizing import check_balance
 from ptqflow.pipeline.recipe import auto_candidates
 from ptqflow.recipe import require_quantized
 from ptqflow.text import check_source
@@ -76,7 +77,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     ref = resolve_model(model_cfg.source)
     model_cfg.torch_device()
     hf_config = load_config(ref)
-    get_adapter(hf_config.model_type)
+    check_balance(cfg, get_adapter(hf_config.model_type), hf_config.model_type)
     shapes = linear_shapes(hf_config)
     fmt = get_format(pack.format)
     if is_auto(cfg["recipe"]):

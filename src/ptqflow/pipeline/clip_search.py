@@ -21,7 +21,7 @@ from ptqflow.blockwise import block_specs
 from ptqflow.config import parse_search
 from ptqflow.models import linear_shapes
 from ptqflow.pipeline.common import StageRun, read_upstream
-from ptqflow.pipeline.quantizing import load_calib, quant_setup, run_blockwise
+from ptqflow.pipeline.quantizing import check_balance, load_calib, quant_setup, run_blockwise
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["clip-search"]
@@ -30,6 +30,7 @@ STAGE = BY_NAME["clip-search"]
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     setup = quant_setup(cfg, run)
+    check_balance(cfg, setup.adapter, setup.hf_config.model_type)
     _, clip_cfg = parse_search(cfg["search"])
     input_ids, calib_sha = load_calib(setup, cfg)
     scales_dir = setup.artifacts / "scales"

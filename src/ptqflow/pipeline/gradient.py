@@ -37,13 +37,14 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     artifacts, reports = output_dirs(cfg, run)
     ref = resolve_model(model_cfg.source)
     device = model_cfg.torch_device()
-    adapter = get_adapter(load_config(ref).model_type)
+    hf_config = load_config(ref)
+    adapter = get_adapter(hf_config.model_type)
     fingerprint = model_fingerprint(ref)
     input_ids, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
     inputs = {"model": fingerprint, "calib_tokens": calib_sha}
 
     with tracked(STAGE, cfg, run, "gradient", inputs, str(device)) as mlrun:
-        model = load_model(ref, model_cfg.dtype)
+        model = load_model(ref, model_cfg.dtype, hf_config)
         t0 = time.perf_counter()
         groups = text_groups(input_ids)
         stats = collect(model, adapter, input_ids, groups, device, sens.batch_size, sens.seed)

@@ -30,6 +30,7 @@ from ptqflow.config import (
     ModelConfig,
     is_auto,
     parse,
+    parse_balance,
     parse_quant,
     parse_recipe,
     parse_search,
@@ -128,6 +129,16 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
     )
 
 
+def check_balance(cfg: Mapping[str, Any], adapter: Adapter, model_type: str) -> None:
+    """Refuse ``search.balance=mbq`` for a text model: it weighs vision tokens against language
+    tokens, and a text model has no vision tokens."""
+    if parse_balance(cfg["search"]) == "mbq" and not adapter.multimodal:
+        raise ValueError(
+            "search.balance=mbq weighs vision tokens against language tokens, but "
+            f"'{model_type}' is a text model; use search.balance=none"
+        )
+
+
 def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, str]:
     """The calibration blocks and their hash, refused if made for another model or config."""
     return calib_blocks(setup.artifacts, setup.fingerprint, cfg)
@@ -188,7 +199,7 @@ def run_blockwise(
     store = BlockStore(out_dir, key)
     run_name = f"{stage.name.removesuffix('-search')}-{quant_tag(cfg)}"
     with tracked(stage, cfg, run, run_name, inputs, str(device)) as run_log:
-        model = load_model(setup.ref, setup.model_cfg.dtype)
+        model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
         if prepare is not None:
             prepare(model)
         t0 = time.perf_counter()

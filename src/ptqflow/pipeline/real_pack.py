@@ -42,7 +42,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run_name = f"pack-{pack.method}-{quant_tag(cfg)}-{pack.format}"
     device = str(setup.model_cfg.torch_device())
     with tracked(STAGE, cfg, run, run_name, inputs, device) as mlrun:
-        model = load_model(setup.ref, setup.model_cfg.dtype)
+        model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
         apply_scales(model, scales)
         apply_clips(model, clips)
         with atomic_dir(out_dir) as tmp:

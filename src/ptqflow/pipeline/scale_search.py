@@ -21,7 +21,7 @@ from ptqflow.blockwise import block_specs
 from ptqflow.config import parse_act, parse_search
 from ptqflow.gradient import STATS_FILE
 from ptqflow.pipeline.common import StageRun, read_upstream
-from ptqflow.pipeline.quantizing import load_calib, quant_setup, run_blockwise
+from ptqflow.pipeline.quantizing import check_balance, load_calib, quant_setup, run_blockwise
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["scale-search"]
@@ -31,6 +31,7 @@ TOKEN_KEY = "/token_grad_sq"  # the per-token statistics the token weights come 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     setup = quant_setup(cfg, run)
+    check_balance(cfg, setup.adapter, setup.hf_config.model_type)
     scale_cfg, _ = parse_search(cfg["search"])
     act = parse_act(cfg["quant"])
     input_ids, calib_sha = load_calib(setup, cfg)

@@ -37,7 +37,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
     artifacts, reports = output_dirs(cfg, run)
     ref = resolve_model(model_cfg.source)
-    adapter = get_adapter(load_config(ref).model_type)
+    hf_config = load_config(ref)
+    adapter = get_adapter(hf_config.model_type)
     fingerprint = model_fingerprint(ref)
     inputs = {"model": fingerprint, "calib_tokens": calib_tokens(artifacts, fingerprint, cfg)}
     grad_dir = artifacts / "gradient"
@@ -49,7 +50,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
 
     device = str(model_cfg.torch_device())
     with tracked(STAGE, cfg, run, "sensitivity", inputs, device) as mlrun:
-        model = load_model(ref, model_cfg.dtype)
+        model = load_model(ref, model_cfg.dtype, hf_config)
         decoder = [(name, layer) for name, layer, _ in adapter.linears(model) if layer is not None]
         weights = {name: model.get_submodule(name).weight for name, _ in decoder}
         rows = estimate_table(weights, dict(decoder), stats, sens.specs)

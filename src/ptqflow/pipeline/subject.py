@@ -122,7 +122,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         n_linears = len(linear_layers(config))
         if ev.method == "fp":
             size, weights = planned_bytes({}, config)
-            build = lambda: (load_model(ref, model_cfg.dtype).to(device), [])  # noqa: E731
+            build = lambda: (load_model(ref, model_cfg.dtype, config).to(device), [])  # noqa: E731
             return Subject(
                 model_cfg,
                 ref,
@@ -168,7 +168,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
             tag += "-scales-only" if ev.scales else "-clips-only"
 
     def build_fake():
-        model = load_model(setup.ref, setup.model_cfg.dtype)
+        model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
         apply_scales(model, scales)
         apply_clips(model, clips)
         done = fake_quantize_linears(model, setup.plan)

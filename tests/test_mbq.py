@@ -1,0 +1,56 @@
+"""MBQ's modality balance: per-block vision/language gradient ratios, their guard, the token
+weights they give, and the refusals for text models."""
+
+import pytest
+import torch
+from conftest import compose
+
+from ptqflow.config import parse_balance, parse_search
+from ptqflow.gradient import GradientStats, balance_weights, modality_groups, modality_ratios
+
+
+def stats(grad_abs: list[tuple[float, float]], groups=("vision", "language")) -> GradientStats:
+    blocks = {i: {"grad_abs": torch.tensor(g)} for i, g in enumerate(grad_abs)}
+    return GradientStats({}, blocks, groups, (10, 20), 30, 29, 1.0)
+
+
+def test_ratios_are_vision_over_language_floored_at_the_median():
+    r = modality_ratios(stats([(1.0, 4.0), (3.0, 2.0), (0.1, 10.0), (1.0, 2.0)]), "m.layers")
+    # raw 0.25, 1.5, 0.01, 0.5; median (lower of the two middle values) 0.25
+    assert torch.allclose(r, torch.tensor([0.25, 1.5, 0.25, 0.5]))
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_degenerate_ratio_names_the_block(bad):
+    with pytest.raises(FloatingPointError, match=r"ratio of m\.layers\.1 is"):
+        modality_ratios(stats([(1.0, 2.0), (bad, 2.0), (1.0, 1.0)]), "m.layers")
+
+
+def test_text_statistics_are_refused():
+    with pytest.raises(ValueError, match="text-only"):
+        modality_ratios(stats([(1.0,)], groups=("all",)), "m.layers")
+
+
+def test_weights_and_groups_from_the_modality_mask():
+    vision = torch.tensor([[True, True, False, False]])
+    assert torch.equal(balance_weights(0.3, vision), torch.tensor([[0.3, 0.3, 1.0, 1.0]]))
+    groups = modality_groups(vision)
+    assert torch.equal(groups["language"], ~vision) and torch.equal(groups["vision"], vision)
+
+
+def test_balance_config():
+    search = compose([])["search"]
+    assert parse_balance(search) == "none"
+    with pytest.raises(ValueError, match="search.balance='vision'"):
+        parse_balance(search | {"balance": "vision"})
+    both = search | {"balance": "mbq", "scale": search["scale"] | {"token_weight": "gradient"}}
+    with pytest.raises(ValueError, match="both weigh the tokens"):
+        parse_search(both)
+
+
+def test_mbq_on_a_text_model_is_refused_by_the_check_stage(tiny_cfg, tmp_path):
+    from ptqflow.pipeline import check
+
+    with pytest.raises(ValueError, match="'llama' is a text model; use search.balance=none"):
+        check.run(tiny_cfg("search.balance=mbq"))
+    assert not (tmp_path / "reports" / "check.json").exists()

@@ -5,7 +5,9 @@ import json
 import stat
 
 import pytest
+import torch
 from conftest import compose, tiny_overrides, tree_bytes
+from safetensors.torch import load_file
 
 from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, scale_search
 
@@ -112,3 +114,42 @@ def test_clip_only_ablation(awq_cfg, tmp_path):
         awq_cfg(tmp_path, "search.clip.apply_scales=false", "eval.method=awq", "eval.scales=false")
     )
     assert out["quant"] == "w4g32-clips-only"
+
+
+@pytest.mark.parametrize("stage", ["scale", "clip"])
+def test_distort_feeds_quantized_blocks_and_resumes_to_identical_bytes(
+    awq_cfg, tmp_path, monkeypatch, stage
+):
+    """search.distort=true: block 1 is searched on block 0's quantized output (so its losses
+    differ from the plain search's, block 0's do not), and a killed run resumes to the same
+    bytes, the resumed block's saved result rebuilding the quantized input."""
+    plain, clean, killed = (tmp_path / n for n in ("plain", "clean", "killed"))
+    run_all(awq_cfg(plain, "quant.w_bit=3"))
+    run_all(awq_cfg(clean, "quant.w_bit=3", "search.distort=true"))
+    out = "scales" if stage == "scale" else "clips"
+    for i, same in ((0, True), (1, False)):
+        name = f"block_{i:03d}.safetensors"
+        a, b = (load_file(d / "artifacts" / out / name) for d in (plain, clean))
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, (out, i)
+
+    cfg = awq_cfg(killed, "quant.w_bit=3", "search.distort=true")
+    calib_data.run(cfg)
+    module = scale_search if stage == "scale" else clip_search
+    if stage == "clip":
+        scale_search.run(cfg)
+    name = f"search_block_{out}"
+    real, calls = getattr(module, name), []
+
+    def dies_on_second_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        module.run(cfg)
+    calls.clear()
+    module.run(cfg)
+    assert len(calls) == 1
+    assert tree_bytes(killed / "artifacts" / out) == tree_bytes(clean / "artifacts" / out)

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ptqflow import activation
+from ptqflow.activation import ActSpec
 from ptqflow.artifacts import publish_dir, to_json
 from ptqflow.models.adapters import Adapter
-from ptqflow.quant import QuantSpec
+from ptqflow.quant import QuantSpec, fake_quantize_linears
 
 Calls = dict[str, tuple[tuple, dict]]
 """The ``(args, kwargs)`` each recorded submodule of a block was called with."""
@@ -98,15 +101,17 @@ def stream_blocks(
     input_ids: torch.Tensor,
     device: torch.device,
     capture: Callable[[int, nn.Module], list[str]],
-    visit: Callable[[int, nn.Module, Calls], None],
+    visit: Callable[[int, nn.Module, Calls], nn.Module | None],
 ) -> None:
     """Run the decoder blocks one at a time on ``device`` and hand each to ``visit``.
 
     For block ``i``, one full-precision forward pass records the calls of the submodules
     ``capture(i, block)`` names (see :func:`capture_calls`); its output is the next block's
-    input, so it is fixed before ``visit(i, block, calls)`` may change the block. Each block
-    is moved to ``device`` for its turn and back afterwards, so only one block's weights and
-    activations live there.
+    input, so it is fixed before ``visit(i, block, calls)`` may change the block. When
+    ``visit`` returns a module instead of ``None`` (the block as quantized: MBQ's ``distort``),
+    the next block's input is that module's output on the same input. Each block is moved to
+    ``device`` for its turn and back afterwards, so only one block's weights and activations
+    live there.
     """
     blocks = adapter.blocks(model)
     x, kwargs = first_block_inputs(model, adapter, input_ids)
@@ -115,10 +120,38 @@ def stream_blocks(
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device)
-        x, calls = capture_calls(block, x, kwargs, capture(i, block))
-        visit(i, block, calls)
+        out, calls = capture_calls(block, x, kwargs, capture(i, block))
+        distorted = visit(i, block, calls)
         del calls
+        if distorted is not None:
+            with torch.no_grad():
+                out = first_output(distorted(x, **kwargs))
+            del distorted
+        x = out
         block.to(home)
+
+
+@torch.no_grad()
+def quantized_copy(
+    block: nn.Module,
+    specs: Mapping[str, QuantSpec | None],
+    act: ActSpec | None,
+    apply: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """A copy of ``block`` as quantized: ``apply(copy)`` first (fold scales, clip), then the
+    weights of ``specs``' linears (paths relative to the block) fake-quantized and, given
+    ``act``, their inputs quantized. ``block`` is left as it is. A static ``act`` takes its one
+    scale per linear from the whole input of each call, which in a block-wise search is the
+    whole calibration set, as calibration would."""
+    copy = deepcopy(block)
+    if apply is not None:
+        apply(copy)
+    done = fake_quantize_linears(copy, dict(specs))
+    for name in done if act is not None else ():
+        copy.get_submodule(name).register_forward_pre_hook(
+            lambda module, args: (activation.fake_quantize(args[0], act), *args[1:])
+        )
+    return copy
 
 
 def _to(v, device):
@@ -156,6 +189,13 @@ class BlockStore:
 
     def has(self, i: int) -> bool:
         return self._path(i).is_file()
+
+    def load(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Block ``i``'s saved tensors and metadata."""
+        from safetensors import safe_open
+
+        with safe_open(self._path(i), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Save block ``i`` atomically (temporary file, then rename)."""
@@ -213,12 +253,15 @@ def run_resumable(
     capture: Callable[[int, nn.Module], list[str]],
     search: Callable[[int, nn.Module, Calls], BlockResult],
     desc: str,
+    distort: Callable[[int, nn.Module, BlockResult, bool], nn.Module] | None = None,
 ) -> list[float | None]:
     """Stream the blocks; for each not already in ``store``, ``search`` and save its result.
 
     ``capture`` and ``search(i, block, calls)`` are as in :func:`stream_blocks`. Blocks already
-    in the store are only run forward. Returns the search seconds per block (``None`` for blocks
-    resumed).
+    in the store are only run forward. With ``distort``, the next block's input is the output
+    of ``distort(i, block, result, resumed)``, the block as quantized with its result (found
+    now, or read back from the store when ``resumed``), so a resumed run sees the same inputs.
+    Returns the search seconds per block (``None`` for blocks resumed).
     """
     seconds: list[float | None] = []
     bar = tqdm(total=len(adapter.blocks(model)), desc=desc)
@@ -226,15 +269,18 @@ def run_resumable(
     def names(i: int, block: nn.Module) -> list[str]:
         return [] if store.has(i) else capture(i, block)
 
-    def visit(i: int, block: nn.Module, calls: Calls) -> None:
-        if store.has(i):
+    def visit(i: int, block: nn.Module, calls: Calls) -> nn.Module | None:
+        resumed = store.has(i)
+        if resumed:
             seconds.append(None)
+            result = store.load(i) if distort is not None else None
         else:
             t0 = time.perf_counter()
-            tensors, meta = search(i, block, calls)
+            result = search(i, block, calls)
             seconds.append(time.perf_counter() - t0)
-            store.save(i, tensors, meta)
+            store.save(i, *result)
         bar.update()
+        return None if distort is None else distort(i, block, result, resumed)
 
     try:
         stream_blocks(model, adapter, input_ids, device, names, visit)

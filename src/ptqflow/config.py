@@ -346,11 +346,13 @@ def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSear
     """The ``search`` section: ``{scale: {...}, clip: {...}, balance: ...}`` (``balance``:
     :func:`parse_balance`)."""
     values = dict(values or {})
-    unknown = sorted(set(values) - {"scale", "clip", "balance"})
+    unknown = sorted(set(values) - {"scale", "clip", "balance", "distort"})
     if unknown:
         raise ValueError(
-            f"unknown key(s) {unknown} in config section 'search'; known: scale, clip, balance"
+            f"unknown key(s) {unknown} in config section 'search'; known: scale, clip, "
+            "balance, distort"
         )
+    parse_distort(values)
     scale = parse(ScaleSearchConfig, "search.scale", values.get("scale"))
     if parse_balance(values) == "mbq" and scale.token_weight != "none":
         raise ValueError(
@@ -371,6 +373,17 @@ def parse_balance(values: Mapping[str, Any]) -> str:
     if balance not in BALANCES:
         raise ValueError(f"search.balance={balance!r}: use one of {list(BALANCES)}")
     return balance
+
+
+def parse_distort(values: Mapping[str, Any]) -> bool:
+    """``search.distort``: feed each block the output of the previous block as quantized
+    (MBQ's ``distort``) instead of its full-precision output."""
+    distort = dict(values or {}).get("distort", False)
+    try:
+        check_value("search.distort", distort, bool)
+    except TypeError as e:
+        raise ValueError(f"config section 'search': {e}") from None
+    return distort
 
 
 ACT_KEYS = {"a_bit": "a_bit", "a_granularity": "granularity"}  # quant key -> ActSpec field

@@ -276,6 +276,14 @@ def block_record(results: list[GroupScale]) -> tuple[dict[str, torch.Tensor], di
     return tensors, {"groups": json.dumps(groups)}
 
 
+def from_record(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[GroupScale]:
+    """Inverse of :func:`block_record`."""
+    return [
+        GroupScale(g["prev"], tuple(g["linears"]), tensors[g["prev"]], g["alpha"], g["losses"])
+        for g in json.loads(metadata["groups"])
+    ]
+
+
 def load_scales(
     out_dir: str | Path, shapes: dict[str, tuple[int, int]] | None = None
 ) -> list[GroupScale]:
@@ -288,16 +296,14 @@ def load_scales(
     """
     found = []
     for path in block_files(out_dir, "scale-search"):
-        tensors, meta = read_safetensors(path, "scale-search", positive=True)
-        for g in json.loads(meta["groups"]):
-            s = tensors[g["prev"]]
-            for name in g["linears"] if shapes is not None else ():
-                if name not in shapes or s.shape != (shapes[name][1],):
+        for g in from_record(*read_safetensors(path, "scale-search", positive=True)):
+            for name in g.linears if shapes is not None else ():
+                if name not in shapes or g.scales.shape != (shapes[name][1],):
                     want = shapes[name][1] if name in shapes else "no such linear"
                     raise ValueError(
-                        f"{path}: the scales of '{g['prev']}' have shape {tuple(s.shape)} but "
-                        f"'{name}' takes {want} inputs in this model; rerun the scale search "
-                        "(`dvc repro scale-search`)"
+                        f"{path}: the scales of '{g.prev}' have shape {tuple(g.scales.shape)} "
+                        f"but '{name}' takes {want} inputs in this model; rerun the scale "
+                        "search (`dvc repro scale-search`)"
                     )
-            found.append(GroupScale(g["prev"], tuple(g["linears"]), s, g["alpha"], g["losses"]))
+            found.append(g)
     return found

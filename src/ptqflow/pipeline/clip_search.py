@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ptqflow.awq.apply import apply_scales
+from ptqflow.awq.apply import apply_clips, apply_scales
 from ptqflow.awq.clip import clip_capture, search_block_clips
 from ptqflow.awq.scale import load_scales
-from ptqflow.blockwise import block_specs
-from ptqflow.config import parse_search
+from ptqflow.blockwise import block_specs, quantized_copy
+from ptqflow.config import parse_act, parse_distort, parse_search
 from ptqflow.models import linear_shapes
 from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import check_balance, load_calib, quant_setup, run_blockwise
@@ -53,8 +53,28 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         ratios = {n: clip_ratios(block.get_submodule(n).weight, c) for n, c in clips.items()}
         return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {"ratios": json.dumps(ratios)}
 
+    act = parse_act(cfg["quant"])
+
+    def distorted(i, block, result, resumed):
+        """Block ``i`` as quantized: scaled (``prepare``), clipped, weights and activations
+        quantized."""
+        here = f"{prefix}.{i}."
+        clips = {name.removeprefix(here): c for name, c in result[0].items()}
+        specs = block_specs(setup.plan, f"{prefix}.{i}")
+        return quantized_copy(block, specs, act, lambda copy: apply_clips(copy, clips))
+
     return run_blockwise(
-        STAGE, cfg, run, setup, input_ids, inputs, capture, search, prepare, block_summary
+        STAGE,
+        cfg,
+        run,
+        setup,
+        input_ids,
+        inputs,
+        capture,
+        search,
+        prepare,
+        block_summary,
+        distorted if parse_distort(cfg["search"]) else None,
     )
 
 

@@ -183,12 +183,14 @@ def run_blockwise(
     search: Callable[[int, torch.nn.Module, Calls], BlockResult],
     prepare: Callable[[torch.nn.Module], None] | None = None,
     summary: Callable[[dict[str, str]], dict[str, float]] | None = None,
+    distort: Callable[[int, torch.nn.Module, BlockResult, bool], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """The body both block-wise searches share: load the model (``prepare`` it), stream its
     blocks through ``capture``/``search`` with resume (:func:`ptqflow.blockwise.run_resumable`),
     then write index and manifest and move the results to ``stage.outs[0]``'s directory under
     ``paths.artifacts``. ``summary`` turns a saved block's metadata into the figures MLflow
-    records for it (one step per block)."""
+    records for it (one step per block); ``distort``: see :func:`ptqflow.blockwise.run_resumable`.
+    """
     params = stage_params(stage, cfg)
     code = stage_code(stage, run.root)
     out_dir = setup.artifacts / Path(stage.outs[0]).name
@@ -204,7 +206,7 @@ def run_blockwise(
             prepare(model)
         t0 = time.perf_counter()
         seconds = run_resumable(
-            model, setup.adapter, input_ids, device, store, capture, search, stage.name
+            model, setup.adapter, input_ids, device, store, capture, search, stage.name, distort
         )
         total = time.perf_counter() - t0
 

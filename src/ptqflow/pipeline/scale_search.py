@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from ptqflow.artifacts import read_safetensors
-from ptqflow.awq.scale import block_record, scale_capture, search_block_scales
-from ptqflow.blockwise import block_specs
-from ptqflow.config import parse_act, parse_search
+from ptqflow.awq.apply import fold_scales
+from ptqflow.awq.scale import block_record, from_record, scale_capture, search_block_scales
+from ptqflow.blockwise import block_specs, quantized_copy
+from ptqflow.config import parse_act, parse_distort, parse_search
 from ptqflow.gradient import STATS_FILE
 from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import check_balance, load_calib, quant_setup, run_blockwise
@@ -50,8 +51,30 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg, w, act)
         return block_record([r.under(f"{prefix}.{i}") for r in results])
 
+    def distorted(i, block, result, resumed):
+        """Block ``i`` as quantized: its scales folded (a block searched now already has
+        them), its weights and activations quantized."""
+        here = f"{prefix}.{i}."
+
+        def fold(copy):
+            for g in from_record(*result):
+                rel = [n.removeprefix(here) for n in g.linears]
+                fold_scales(copy, g.prev.removeprefix(here), rel, g.scales)
+
+        specs = block_specs(setup.plan, f"{prefix}.{i}")
+        return quantized_copy(block, specs, act, fold if resumed else None)
+
     return run_blockwise(
-        STAGE, cfg, run, setup, input_ids, inputs, capture, search, summary=block_summary
+        STAGE,
+        cfg,
+        run,
+        setup,
+        input_ids,
+        inputs,
+        capture,
+        search,
+        summary=block_summary,
+        distort=distorted if parse_distort(cfg["search"]) else None,
     )
 
 

@@ -52,6 +52,16 @@ def build_tokenizer(out_dir: Path):
     return fast
 
 
+# The decoder of every tiny test model: 2 blocks, hidden 64.
+TINY_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
+
+
 def tiny_llama(vocab_size: int, **overrides):
     """A 2-layer random Llama (hidden 64), seeded."""
     import torch
@@ -59,11 +69,7 @@ def tiny_llama(vocab_size: int, **overrides):
 
     cfg = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **TINY_DECODER,
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
@@ -80,15 +86,7 @@ def tiny_vlm_config(kind: str, vocab_size: int, image_token: int):
     32x32 images): ``llava`` (CLIP + Llama), ``qwen2_vl`` or ``idefics3`` (SmolVLM)."""
     from transformers import Idefics3Config, LlavaConfig, Qwen2VLConfig
 
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    )
+    text = dict(vocab_size=vocab_size, **TINY_DECODER, max_position_embeddings=512)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     if kind == "llava":
         return LlavaConfig(

@@ -89,6 +89,18 @@ def fake_quantize(
     return (q * scale).to(x.dtype)
 
 
+def pre_hook(spec: ActSpec, scale: torch.Tensor | None = None, divide: torch.Tensor | None = None):
+    """A forward pre-hook that feeds a module ``fake_quantize(x / divide, spec, scale)`` in
+    place of its input ``x`` (no division without ``divide``; with ``scale=None`` a static
+    ``spec`` takes its one scale from the whole input of each call)."""
+
+    def hook(module, args):
+        x = args[0] if divide is None else args[0] / divide
+        return (fake_quantize(x, spec, scale), *args[1:])
+
+    return hook
+
+
 def attach(
     model: nn.Module,
     names: Iterable[str],
@@ -105,15 +117,12 @@ def attach(
                 f"static (per-tensor) activation quantization needs calibrated scales; none "
                 f"for {missing[:3]} (of {len(missing)}): run calibrate_scales first"
             )
-    handles = []
-    for name in names:
-        scale = None if not spec.static else scales[name]
-
-        def hook(module, args, scale=scale):
-            return (fake_quantize(args[0], spec, scale), *args[1:])
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    return handles
+    return [
+        model.get_submodule(name).register_forward_pre_hook(
+            pre_hook(spec, scales[name] if spec.static else None)
+        )
+        for name in names
+    ]
 
 
 @torch.no_grad()

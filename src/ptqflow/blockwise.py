@@ -148,9 +148,7 @@ def quantized_copy(
         apply(copy)
     done = fake_quantize_linears(copy, dict(specs))
     for name in done if act is not None else ():
-        copy.get_submodule(name).register_forward_pre_hook(
-            lambda module, args: (activation.fake_quantize(args[0], act), *args[1:])
-        )
+        copy.get_submodule(name).register_forward_pre_hook(activation.pre_hook(act))
     return copy
 
 

@@ -343,8 +343,8 @@ def is_auto(recipe: Mapping[str, Any]) -> bool:
 
 
 def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSearchConfig]:
-    """The ``search`` section: ``{scale: {...}, clip: {...}, balance: ...}`` (``balance``:
-    :func:`parse_balance`)."""
+    """The ``search`` section: ``{scale: {...}, clip: {...}, balance: ..., distort: ...}``
+    (:func:`parse_balance`, :func:`parse_distort`)."""
     values = dict(values or {})
     unknown = sorted(set(values) - {"scale", "clip", "balance", "distort"})
     if unknown:

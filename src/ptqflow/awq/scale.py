@@ -198,7 +198,9 @@ def search_group(
                             lin.weight.copy_(fake_quantize(w * sw, specs[name]) / sw)
                         else:
                             lin.weight.copy_(fake_quantize(w * sw, specs[name]))
-                            hooks.append(lin.register_forward_pre_hook(_scaled_act_quant(sw, act)))
+                            # Q_a(x / s): the input once 1/s is folded into the previous op.
+                            hook = activation.pre_hook(act, divide=sw)
+                            hooks.append(lin.register_forward_pre_hook(hook))
                 try:
                     out = first_output(inspect(*args, **kwargs))
                 finally:
@@ -217,16 +219,6 @@ def search_group(
             "(the calibration activations or weights hold NaN/inf)"
         )
     return GroupScale(group.prev, group.linears, best[2], best[1] / cfg.n_grid, losses)
-
-
-def _scaled_act_quant(s: torch.Tensor, act: ActSpec):
-    """A pre-hook that feeds a linear ``Q_a(x / s)``: its input once ``1/s`` is folded into
-    the previous op, quantized."""
-
-    def hook(module, args):
-        return (activation.fake_quantize(args[0] / s, act), *args[1:])
-
-    return hook
 
 
 def scale_capture(adapter: Adapter, block: nn.Module) -> list[str]:

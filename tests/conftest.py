@@ -36,11 +36,12 @@ def make_text(seed: int, n_docs: int, min_words: int, max_words: int) -> list[st
     return docs
 
 
-def build_tokenizer(out_dir: Path):
+def build_tokenizer(out_dir: Path, special: tuple[str, ...] = ()):
+    """A word-level tokenizer over ``WORDS``; ``special`` tokens go at the end of the vocab."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", ".", *WORDS])}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", ".", *WORDS, *special])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
@@ -48,6 +49,7 @@ def build_tokenizer(out_dir: Path):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+    fast.add_special_tokens({"additional_special_tokens": list(special)})
     fast.save_pretrained(out_dir)
     return fast
 
@@ -81,12 +83,14 @@ def tiny_llama(vocab_size: int, **overrides):
 VLM_KINDS = ("llava", "qwen2_vl", "idefics3")
 
 
-def tiny_vlm_config(kind: str, vocab_size: int, image_token: int):
-    """A tiny vision-language config (2 decoder blocks, hidden 64; a 2-layer vision tower on
-    32x32 images): ``llava`` (CLIP + Llama), ``qwen2_vl`` or ``idefics3`` (SmolVLM)."""
+def tiny_vlm_config(kind: str, vocab_size: int, image_token: int, **extra):
+    """A tiny vision-language config (2 decoder blocks, hidden 64; a 2-layer vision tower):
+    ``llava`` (CLIP + Llama; 32-pixel images, 16 tokens), ``qwen2_vl`` (128 pixels, 64 tokens)
+    or ``idefics3`` (SmolVLM; 64 pixels, 16 tokens)."""
     from transformers import Idefics3Config, LlavaConfig, Qwen2VLConfig
 
     text = dict(vocab_size=vocab_size, **TINY_DECODER, max_position_embeddings=512)
+    text.update(bos_token_id=1, eos_token_id=2)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     if kind == "llava":
         return LlavaConfig(
@@ -114,15 +118,52 @@ def tiny_vlm_config(kind: str, vocab_size: int, image_token: int):
                 temporal_patch_size=2,
             ),
             image_token_id=image_token,
+            **extra,
         )
     if kind == "idefics3":
         return Idefics3Config(
             text_config={"model_type": "llama", **text},
-            vision_config={**vision, "image_size": 32, "patch_size": 8},
+            vision_config={**vision, "image_size": 64, "patch_size": 8},
             scale_factor=2,
             image_token_id=image_token,
         )
     raise ValueError(kind)
+
+
+VLM_SPECIAL = ("<image>", "<|vision_start|>", "<|vision_end|>", "<fake_token_around_image>")
+
+
+def build_tiny_vlm(out_dir: Path, kind: str) -> Path:
+    """A tiny random VLM of ``kind`` with its tokenizer (``VLM_SPECIAL`` tokens added), seeded,
+    saved like a hub checkpoint; its decoder norms amplify a few channels as in
+    ``outlier_model_dir``, and its projector a few others, so the scale search has outliers to
+    work on and the vision tokens' differ from the text tokens' (as in real VLMs)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from ptqflow.models import get_adapter
+
+    tok = build_tokenizer(out_dir, VLM_SPECIAL)
+    ids = tok.convert_tokens_to_ids(list(VLM_SPECIAL))
+    extra = {"vision_start_token_id": ids[1], "vision_end_token_id": ids[2]}
+    config = tiny_vlm_config(kind, len(tok), ids[0], **(extra if kind == "qwen2_vl" else {}))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for layer in get_adapter(config.model_type).blocks(model):
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 40, 51]] *= 30
+        model.get_submodule(VLM_PROJECTOR[kind]).weight[[5, 22, 33]] *= 30
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+# The last linear of each tiny VLM's projector (vision features -> decoder width).
+VLM_PROJECTOR = {
+    "llava": "model.multi_modal_projector.linear_2",
+    "qwen2_vl": "model.visual.merger.mlp.2",
+    "idefics3": "model.connector.modality_projection.proj",
+}
 
 
 def build_tiny_llama(out_dir: Path, vocab_size: int, **overrides) -> None:

@@ -9,9 +9,15 @@ from ptqflow.config import parse_balance, parse_search
 from ptqflow.gradient import GradientStats, balance_weights, modality_groups, modality_ratios
 
 
-def stats(grad_abs: list[tuple[float, float]], groups=("vision", "language")) -> GradientStats:
-    blocks = {i: {"grad_abs": torch.tensor(g)} for i, g in enumerate(grad_abs)}
-    return GradientStats({}, blocks, groups, (10, 20), 30, 29, 1.0)
+def stats(grad_abs: list[tuple[float, ...]], groups=("vision", "language")) -> GradientStats:
+    """Block ``i``'s v_proj holds ``grad_abs[i]``; its down_proj holds zeros, as the last
+    block's linears do at vision tokens (the sum over MBQ's linears is what counts)."""
+    linears = {}
+    for i, g in enumerate(grad_abs):
+        linears[f"m.layers.{i}.self_attn.v_proj"] = {"grad_abs": torch.tensor(g)}
+        linears[f"m.layers.{i}.mlp.down_proj"] = {"grad_abs": torch.zeros(len(g))}
+        linears[f"m.layers.{i}.self_attn.q_proj"] = {"grad_abs": torch.full((len(g),), 99.0)}
+    return GradientStats(linears, {}, groups, (10, 20), 30, 29, 1.0)
 
 
 def test_ratios_are_vision_over_language_floored_at_the_median():

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ptqflow.multimodal import batches
+
 MIN_BITS, MAX_BITS = 4, 8
 GRANULARITIES = ("token", "tensor")
 
@@ -130,12 +132,12 @@ def calibrate_scales(
     model: nn.Module,
     names: Iterable[str],
     spec: ActSpec,
-    input_ids: torch.Tensor,
+    calib,
     batch_size: int = 4,
 ) -> dict[str, torch.Tensor]:
     """Static per-tensor scales: ``max|x| / qmax`` of each named linear's input over the
-    calibration blocks ``input_ids int64 [n, seq]``, run through ``model`` as it is (its
-    weights quantized, its activations not yet), as SmoothQuant calibrates.
+    calibration data ``calib`` (token blocks or image-text samples), run through ``model`` as
+    it is (its weights quantized, its activations not yet), as SmoothQuant calibrates.
 
     Returns ``{name: float32 0-d tensor}``.
     """
@@ -150,8 +152,8 @@ def calibrate_scales(
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+        for kwargs, _ in batches(model.config, calib, batch_size, device):
+            model(**kwargs, use_cache=False)
     finally:
         for h in handles:
             h.remove()

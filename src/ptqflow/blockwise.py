@@ -47,11 +47,18 @@ class _StopForward(Exception):
     pass
 
 
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+"""What the model reads: token ids ``[n, seq]``, or the keyword arguments of its forward (an
+image-text batch: :func:`ptqflow.multimodal.model_inputs`)."""
+
+
 @torch.no_grad()
 def first_block_inputs(
-    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor
+    model: nn.Module, adapter: Adapter, inputs: Inputs
 ) -> tuple[torch.Tensor, dict]:
     """Run the model up to its first decoder block; return that block's input and kwargs."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
     block0 = adapter.blocks(model)[0]
     captured: dict = {}
 
@@ -62,7 +69,7 @@ def first_block_inputs(
 
     handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model(input_ids=input_ids, use_cache=False)
+        model(**inputs, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -98,7 +105,7 @@ def capture_calls(
 def stream_blocks(
     model: nn.Module,
     adapter: Adapter,
-    input_ids: torch.Tensor,
+    inputs: Inputs,
     device: torch.device,
     capture: Callable[[int, nn.Module], list[str]],
     visit: Callable[[int, nn.Module, Calls], nn.Module | None],
@@ -114,7 +121,7 @@ def stream_blocks(
     live there.
     """
     blocks = adapter.blocks(model)
-    x, kwargs = first_block_inputs(model, adapter, input_ids)
+    x, kwargs = first_block_inputs(model, adapter, inputs)
     x = x.to(device)
     kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     for i, block in enumerate(blocks):
@@ -245,7 +252,7 @@ BlockResult = tuple[dict[str, torch.Tensor], dict[str, str]]
 def run_resumable(
     model: nn.Module,
     adapter: Adapter,
-    input_ids: torch.Tensor,
+    inputs: Inputs,
     device: torch.device,
     store: BlockStore,
     capture: Callable[[int, nn.Module], list[str]],
@@ -281,7 +288,7 @@ def run_resumable(
         return None if distort is None else distort(i, block, result, resumed)
 
     try:
-        stream_blocks(model, adapter, input_ids, device, names, visit)
+        stream_blocks(model, adapter, inputs, device, names, visit)
     finally:
         bar.close()
     return seconds

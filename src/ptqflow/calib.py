@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ptqflow.artifacts import read_safetensors, sha256_tensor
+from ptqflow.multimodal import ImageTextBatch
 
 TOKENS_FILE = "tokens.safetensors"
 
@@ -65,19 +66,37 @@ def build_blocks(
     return blocks, stats
 
 
-def save_blocks(blocks: torch.Tensor, out_dir: str | Path) -> Path:
+CalibData = torch.Tensor | ImageTextBatch
+"""Calibration data: token blocks ``int64 [n, seqlen]`` (text) or image-text samples."""
+
+
+def calib_sha256(data: CalibData) -> str:
+    """The hash a calib-data manifest records for its data."""
+    return data.sha256() if isinstance(data, ImageTextBatch) else sha256_tensor(data)
+
+
+def save_blocks(data: CalibData, out_dir: str | Path) -> Path:
     path = Path(out_dir) / TOKENS_FILE
-    save_file({"input_ids": blocks.contiguous()}, str(path))
+    tensors = data.tensors() if isinstance(data, ImageTextBatch) else {"input_ids": data}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
 
 
-def load_blocks(out_dir: str | Path, sha256: str | None = None) -> torch.Tensor:
-    """Read the token blocks written by :func:`save_blocks` (int64 ``[n, seqlen]``), refused
-    unless their :func:`~ptqflow.artifacts.sha256_tensor` is ``sha256`` when one is given."""
+def load_blocks(out_dir: str | Path, sha256: str | None = None) -> CalibData:
+    """Read the calibration data written by :func:`save_blocks`, refused unless its
+    :func:`calib_sha256` is ``sha256`` when one is given."""
     path = Path(out_dir) / TOKENS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the calib-data stage first")
     tensors, _ = read_safetensors(path, "calib-data")
+    if "vision" in tensors:
+        batch = ImageTextBatch.from_tensors(tensors)
+        if sha256 is not None and batch.sha256() != sha256:
+            raise ValueError(
+                f"{path}: the image-text samples do not match the tokens_sha256 of their "
+                "manifest; rerun the calib-data stage (`dvc repro calib-data`)"
+            )
+        return batch
     blocks = tensors.get("input_ids")
     if blocks is None or blocks.dtype != torch.int64 or blocks.dim() != 2 or not blocks.numel():
         got = None if blocks is None else f"{blocks.dtype} {tuple(blocks.shape)}"

@@ -91,7 +91,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration text and llm-awq's block recipe (see :mod:`ptqflow.calib`)."""
+    """Calibration text and llm-awq's block recipe (see :mod:`ptqflow.calib`), or image-text
+    pairs for a vision-language model (:mod:`ptqflow.multimodal`): ``n_samples`` samples of
+    ``seqlen`` tokens, each with ``shots`` image-text pairs."""
 
     source: str = "wiki:calib"
     text_field: str = "text"
@@ -99,9 +101,10 @@ class CalibConfig:
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 42
+    shots: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "n_samples", "seqlen")
+        _positive(self, "n_samples", "seqlen", "shots")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ptqflow.multimodal import ImageTextBatch, batches
+
 
 def eval_windows(docs: list[str], tokenizer, seqlen: int, n_windows: int) -> torch.Tensor:
     """Token windows ``int64 [n_windows, seqlen]`` per the protocol.
@@ -44,16 +46,24 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def perplexity(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+    model: nn.Module,
+    windows: torch.Tensor | ImageTextBatch,
+    batch_size: int = 4,
+    progress: bool = True,
 ) -> PerplexityResult:
-    """Score ``windows`` with a causal LM; log-probabilities in float32."""
+    """Score ``windows`` with a causal LM, every next token; or image-text samples with a
+    vision-language model, their caption tokens (caption perplexity). Log-probabilities in
+    float32."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    batches = windows.split(batch_size)
-    for batch in tqdm(batches, desc="perplexity", disable=not progress):
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        targets = batch[:, 1:]
+    n_batches = -(-len(windows) // batch_size)
+    runs = batches(model.config, windows, batch_size, device)
+    for kwargs, part in tqdm(runs, desc="perplexity", total=n_batches, disable=not progress):
+        logits = model(**kwargs).logits[:, :-1].float()
+        targets = kwargs["input_ids"][:, 1:]
+        if isinstance(part, ImageTextBatch):
+            scored = part.caption[:, 1:].to(device)
+            logits, targets = logits[scored], targets[scored]
         nll = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
         )

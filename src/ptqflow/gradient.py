@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from ptqflow.blockwise import first_output
 from ptqflow.models.adapters import Adapter
+from ptqflow.multimodal import ImageTextBatch, model_inputs
 
 FULL = ("grad_w", "fisher")  # the weight-sized statistics, stored in bfloat16
 
@@ -69,7 +70,8 @@ class GradientStats:
         group_tokens: tokens in each group.
         n_tokens: token positions the means run over.
         n_loss_tokens: predicted tokens in the loss.
-        loss: mean next-token NLL over the calibration tokens.
+        loss: mean NLL of the predicted tokens (every next token; the captions of image-text
+            samples).
     """
 
     linears: dict[str, dict[str, torch.Tensor]]
@@ -95,14 +97,28 @@ def modality_groups(vision: torch.Tensor) -> dict[str, torch.Tensor]:
     return {VISION: vision.bool(), LANGUAGE: ~vision.bool()}
 
 
+# The linears whose output gradients MBQ averages per layer. Their outputs at a vision position
+# reach the caption tokens through attention (v_proj) or the residual stream; a block's own
+# output at a vision position of the last layer reaches no scored token at all (its gradient
+# there is exactly zero), so the block output cannot serve.
+MBQ_LINEARS = (
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
 def modality_ratios(stats: GradientStats, prefix: str) -> torch.Tensor:
-    """MBQ's per-block balance: ``r_i = mean|dL/dh_i|`` over vision tokens divided by the same
-    over language tokens (``h_i`` the output of block ``i``, from the caption loss), floored
-    at the median over blocks so one block with a vanishing vision gradient cannot drop the
-    vision error from its search. Float32 ``[n_blocks]``.
+    """MBQ's per-block balance from the caption loss: ``r_i = sum_l mean|dL/dy_l|`` over vision
+    tokens divided by the same over language tokens, ``l`` the ``MBQ_LINEARS`` of block ``i``
+    (``y_l`` their outputs), floored at the median over blocks so one block with a vanishing
+    vision gradient cannot drop the vision error from its search. Float32 ``[n_blocks]``.
 
     Raises:
-        ValueError: the statistics are text-only (no vision and language token groups).
+        ValueError: the statistics are text-only (no vision and language token groups), or a
+            block has none of the ``MBQ_LINEARS``.
         FloatingPointError: a block's ratio is NaN, infinite or zero, naming the block.
     """
     if VISION not in stats.groups or LANGUAGE not in stats.groups:
@@ -112,15 +128,25 @@ def modality_ratios(stats: GradientStats, prefix: str) -> torch.Tensor:
             "calibration set); use search.balance=none for a text model"
         )
     v, lang = stats.groups.index(VISION), stats.groups.index(LANGUAGE)
+    blocks: dict[int, list[torch.Tensor]] = {}
+    for name, d in stats.linears.items():
+        block, _, rel = name.removeprefix(prefix + ".").partition(".")
+        if name.startswith(prefix + ".") and rel in MBQ_LINEARS:
+            blocks.setdefault(int(block), []).append(d["grad_abs"].double())
+    if not blocks:
+        raise ValueError(f"the gradient statistics hold none of {MBQ_LINEARS} under {prefix}")
     ratios = []
-    for i, block in stats.blocks.items():
-        r = block["grad_abs"][v].double() / block["grad_abs"][lang].double()
+    for i in range(max(blocks) + 1):
+        if i not in blocks:
+            raise ValueError(f"the gradient statistics hold none of {MBQ_LINEARS} in {prefix}.{i}")
+        g = torch.stack(blocks[i]).sum(0)
+        r = g[v] / g[lang]
         if not torch.isfinite(r) or r <= 0:
             raise FloatingPointError(
                 f"the vision/language gradient ratio of {prefix}.{i} is {r.item()} (mean "
-                f"|dL/dh| vision {block['grad_abs'][v].item()}, language "
-                f"{block['grad_abs'][lang].item()}): rerun the gradient stage in float32 "
-                "on a calibration set with both image and caption tokens"
+                f"|dL/dy| summed over {len(blocks[i])} linears: vision {g[v].item()}, language "
+                f"{g[lang].item()}): rerun the gradient stage in float32 on a calibration set "
+                "whose captions follow their images"
             )
         ratios.append(r)
     r = torch.stack(ratios)
@@ -176,7 +202,7 @@ def _raise_nonfinite(acc: _Accumulator, prefix: str, n_blocks: int, rows: slice)
 def collect(
     model: nn.Module,
     adapter: Adapter,
-    input_ids: torch.Tensor,
+    data: torch.Tensor | ImageTextBatch,
     groups: Mapping[str, torch.Tensor],
     device: torch.device,
     batch_size: int = 1,
@@ -186,7 +212,8 @@ def collect(
 
     Args:
         model: a causal LM in eval mode; its weights are not modified and take no gradient.
-        input_ids: ``int64 [n, seq]`` calibration blocks.
+        data: ``int64 [n, seq]`` calibration blocks, or image-text samples: then the loss is
+            the caption loss (only the ``caption`` tokens are predicted; MBQ's).
         groups: token group masks ``bool [n, seq]`` by name (e.g. :func:`text_groups`).
         device: where the model runs (it is moved there).
         batch_size: sequences per forward/backward pass.
@@ -198,6 +225,8 @@ def collect(
             backward order) whose output gradient is not finite.
     """
     names = list(groups)
+    input_ids = data if isinstance(data, torch.Tensor) else data.input_ids
+    scored = None if isinstance(data, torch.Tensor) else data.caption[:, 1:]
     masks = torch.stack([groups[g].bool() for g in names])  # [G, n, seq]
     if masks.shape[1:] != input_ids.shape:
         raise ValueError(
@@ -271,10 +300,15 @@ def collect(
             rows[0] = slice(start, min(start + batch_size, n))
             ids = input_ids[rows[0]].to(device)
             batch_masks[:] = [masks[:, rows[0]].to(device)]
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
-            )
+            part = ids if scored is None else data.rows(rows[0])
+            kwargs = {k: v.to(device) for k, v in model_inputs(model.config, part).items()}
+            logits = model(**kwargs, use_cache=False).logits
+            if scored is None:  # every next token
+                predicted, targets = logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+            else:  # the caption tokens
+                keep = scored[rows[0]].to(device)
+                predicted, targets = logits[:, :-1][keep], ids[:, 1:][keep]
+            loss = F.cross_entropy(predicted.float(), targets, reduction="sum")
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the calibration loss is {loss.item()} on sequences {rows[0].start}.."
@@ -283,12 +317,12 @@ def collect(
             phase[0] = "data"
             loss.backward(retain_graph=True)
             _raise_nonfinite(acc, prefix, len(blocks), rows[0])
-            probs = torch.softmax(logits[:, :-1].detach().float(), -1).flatten(0, 1).cpu()
+            probs = torch.softmax(predicted.detach().float(), -1).cpu()
             drawn = torch.multinomial(probs, 1, generator=sampler)[:, 0].to(device)
             phase[0] = "model"
-            sampled = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), drawn, reduction="sum")
+            sampled = F.cross_entropy(predicted.float(), drawn, reduction="sum")
             sampled.backward()
-            del logits, probs
+            del logits, predicted, probs
             _raise_nonfinite(acc, prefix, len(blocks), rows[0])
             total_loss += loss.item()
     finally:
@@ -320,7 +354,7 @@ def collect(
         }
         for i in range(len(blocks))
     }
-    n_loss = n * (seq - 1)
+    n_loss = n * (seq - 1) if scored is None else int(scored.sum())
     return GradientStats(
         lin_stats,
         block_stats,

@@ -31,6 +31,7 @@ from ptqflow.dtypes import torch_dtype
 from ptqflow.formats import FORMATS, IntWeight, PackFormat, detect_format, get_format
 from ptqflow.kernels import reference as ref
 from ptqflow.kernels import w4a16_matmul
+from ptqflow.models import auto_class
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
 
@@ -219,7 +220,7 @@ def load_packed(
     (:func:`ptqflow.activation.attach`).
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
@@ -233,7 +234,7 @@ def load_packed(
     del config.quantization_config  # build a plain model; its linears are replaced below
     # Parameters on meta (never allocated); buffers such as rotary tables computed for real.
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(config).from_config(config)
     state = load_file(str(path / WEIGHTS))
     marker = "." + fmt.marker
     names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))

@@ -118,8 +118,8 @@ class GPTNeoXAdapter(Adapter):
 
 
 class VisionLanguageAdapter(LlamaAdapter):
-    """A vision-language model whose language decoder is a Llama-family block (LLaVA 1.5 and
-    OneVision, Qwen2-VL and Qwen2.5-VL, SmolVLM / Idefics3): the recipe quantizes the decoder;
+    """A vision-language model whose language decoder is a Llama-family block (LLaVA
+    1.5, Qwen2-VL and Qwen2.5-VL, SmolVLM / Idefics3): the recipe quantizes the decoder;
     the vision tower and projector sit outside ``block_prefix``, so they stay in full precision
     unless a recipe rule names them."""
 
@@ -128,7 +128,7 @@ class VisionLanguageAdapter(LlamaAdapter):
 
 
 class LlavaAdapter(VisionLanguageAdapter):
-    model_types = ("llava", "llava_onevision")
+    model_types = ("llava",)
     block_prefix = "model.language_model.layers"
 
 

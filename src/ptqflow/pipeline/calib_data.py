@@ -1,6 +1,9 @@
-"""Stage calib-data: tokenize the calibration text into blocks (llm-awq's recipe).
+"""Stage calib-data: tokenize the calibration text into blocks (llm-awq's recipe), or, for a
+vision-language model given image-text pairs, build its image-text samples
+(:mod:`ptqflow.multimodal`).
 
-Writes ``<artifacts>/calib/``: ``tokens.safetensors`` (``input_ids`` int64 ``[n, seqlen]``) and
+Writes ``<artifacts>/calib/``: ``tokens.safetensors`` (``input_ids`` int64 ``[n, seqlen]``;
+image-text samples add the ``vision`` and ``caption`` masks and the pixels) and
 ``manifest.json``.
 """
 
@@ -9,14 +12,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ptqflow.artifacts import atomic_dir, sha256_tensor, write_manifest
-from ptqflow.calib import build_blocks, save_blocks
+from ptqflow.artifacts import atomic_dir, write_manifest
+from ptqflow.calib import build_blocks, calib_sha256, save_blocks
 from ptqflow.config import CalibConfig, ModelConfig, parse
-from ptqflow.models import load_tokenizer, model_fingerprint, resolve_model
-from ptqflow.pipeline.common import StageRun, output_dirs, stage_params, tracked
+from ptqflow.models import (
+    get_adapter,
+    load_config,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+)
+from ptqflow.multimodal import build_batch, family_of
+from ptqflow.pipeline.common import StageRun, data_source, output_dirs, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
-from ptqflow.text import check_source, load_documents
+from ptqflow.text import load_documents
 
 STAGE = BY_NAME["calib-data"]
 log = logging.getLogger(__name__)
@@ -28,26 +38,42 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     calib = parse(CalibConfig, "calib", cfg["calib"])
     # Everything that can be checked without heavy work is checked first.
     ref = resolve_model(model.source)
-    check_source(calib.source)
+    hf_config = load_config(ref)
+    adapter = get_adapter(hf_config.model_type)
+    pairs = data_source(
+        "calib.source",
+        calib.source,
+        calib.n_samples * calib.shots,
+        hf_config.model_type,
+        adapter.multimodal,
+        text_field=calib.text_field,
+        split=calib.split,
+    )
     out_dir = output_dirs(cfg, run)[0] / "calib"
     inputs = {"model": model_fingerprint(ref)}
 
     with tracked(STAGE, cfg, run, f"calib-{calib.n_samples}x{calib.seqlen}", inputs) as run_log:
-        docs = load_documents(calib.source, calib.text_field, calib.split)
         tokenizer = load_tokenizer(ref)
-        blocks, stats = build_blocks(docs, tokenizer, calib.n_samples, calib.seqlen, calib.seed)
-        outputs = {**stats.__dict__, "tokens_sha256": sha256_tensor(blocks)}
+        if pairs is None:
+            docs = load_documents(calib.source, calib.text_field, calib.split)
+            data, stats = build_blocks(docs, tokenizer, calib.n_samples, calib.seqlen, calib.seed)
+            stats = stats.__dict__
+        else:
+            family = family_of(hf_config)
+            data = build_batch(family, tokenizer, pairs, calib.n_samples, calib.seqlen, calib.shots)
+            stats = {
+                "samples": calib.n_samples,
+                "images": calib.n_samples * calib.shots,
+                "tokens": data.input_ids.numel(),
+                "vision_tokens": int(data.vision.sum()),
+                "caption_tokens": int(data.caption.sum()),
+            }
+        outputs = {**stats, "tokens_sha256": calib_sha256(data)}
         with atomic_dir(out_dir) as tmp:
-            save_blocks(blocks, tmp)
+            save_blocks(data, tmp)
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, outputs, code)
-        run_log.log_metrics(stats.__dict__)
+        run_log.log_metrics(stats)
         run_log.log_dataset(f"calib:{calib.source}", calib.source, outputs["tokens_sha256"])
-    log.info(
-        "calib-data: %d blocks of %d tokens from %d documents -> %s",
-        stats.blocks,
-        calib.seqlen,
-        stats.documents_kept,
-        out_dir,
-    )
+    log.info("calib-data: %s -> %s", stats, out_dir)
     return outputs

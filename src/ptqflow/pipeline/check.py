@@ -48,11 +48,10 @@ from ptqflow.models import (
     resolve_model,
 )
 from ptqflow.pack import PackConfig
-from ptqflow.pipeline.common import StageRun, output_dirs
+from ptqflow.pipeline.common import StageRun, data_source, output_dirs
 from ptqflow.pipeline.quantizing import check_balance
 from ptqflow.pipeline.recipe import auto_candidates
 from ptqflow.recipe import require_quantized
-from ptqflow.text import check_source
 
 CHECK_FILE = "check.json"
 
@@ -71,13 +70,17 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     parse(BenchConfig, "bench", cfg["bench"])
     parse(TrackingConfig, "tracking", cfg["tracking"])
     _, reports = output_dirs(cfg, run)
-    check_source(calib.source)
-    check_source(ev.source)
 
     ref = resolve_model(model_cfg.source)
     model_cfg.torch_device()
     hf_config = load_config(ref)
-    check_balance(cfg, get_adapter(hf_config.model_type), hf_config.model_type)
+    adapter, model_type = get_adapter(hf_config.model_type), hf_config.model_type
+    n_calib = calib.n_samples * calib.shots
+    where = {"text_field": calib.text_field, "split": calib.split}
+    data_source("calib.source", calib.source, n_calib, model_type, adapter.multimodal, **where)
+    where = {"text_field": ev.text_field, "split": ev.split}
+    data_source("eval.source", ev.source, ev.n_windows, model_type, adapter.multimodal, **where)
+    check_balance(cfg, adapter, model_type)
     shapes = linear_shapes(hf_config)
     fmt = get_format(pack.format)
     if is_auto(cfg["recipe"]):

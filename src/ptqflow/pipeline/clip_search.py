@@ -4,7 +4,8 @@ Re-applies the cached scales (``search.clip.apply_scales``), recomputes each blo
 the calibration tokens, and searches every quantized linear except ``search.clip.skip``. Writes
 ``<artifacts>/clips/``: ``block_NNN.safetensors`` (``max_val [out, n_groups]`` per linear path),
 ``index.json`` and ``manifest.json``; resumable like scale-search. Changing clip params never
-reruns the scale search.
+reruns the scale search. With ``search.balance=mbq`` the clip error weighs tokens as the scale
+search does (vision tokens by the block's gradient ratio).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from ptqflow.blockwise import block_specs, quantized_copy
 from ptqflow.config import parse_act, parse_distort, parse_search
 from ptqflow.models import linear_shapes
 from ptqflow.pipeline.common import StageRun, read_upstream
-from ptqflow.pipeline.quantizing import check_balance, load_calib, quant_setup, run_blockwise
+from ptqflow.pipeline.quantizing import (
+    check_balance,
+    load_calib,
+    mbq_weights,
+    quant_setup,
+    run_blockwise,
+)
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["clip-search"]
@@ -32,7 +39,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     setup = quant_setup(cfg, run)
     check_balance(cfg, setup.adapter, setup.hf_config.model_type)
     _, clip_cfg = parse_search(cfg["search"])
-    input_ids, calib_sha = load_calib(setup, cfg)
+    calib, calib_sha = load_calib(setup, cfg)
     scales_dir = setup.artifacts / "scales"
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}
     scales = []
@@ -40,6 +47,9 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         inputs["scales"] = read_upstream(scales_dir, "scale-search", inputs, cfg)["files"]
         scales = load_scales(scales_dir, linear_shapes(setup.hf_config))
     prefix = setup.adapter.block_prefix
+    weights = None
+    if balanced := mbq_weights(setup, cfg, inputs, calib, run.root):
+        weights, inputs["gradient"] = balanced
 
     def prepare(model):
         apply_scales(model, scales)
@@ -49,7 +59,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
 
     def search(i, block, calls):
         specs = block_specs(setup.plan, f"{prefix}.{i}")
-        clips = search_block_clips(block, calls, specs, clip_cfg)
+        w = None if weights is None else weights[i].to(next(block.parameters()).device)
+        clips = search_block_clips(block, calls, specs, clip_cfg, w)
         ratios = {n: clip_ratios(block.get_submodule(n).weight, c) for n, c in clips.items()}
         return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {"ratios": json.dumps(ratios)}
 
@@ -68,7 +79,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         cfg,
         run,
         setup,
-        input_ids,
+        calib,
         inputs,
         capture,
         search,

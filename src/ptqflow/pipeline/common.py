@@ -23,10 +23,12 @@ from ptqflow.artifacts import (
     params_hash,
     read_manifest,
 )
-from ptqflow.calib import load_blocks
+from ptqflow.calib import CalibData, load_blocks
 from ptqflow.config import PathsConfig, TrackingConfig, is_auto, parse, quant_label
+from ptqflow.imagetext import Pair, check_images, is_image_text, load_pairs
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
+from ptqflow.text import check_source
 from ptqflow.tracking import dvc_session, mlflow_run, resolve_uri, sweep_session
 
 
@@ -174,8 +176,8 @@ def calib_tokens(artifacts: Path, fingerprint: str, cfg: Mapping[str, Any]) -> s
 
 def calib_blocks(
     artifacts: Path, fingerprint: str, cfg: Mapping[str, Any]
-) -> tuple[torch.Tensor, str]:
-    """The calibration blocks under ``artifacts`` and their sha256, checked as
+) -> tuple[CalibData, str]:
+    """The calibration data under ``artifacts`` and their sha256, checked as
     :func:`calib_tokens` does and against the hash the manifest records for them."""
     sha = calib_tokens(artifacts, fingerprint, cfg)
     return load_blocks(artifacts / "calib", sha), sha
@@ -189,3 +191,28 @@ def output_dirs(cfg: Mapping[str, Any], run: StageRun) -> tuple[Path, Path]:
     for d in dirs:
         check_writable(d)
     return dirs
+
+
+def data_source(
+    key: str, source: str, n: int, model_type: str, multimodal: bool, **where
+) -> list[Pair] | None:
+    """Check the data source ``key`` (``calib.source``, ``eval.source``) before any model
+    loads: a text source must exist; an image-text one needs a vision-language model, and its
+    first ``n`` pairs are read and every image opened. Returns those pairs (None for text).
+
+    Raises:
+        ValueError: image-text pairs for a text model, a record without its image or text, or
+            an unreadable image (naming it); FileNotFoundError: a missing file or image.
+    """
+    if not is_image_text(source):
+        check_source(source)
+        return None
+    if not multimodal:
+        pool = key.split(".")[0]
+        raise ValueError(
+            f"{key}={source} holds image-text pairs, but '{model_type}' is a text model; give "
+            f"it a text source ({pool}=wiki, or {key}=<a .txt/.jsonl file>)"
+        )
+    pairs = load_pairs(source, n, **where)
+    check_images(pairs)
+    return pairs

@@ -2,7 +2,9 @@
 its recipe-selected linears pseudo-quantized by RTN (``eval.method=rtn``), or by AWQ
 (``eval.method=awq``: the cached scales folded in and clips applied first; ``eval.scales`` and
 ``eval.clips`` switch either half off for ablations), or of the real-pack checkpoint loaded
-back with packed linears (``eval.method=packed``; it matches the fake-quant figure).
+back with packed linears (``eval.method=packed``; it matches the fake-quant figure). A
+vision-language model given image-text pairs (``eval=scenes``) is scored on the caption tokens
+of held-out image-caption samples (caption perplexity).
 
 Writes ``<reports>/eval/<method>.json``, the DVC metrics of the ``eval-<method>`` stage, with the
 bits per weight the decoder linears take. Inside a Hydra ``--multirun`` sweep each job writes
@@ -23,11 +25,12 @@ from typing import Any
 from ptqflow.artifacts import check_writable, params_hash
 from ptqflow.config import EvalConfig, parse
 from ptqflow.evaluate import eval_windows, perplexity
-from ptqflow.models import load_tokenizer
-from ptqflow.pipeline.common import StageRun, stage_params, tracked
+from ptqflow.models import get_adapter, load_config, load_tokenizer
+from ptqflow.multimodal import build_batch, family_of
+from ptqflow.pipeline.common import StageRun, data_source, stage_params, tracked
 from ptqflow.pipeline.subject import output_path, subject, write_result
 from ptqflow.pipeline.table import BY_NAME
-from ptqflow.text import check_source, load_documents
+from ptqflow.text import load_documents
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,12 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     ev = parse(EvalConfig, "eval", cfg["eval"])
     stage = BY_NAME[f"eval-{ev.method}"]
     evaluated = subject(ev, cfg, run)
-    check_source(ev.source)
+    config = load_config(evaluated.ref)
+    multimodal = get_adapter(config.model_type).multimodal
+    where = {"text_field": ev.text_field, "split": ev.split}
+    pairs = data_source(
+        "eval.source", ev.source, ev.n_windows, config.model_type, multimodal, **where
+    )
     tag = evaluated.tag
     params = stage_params(stage, cfg)
     key = params_hash(params).removeprefix("sha256:")[:8]
@@ -50,9 +58,13 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     device = str(evaluated.model_cfg.torch_device())
     with tracked(stage, cfg, run, run_name, evaluated.inputs, device) as mlrun:
         tokenizer = load_tokenizer(evaluated.ref)
-        docs = load_documents(ev.source, ev.text_field, ev.split)
-        windows = eval_windows(docs, tokenizer, ev.seqlen, ev.n_windows)
-        text_digest = "sha256:" + hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+        if pairs is None:
+            docs = load_documents(ev.source, ev.text_field, ev.split)
+            windows = eval_windows(docs, tokenizer, ev.seqlen, ev.n_windows)
+            text_digest = "sha256:" + hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+        else:  # caption perplexity
+            windows = build_batch(family_of(config), tokenizer, pairs, ev.n_windows, ev.seqlen)
+            text_digest = windows.sha256()
         mlrun.log_dataset(f"eval:{ev.source}", ev.source, text_digest)
         t0 = time.perf_counter()
         model, done = evaluated.build()

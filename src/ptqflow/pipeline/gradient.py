@@ -1,7 +1,8 @@
 """Stage gradient: forward and backward passes of the full-precision model over the calibration
 blocks, reduced to the statistics :mod:`ptqflow.gradient` documents.
 
-Reads ``<artifacts>/calib/``; writes ``<artifacts>/gradient/``: ``gradient.safetensors``
+Reads ``<artifacts>/calib/`` (image-text samples: the caption loss, with vision and language
+token groups); writes ``<artifacts>/gradient/``: ``gradient.safetensors``
 (per decoder linear the weight gradient and diagonal Fisher; per linear ``grad_sq``,
 ``act_sq``, ``grad_abs``; per block the per-token gradient magnitudes and ``grad_abs`` per token
 group) and ``manifest.json`` (token groups and counts, the loss), and
@@ -16,11 +17,20 @@ import resource
 import time
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from ptqflow.artifacts import atomic_dir, atomic_write_text, to_json, write_manifest
 from ptqflow.config import ModelConfig, SensitivityConfig, parse
-from ptqflow.gradient import STATS_FILE, collect, text_groups, to_tensors
+from ptqflow.gradient import (
+    STATS_FILE,
+    VISION,
+    collect,
+    modality_groups,
+    modality_ratios,
+    text_groups,
+    to_tensors,
+)
 from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
 from ptqflow.pipeline.common import StageRun, calib_blocks, output_dirs, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
@@ -40,15 +50,19 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     hf_config = load_config(ref)
     adapter = get_adapter(hf_config.model_type)
     fingerprint = model_fingerprint(ref)
-    input_ids, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
+    data, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
     inputs = {"model": fingerprint, "calib_tokens": calib_sha}
 
     with tracked(STAGE, cfg, run, "gradient", inputs, str(device)) as mlrun:
         model = load_model(ref, model_cfg.dtype, hf_config)
         t0 = time.perf_counter()
-        groups = text_groups(input_ids)
-        stats = collect(model, adapter, input_ids, groups, device, sens.batch_size, sens.seed)
+        groups = (
+            text_groups(data) if isinstance(data, torch.Tensor) else modality_groups(data.vision)
+        )
+        stats = collect(model, adapter, data, groups, device, sens.batch_size, sens.seed)
         seconds = time.perf_counter() - t0
+        # MBQ's ratios, checked before anything is written (a NaN/inf/zero names its block).
+        ratios = modality_ratios(stats, adapter.block_prefix) if VISION in stats.groups else None
         outputs = {
             "groups": list(stats.groups),
             "group_tokens": list(stats.group_tokens),
@@ -68,12 +82,14 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
                 for k, group in enumerate(stats.groups)
             },
         }
+        if ratios is not None:  # the vision weight of each block's search (balance=mbq)
+            summary["modality_ratio"] = [round(r, 6) for r in ratios.tolist()]
         atomic_write_text(reports / "gradient.json", to_json(summary))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         mlrun.log_metrics({"loss": stats.loss, "seconds": seconds, "peak_rss_mb": peak_mb})
     log.info(
         "gradient: %d sequences, loss %.4f, %.1fs, peak RSS %.0f MiB -> %s",
-        input_ids.shape[0],
+        len(data),
         stats.loss,
         seconds,
         peak_mb,

@@ -19,12 +19,14 @@ from ptqflow.artifacts import (
     check_inputs,
     check_params,
     read_manifest,
+    read_safetensors,
     to_json,
     write_manifest,
 )
 from ptqflow.awq.clip import load_clips
 from ptqflow.awq.scale import GroupScale, load_scales
 from ptqflow.blockwise import BlockResult, BlockStore, Calls, block_files, run_resumable
+from ptqflow.calib import CalibData
 from ptqflow.config import (
     AutoRecipeConfig,
     ModelConfig,
@@ -35,6 +37,7 @@ from ptqflow.config import (
     parse_recipe,
     parse_search,
 )
+from ptqflow.gradient import STATS_FILE, balance_weights, from_tensors, modality_ratios
 from ptqflow.models import (
     Adapter,
     ModelRef,
@@ -46,6 +49,7 @@ from ptqflow.models import (
     model_fingerprint,
     resolve_model,
 )
+from ptqflow.multimodal import ImageTextBatch, model_inputs
 from ptqflow.pipeline.common import (
     StageRun,
     calib_blocks,
@@ -139,9 +143,44 @@ def check_balance(cfg: Mapping[str, Any], adapter: Adapter, model_type: str) -> 
         )
 
 
-def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, str]:
-    """The calibration blocks and their hash, refused if made for another model or config."""
+def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[CalibData, str]:
+    """The calibration data and their hash, refused if made for another model or config."""
     return calib_blocks(setup.artifacts, setup.fingerprint, cfg)
+
+
+def mbq_weights(
+    setup: QuantSetup, cfg: Mapping[str, Any], inputs: Mapping[str, Any], calib: CalibData, root
+) -> tuple[torch.Tensor, dict[str, str]] | None:
+    """MBQ's per-token loss weights ``[n_blocks, n, seq]`` for ``search.balance=mbq`` (None for
+    ``none``): in block ``i``, 1 for language tokens and the block's vision/language gradient
+    ratio (:func:`ptqflow.gradient.modality_ratios`) for vision tokens; and the fingerprint of
+    the gradient artifact they come from (refused unless made from the same model and
+    calibration data).
+
+    Raises:
+        ValueError: the calibration data are text (no vision tokens to weigh).
+    """
+    if parse_balance(cfg["search"]) != "mbq":
+        return None
+    if not isinstance(calib, ImageTextBatch):
+        raise ValueError(
+            "search.balance=mbq weighs vision tokens against language tokens, but the "
+            "calibration data are text; calibrate on image-text pairs (calib=scenes, or an "
+            "image-text calib.source) or use search.balance=none"
+        )
+    grad_dir = setup.artifacts / "gradient"
+    keep = {k: inputs[k] for k in ("model", "calib_tokens")}
+    manifest = read_upstream(grad_dir, "gradient", keep, cfg, code_root=root)
+    grad_abs, _ = read_safetensors(
+        grad_dir / STATS_FILE,
+        "gradient",
+        lambda k: k.startswith("linear/") and k.endswith("/grad_abs"),
+    )
+    stats = from_tensors(grad_abs, manifest["outputs"])
+    ratios = modality_ratios(stats, setup.adapter.block_prefix)
+    log.info("mbq: vision/language weight per block %s", [round(r, 4) for r in ratios.tolist()])
+    weights = torch.stack([balance_weights(r, calib.vision) for r in ratios.tolist()])
+    return weights, manifest["files"]
 
 
 def awq_inputs(
@@ -177,7 +216,7 @@ def run_blockwise(
     cfg: dict[str, Any],
     run: StageRun,
     setup: QuantSetup,
-    input_ids: torch.Tensor,
+    calib: CalibData,
     inputs: dict[str, str],
     capture: Callable[[int, torch.nn.Module], list[str]],
     search: Callable[[int, torch.nn.Module, Calls], BlockResult],
@@ -205,8 +244,9 @@ def run_blockwise(
         if prepare is not None:
             prepare(model)
         t0 = time.perf_counter()
+        forward = model_inputs(setup.hf_config, calib)
         seconds = run_resumable(
-            model, setup.adapter, input_ids, device, store, capture, search, stage.name, distort
+            model, setup.adapter, forward, device, store, capture, search, stage.name, distort
         )
         total = time.perf_counter() - t0
 

@@ -5,7 +5,9 @@ scale vector per group, keyed by the path of the op it folds into; metadata list
 linears, the chosen alpha and the grid's losses), ``index.json`` and ``manifest.json``.
 Each block is saved as it is found, so a killed run resumes where it stopped. With
 ``search.scale.token_weight=gradient`` the search loss weighs tokens by the gradient stage's
-``<artifacts>/gradient/`` statistics.
+``<artifacts>/gradient/`` statistics; with ``search.balance=mbq`` (a vision-language model on
+image-text calibration) it weighs each block's vision tokens by that block's vision/language
+gradient ratio (MBQ).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from ptqflow.blockwise import block_specs, quantized_copy
 from ptqflow.config import parse_act, parse_distort, parse_search
 from ptqflow.gradient import STATS_FILE
 from ptqflow.pipeline.common import StageRun, read_upstream
-from ptqflow.pipeline.quantizing import check_balance, load_calib, quant_setup, run_blockwise
+from ptqflow.pipeline.quantizing import (
+    check_balance,
+    load_calib,
+    mbq_weights,
+    quant_setup,
+    run_blockwise,
+)
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["scale-search"]
@@ -35,12 +43,14 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     check_balance(cfg, setup.adapter, setup.hf_config.model_type)
     scale_cfg, _ = parse_search(cfg["search"])
     act = parse_act(cfg["quant"])
-    input_ids, calib_sha = load_calib(setup, cfg)
+    calib, calib_sha = load_calib(setup, cfg)
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}
     prefix = setup.adapter.block_prefix
     weights = None
     if scale_cfg.token_weight == "gradient":
         weights, inputs["gradient"] = token_weights(setup, cfg, inputs, run)
+    elif balanced := mbq_weights(setup, cfg, inputs, calib, run.root):
+        weights, inputs["gradient"] = balanced
 
     def capture(i, block):
         return scale_capture(setup.adapter, block)
@@ -69,7 +79,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         cfg,
         run,
         setup,
-        input_ids,
+        calib,
         inputs,
         capture,
         search,

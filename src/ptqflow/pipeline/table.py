@@ -210,7 +210,7 @@ _WORK: tuple[Stage, ...] = (
             "search.distort",
             "paths.artifacts",
         ),
-        deps=("artifacts/calib", "artifacts/recipe", "artifacts/scales"),
+        deps=("artifacts/calib", "artifacts/gradient", "artifacts/recipe", "artifacts/scales"),
         outs=("artifacts/clips",),
     ),
     _eval("awq"),

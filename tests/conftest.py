@@ -80,14 +80,14 @@ def tiny_llama(vocab_size: int, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg))
 
 
-VLM_KINDS = ("llava", "qwen2_vl", "idefics3")
+VLM_KINDS = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
 
 
 def tiny_vlm_config(kind: str, vocab_size: int, image_token: int, **extra):
     """A tiny vision-language config (2 decoder blocks, hidden 64; a 2-layer vision tower):
-    ``llava`` (CLIP + Llama; 32-pixel images, 16 tokens), ``qwen2_vl`` (128 pixels, 64 tokens)
-    or ``idefics3`` (SmolVLM; 64 pixels, 16 tokens)."""
-    from transformers import Idefics3Config, LlavaConfig, Qwen2VLConfig
+    ``llava`` (CLIP + Llama; 32-pixel images, 16 tokens), ``qwen2_vl`` and ``qwen2_5_vl`` (128
+    pixels, 64 tokens) or ``idefics3`` (SmolVLM; 64 pixels, 16 tokens)."""
+    from transformers import Idefics3Config, LlavaConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
     text = dict(vocab_size=vocab_size, **TINY_DECODER, max_position_embeddings=512)
     text.update(bos_token_id=1, eos_token_id=2)
@@ -120,6 +120,24 @@ def tiny_vlm_config(kind: str, vocab_size: int, image_token: int, **extra):
             image_token_id=image_token,
             **extra,
         )
+    if kind == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(
+            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=4,
+                out_hidden_size=64,
+                patch_size=8,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=32,
+                fullatt_block_indexes=[1],
+            ),
+            image_token_id=image_token,
+            **extra,
+        )
     if kind == "idefics3":
         return Idefics3Config(
             text_config={"model_type": "llama", **text},
@@ -146,7 +164,7 @@ def build_tiny_vlm(out_dir: Path, kind: str) -> Path:
     tok = build_tokenizer(out_dir, VLM_SPECIAL)
     ids = tok.convert_tokens_to_ids(list(VLM_SPECIAL))
     extra = {"vision_start_token_id": ids[1], "vision_end_token_id": ids[2]}
-    config = tiny_vlm_config(kind, len(tok), ids[0], **(extra if kind == "qwen2_vl" else {}))
+    config = tiny_vlm_config(kind, len(tok), ids[0], **(extra if "qwen" in kind else {}))
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():
@@ -162,6 +180,7 @@ def build_tiny_vlm(out_dir: Path, kind: str) -> Path:
 VLM_PROJECTOR = {
     "llava": "model.multi_modal_projector.linear_2",
     "qwen2_vl": "model.visual.merger.mlp.2",
+    "qwen2_5_vl": "model.visual.merger.mlp.2",
     "idefics3": "model.connector.modality_projection.proj",
 }
 

@@ -60,3 +60,29 @@ def test_mbq_on_a_text_model_is_refused_by_the_check_stage(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="'llama' is a text model; use search.balance=none"):
         check.run(tiny_cfg("search.balance=mbq"))
     assert not (tmp_path / "reports" / "check.json").exists()
+
+
+def test_balance_changes_the_scales_when_modalities_differ():
+    """Vision tokens with outlier channels, language tokens without: weighing the vision
+    error down (MBQ) picks other scales than weighing all tokens alike (AWQ)."""
+    from torch import nn
+
+    from ptqflow.awq.scale import search_group
+    from ptqflow.config import ScaleSearchConfig
+    from ptqflow.models import ScaleGroup
+    from ptqflow.quant import QuantSpec
+
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"up": nn.Linear(32, 32), "down": nn.Linear(32, 16)})
+    x = torch.randn(2, 40, 32)
+    vision = torch.zeros(2, 40, dtype=torch.bool)
+    vision[:, :20] = True
+    x[:, :20, :4] *= 50  # vision outliers
+    group, specs = ScaleGroup("up", ("down",), "down"), {"down": QuantSpec(3, 16)}
+    cfg = ScaleSearchConfig(n_grid=20)
+
+    def search(weights):
+        return search_group(block, group, specs, x, ((x,), {}), cfg, weights)
+
+    none, mbq = search(None), search(balance_weights(0.02, vision))
+    assert mbq.losses != none.losses and not torch.equal(mbq.scales, none.scales)

@@ -22,7 +22,14 @@ import torch
 
 from ptqflow.kernels import reference
 
-__all__ = ["GEMV_MAX_M", "kernel_config", "reference", "triton_runs", "w4a16_matmul"]
+__all__ = [
+    "GEMV_MAX_M",
+    "kernel_config",
+    "reference",
+    "tile_k",
+    "triton_runs",
+    "w4a16_matmul",
+]
 
 # Up to this many rows the weight read dominates: GEMV schedule; above it, tensor-core GEMM.
 GEMV_MAX_M = 8
@@ -55,10 +62,12 @@ def _tuning() -> dict:
     return json.loads(TUNING.read_text(encoding="utf-8"))
 
 
+@functools.cache
 def kernel_config(kind: str, m: int, device: torch.device) -> dict:
     """Launch config for schedule ``kind`` (``gemv``/``gemm``) at ``m`` rows on ``device``:
     the entry for this GPU's name in ``tuning.json`` if there is one, else ``default``. GEMM
-    entries are keyed by the largest M they serve; the first key ``>= m`` wins."""
+    entries are keyed by the largest M they serve; the first key ``>= m`` wins. Cached: the
+    lookup runs once per (kind, M, device), not on every call; callers must not change it."""
     table = _tuning()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     entry = table.get(name, table["default"])[kind]
@@ -68,6 +77,19 @@ def kernel_config(kind: str, m: int, device: torch.device) -> dict:
         if m <= int(bound):
             return entry[bound]
     return entry[max(entry, key=int)]
+
+
+def tile_k(bk: int, group_size: int, least: int = 1) -> int:
+    """The K tile for a configured ``bk``: the largest power of two up to ``bk`` that divides
+    ``group_size``, so each tile lies within one group (one row of scales and zeros). Raises if
+    that is below ``least`` (``tl.dot`` needs 16)."""
+    tile = min(bk, group_size & -group_size)  # the lowest set bit: largest power-of-2 divisor
+    if tile < least:
+        raise ValueError(
+            f"group_size={group_size} has no power-of-two divisor of at least {least} for the "
+            "W4A16 kernel's K tile; use a group size that is a multiple of 16 (32, 64, 128)"
+        )
+    return tile
 
 
 def w4a16_matmul(
@@ -103,7 +125,9 @@ def w4a16_matmul(
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     kind = backend if backend != "auto" else ("gemv" if m <= GEMV_MAX_M else "gemm")
-    cfg = config or kernel_config(kind, m, x.device)
+    cfg = dict(config or kernel_config(kind, m, x.device))
+    # Checked before launch: a tile across two groups would read one group's scales for both.
+    cfg["BK"] = tile_k(cfg["BK"], group_size, 16 if kind == "gemm" else 1)
     if kind == "gemv":
         from ptqflow.kernels.w4a16_gemv import w4a16_gemv
 

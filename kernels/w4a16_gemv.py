@@ -4,8 +4,9 @@ At M of a few rows the matmul is bound by reading the packed weight, so the sche
 that read over as many programs as possible: program ``(j, s)`` owns output columns
 ``j*BN ..`` and the ``s``-th slice of ``K``. It dequantizes each ``[BK, BN]`` weight tile once
 and multiplies it into all ``BM >= M`` activation rows (broadcast and sum over ``BK``), keeping
-float32 partial sums. Partials go to a ``[split_k, M, N]`` float32 buffer that is summed in a
-fixed order afterwards, so results are bit-reproducible (atomics would not be).
+float32 partial sums. Partials go to a ``[split_k, M, N]`` float32 buffer; one small epilogue
+kernel sums them in a fixed order (bit-reproducible, which atomics would not be), adds the bias
+and casts, instead of three or four separate torch ops per linear.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ptqflow.kernels.awq_tile import dequant_awq_tile
+from ptqflow.kernels.awq_tile import dequant_awq_tile, reduce_partials
 
 
 @triton.jit
@@ -57,12 +58,12 @@ def w4a16_gemv(
     """``x [M, K]`` (small M, contiguous) times AWQ-packed ``W [K, N]`` -> ``[M, N]``.
 
     ``config`` holds ``BN, BK, num_warps`` and optionally a fixed ``split_k``; otherwise the K
-    split is chosen so about ``n_programs`` programs run (e.g. a few per SM). ``BK`` must divide
-    ``group_size``.
+    split is chosen so about ``n_programs`` programs run (e.g. a few per SM). ``BK`` divides
+    ``group_size`` (:func:`ptqflow.kernels.tile_k` picks it).
     """
     m, k = x.shape
     n = scales.shape[1]
-    bn, bk = config["BN"], min(config["BK"], group_size)
+    bn, bk = config["BN"], config["BK"]
     k_tiles = k // bk
     split = config.get("split_k") or max(1, min(k_tiles, n_programs // triton.cdiv(n, bn)))
     tiles_per_split = triton.cdiv(k_tiles, split)
@@ -75,7 +76,4 @@ def w4a16_gemv(
         BM=triton.next_power_of_2(m), BN=bn, BK=bk,
         num_warps=config.get("num_warps", 4),
     )  # fmt: skip
-    y = part.sum(0) if split > 1 else part[0]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return reduce_partials(part, bias, x.dtype)

@@ -118,7 +118,7 @@ def test_activation_aware_search_scores_the_quantized_product(grid):
     x[..., [3, 9]] *= 40  # outlier channels: what the scales are for
     spec, act = QuantSpec(4, -1), ActSpec(8)
     group = ScaleGroup("up", ("down",), "down")
-    cfg = ScaleSearchConfig(n_grid=5, grid=grid)
+    cfg = ScaleSearchConfig(n_grid=5, grid=grid, coarse_every=1, coarse_step=1)
     before = block.down.weight.detach().clone()
     res = search_group(block, group, {"down": spec}, x, ((x,), {}), cfg, act=act)
     assert torch.equal(block.down.weight, before)  # left unchanged

@@ -9,6 +9,7 @@ from ptqflow.awq.apply import clip_weight, fold_scales
 from ptqflow.awq.clip import clip_capture, search_block_clips, search_clip
 from ptqflow.awq.scale import (
     candidate_scales,
+    descend,
     scale_capture,
     search_block_scales,
     search_group,
@@ -99,7 +100,8 @@ def test_gram_loss_equals_direct_loss_for_a_single_linear():
     x = torch.randn(4, 20, 48, generator=GEN).abs()
     specs = {"down": QuantSpec(3, 16)}
     group = ScaleGroup("up", ("down",), "down")
-    gram = search_group(block, group, specs, x, ((x,), {}), ScaleSearchConfig(duo_scaling=True))
+    cfg = ScaleSearchConfig(duo_scaling=True, coarse_every=1, coarse_step=1)
+    gram = search_group(block, group, specs, x, ((x,), {}), cfg)
     # the same search written directly: re-run the linear on every token per grid point
     direct = []
     w = block["down"].weight.detach().clone()
@@ -173,7 +175,10 @@ def test_scale_search_keeps_fp_logits_and_runs_clip_search(tiny_model):
     ]
     for res, _ in found:
         for r in res:
-            assert len(r.losses) == 10 and min(r.losses) == r.losses[int(r.alpha * 10)]
+            best = round(r.alpha * 10)
+            assert len(r.losses) == 10
+            assert r.losses[best] == min(v for v in r.losses if v is not None)
+            assert all(r.losses[j] is not None for j in (best - 1, best + 1) if 0 <= j < 10)
 
 
 FAMILIES = {
@@ -243,7 +248,7 @@ def test_token_weights_select_tokens(inspect):
     keep[:, :5] = 1
     specs = {"down": QuantSpec(3, 16)}
     group = ScaleGroup("up", ("down",), inspect)
-    cfg = ScaleSearchConfig(n_grid=6)
+    cfg = ScaleSearchConfig(n_grid=6, coarse_every=1, coarse_step=1)
 
     def losses(inp, weights=None):
         return search_group(block, group, specs, inp, ((inp,), {}), cfg, weights).losses
@@ -255,3 +260,81 @@ def test_token_weights_select_tokens(inspect):
         losses(torch.cat([sub, sub], 1), torch.cat([keep[:, :5], 0 * keep[:, :5]], 1))
     )
     torch.testing.assert_close(got, torch.tensor(losses(sub)), rtol=1e-4, atol=1e-9)
+
+
+def test_descend_walks_down_and_steps_over_one_point_dips():
+    curve = [5.0, 4.0, 4.5, 3.0, 2.0, 1.0, 1.5, 0.5, 0.7]  # minima at 1, 5 and 7
+    scored = []
+
+    def score(i):
+        scored.append(i)
+        return curve[i]
+
+    losses = descend(score, len(curve), 3, reach=1)  # stops in the dip at 5
+    assert _best(losses) == 5 and sorted(scored) == [2, 3, 4, 5, 6]
+    assert descend(lambda i: curve[i], len(curve), 0, reach=1)[3:] == [None] * 6
+    scored.clear()
+    assert _best(descend(score, len(curve), 3)) == 7  # reach 2: over the bump at 6
+    assert sorted(scored) == [2, 3, 4, 5, 6, 7, 8]
+    known = [None, None, 4.5, None, 2.0, None, None, None, None]  # 4.5 is not curve[2]
+    assert descend(lambda i: curve[i], len(curve), 4, known, reach=1)[2] == 4.5
+
+
+def _best(losses):
+    return min((v, i) for i, v in enumerate(losses) if v is not None)[1]
+
+
+def test_coarse_pass_matches_the_exhaustive_grid_and_scores_fewer_points(tiny_model):
+    """On every group that re-runs a module, the coarse-to-fine search picks a local minimum
+    of the full loss in the better half of the grid and scores at most half the grid on all
+    sequences (its quality on a real model: stages/bench_search.py and the README); a module
+    that mixes sequences is never scored on a cut batch."""
+    model, adapter = tiny_model, get_adapter("llama")
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=GEN)
+    plan = {n: QuantSpec(3, 32) for n, layer, _ in adapter.linears(model) if layer is not None}
+    found = {}
+
+    def search(i, block, calls):
+        specs = block_specs(plan, f"model.layers.{i}")
+        for g in adapter.scale_groups(block):
+            if g.linears == (g.inspect,):
+                continue
+            x = calls[g.linears[0]].args[0]
+            exhaustive = ScaleSearchConfig(coarse_every=1, coarse_step=1)
+            runs = [
+                search_group(block, g, specs, x, calls[g.inspect], cfg)
+                for cfg in (exhaustive, ScaleSearchConfig())
+            ]
+            found[(i, g.prev)] = runs
+
+    stream_blocks(
+        model, adapter, ids, torch.device("cpu"), lambda i, b: scale_capture(adapter, b), search
+    )
+    assert found
+    for full, coarse in found.values():
+        assert full.coarse_losses is None and None not in full.losses
+        assert len(coarse.coarse_losses) == 20
+        assert sum(v is not None for v in coarse.losses) <= 10
+        best = _best(coarse.losses)  # a local minimum of the full loss, in its better half
+        assert all(
+            coarse.losses[j] >= coarse.losses[best] for j in (best - 1, best + 1) if 0 <= j < 20
+        )
+        assert full.losses[best] == coarse.losses[best] <= sorted(full.losses)[10]
+
+    class Mixes(nn.Module):  # each row's output depends on the other rows
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x) + self.lin(x).mean(0)
+
+    block = nn.ModuleDict({"norm": nn.LayerNorm(8), "mix": Mixes()})
+    x = torch.randn(8, 4, 8)
+    group, specs = ScaleGroup("norm", ("mix.lin",), "mix"), {"mix.lin": QuantSpec(3, 8)}
+    res = search_group(block, group, specs, x, ((x,), {}), ScaleSearchConfig())
+    every = search_group(
+        block, group, specs, x, ((x,), {}), ScaleSearchConfig(coarse_every=1, coarse_step=1)
+    )
+    assert res.coarse_losses is None  # the cut batch was refused: all sequences throughout
+    assert all(v == every.losses[i] for i, v in enumerate(res.losses) if v is not None)

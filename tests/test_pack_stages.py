@@ -21,7 +21,7 @@ from ptqflow.awq.apply import apply_clips, apply_scales
 from ptqflow.awq.clip import load_clips
 from ptqflow.awq.scale import load_scales
 from ptqflow.models import load_model
-from ptqflow.pack import load_packed
+from ptqflow.pack import QuantLinear, load_packed
 from ptqflow.pipeline import (
     benchmark,
     calib_data,
@@ -54,6 +54,8 @@ def packed_logit_error(cfg, artifacts, awq):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=gen)
     packed = load_packed(artifacts / "packed")
+    layouts = {m.layout for m in packed.modules() if isinstance(m, QuantLinear)}
+    assert "awq" not in layouts  # the CPU int4 kernel computes every 4-bit linear
     with torch.no_grad():
         scale = packed(ids).logits.abs().max().item()
     return max_logit_diff(as_stored(model, setup.plan), packed, ids) / scale
@@ -81,10 +83,13 @@ def test_rtn_pack_matches_fake_quant_and_is_deterministic(tiny_cfg, tmp_path):
     # The tiny model's three layer shapes and the one standard shape, at two M each.
     rows = saved["kernels"]
     assert {(r["K"], r["N"]) for r in rows} == {(64, 64), (64, 128), (128, 64), (256, 64)}
-    assert len(rows) == 8 and all(r["path"] == "reference" and r["w4a16_ms"] > 0 for r in rows)
+    assert len(rows) == 8 and all(r["path"] == "cpu-int4" and r["w4a16_ms"] > 0 for r in rows)
+    assert all(r["max_rel_error"] <= 1e-5 and r["dense_bf16_ms"] > 0 for r in rows)
     assert saved["checkpoint"]["packed_bytes"] == stats["bytes"]
     assert 0 < saved["checkpoint"]["ratio"] < 1
-    assert result["decode"]["packed"]["tokens_per_s"] > 0
+    decode = result["decode"]
+    assert decode["packed"]["tokens_per_s"] > 0 and decode["fp_bf16"]["tokens_per_s"] > 0
+    assert decode["memory_ratio"] < 0.5  # the int4 CPU layout keeps the packed footprint
     assert (tmp_path / "reports" / "figures" / "bench.png").stat().st_size > 0
 
 

@@ -3,8 +3,8 @@
 On a GPU the kernels are timed with Triton's ``do_bench`` (CUDA events, cache flushed between
 runs) against ``torch.matmul`` in fp16 on the same device, and the achieved memory bandwidth of
 the packed read is given as a fraction of the device's peak. Without a GPU the same code times
-the pure-PyTorch reference path (dequantize + matmul) against a float32 matmul on the CPU, and
-says that kernel figures need a GPU: those CPU numbers describe the fallback, not the kernels.
+the int4 CPU kernel :class:`~ptqflow.pack.QuantLinear` runs there against float32 and bfloat16
+dense matmuls, and says that Triton kernel figures need a GPU.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ptqflow.config import BenchConfig
+from ptqflow.kernels import cpu_int4, w4a16_matmul
 from ptqflow.kernels import reference as ref
-from ptqflow.kernels import triton_runs, w4a16_matmul
 
 # Peak HBM bandwidth (bytes/s) of the GPUs these figures are usually taken on, from the vendors'
 # data sheets; a device not listed gets no bandwidth fraction.
@@ -62,11 +62,30 @@ def random_packed(k: int, n: int, group_size: int, device: torch.device, seed: i
     return ref.pack_awq(q).to(device), ref.pack_awq(z).to(device), s.to(device)
 
 
+# Largest ``max|y - expected| / max|expected|`` a kernel row may show before it is timed: the
+# output's rounding to its dtype, with room for the order of the sums.
+KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def checked(fn: Callable[[], torch.Tensor], expected: torch.Tensor, what: str) -> float:
+    """Run ``fn`` once and return its relative error against ``expected``; raise if it is
+    above :data:`KERNEL_TOLERANCE` (a wrong kernel is never timed)."""
+    y = fn()
+    err = ((y.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+    tol = KERNEL_TOLERANCE[y.dtype]
+    if not err <= tol:
+        raise RuntimeError(f"{what}: relative error {err:.3e} is above {tol:.0e}; not timed")
+    return err
+
+
 def bench_kernels(
     shapes: list[tuple[str, int, int, int]], cfg: BenchConfig, device: torch.device
 ) -> list[dict]:
     """Time W4A16 against a dense matmul for every ``(label, K, N, group size)`` and M in
-    ``cfg.m``."""
+    ``cfg.m``: on a GPU the Triton kernels against fp16 ``torch.matmul``; on the CPU the int4
+    CPU kernel (:mod:`ptqflow.kernels.cpu_int4`; the reference where it cannot run) against
+    float32 and bfloat16 dense matmuls. Each W4A16 row is checked against the reference
+    first."""
     on_gpu = device.type == "cuda"
     dtype = torch.float16 if on_gpu else torch.float32
     measure = timer(device, cfg.repeats)
@@ -78,21 +97,45 @@ def bench_kernels(
             continue
         qw, qz, s = random_packed(k, n, g, device)
         w = ref.dequantize_awq(qw.cpu(), qz.cpu(), s.cpu(), g).to(device=device, dtype=dtype)
+        if on_gpu:
+            path = "triton"
+
+            def quant(x, t=(qw, qz, s, g)):
+                return w4a16_matmul(x, *t)
+        elif cpu_int4.supported(k, n, g) is None:
+            path, t = "cpu-int4", cpu_int4.convert(qw, qz, s, g)
+
+            def quant(x, t=t):
+                return cpu_int4.matmul(x, t[0], t[1], t[2])
+        else:
+            path = "reference"
+
+            def quant(x, t=(qw, qz, s, g)):
+                return ref.w4a16_matmul(x, *t)
+
+        w_bf16 = None if on_gpu else w.to(torch.bfloat16)
         for m in cfg.m:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, dtype)
+            expected = ref.w4a16_matmul(x.cpu(), qw.cpu(), qz.cpu(), s.cpu(), g).to(device)
+            err = checked(lambda x=x: quant(x), expected, f"{path} {label} M={m}")
             dense_ms = measure(lambda x=x, w=w: x @ w)
-            quant_ms = measure(lambda x=x, t=(qw, qz, s, g): w4a16_matmul(x, *t))
+            quant_ms = measure(lambda x=x: quant(x))
             row = {
                 "shape": label,
                 "K": k,
                 "N": n,
                 "M": m,
                 "group_size": g,
-                "path": "triton" if triton_runs(x) else "reference",
+                "path": path,
+                "max_rel_error": err,
                 "dense_ms": dense_ms,
                 "w4a16_ms": quant_ms,
                 "speedup": dense_ms / quant_ms,
             }
+            if w_bf16 is not None:
+                xb = x.to(torch.bfloat16)
+                row["dense_bf16_ms"] = measure(lambda xb=xb, wb=w_bf16: xb @ wb)
+                row["speedup_vs_bf16"] = row["dense_bf16_ms"] / quant_ms
             if peak:
                 moved = qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2 + (m * k + m * n) * 2
                 row["bandwidth_fraction"] = moved / (quant_ms * 1e-3) / peak

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,8 +28,18 @@ from ptqflow.artifacts import publish_dir, to_json
 from ptqflow.models.adapters import Adapter
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
-Calls = dict[str, tuple[tuple, dict]]
-"""The ``(args, kwargs)`` each recorded submodule of a block was called with."""
+
+class Call(NamedTuple):
+    """How a submodule was called in a block's forward pass, and its main output then
+    (``None`` where not recorded)."""
+
+    args: tuple
+    kwargs: dict
+    output: Any = None
+
+
+Calls = dict[str, Call]
+"""The call of each recorded submodule of a block."""
 
 
 def first_output(out):
@@ -85,15 +95,16 @@ def first_block_inputs(
 def capture_calls(
     block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
 ) -> tuple[torch.Tensor, Calls]:
-    """Run ``block(x)`` and record the ``(args, kwargs)`` each named submodule was called with."""
+    """Run ``block(x)`` and record each named submodule's :class:`Call`."""
     calls: Calls = {}
     handles = []
     for name in dict.fromkeys(names):
 
-        def hook(module, args, kw, name=name):
-            calls[name] = (args, dict(kw))
+        def hook(module, args, kw, out, name=name):
+            calls[name] = Call(args, dict(kw), first_output(out))
 
-        handles.append(block.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+        module = block.get_submodule(name)
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         out = first_output(block(x, **kwargs))
     finally:

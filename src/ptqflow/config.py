@@ -195,6 +195,12 @@ class ScaleSearchConfig:
             the loss change.
         grid: ``awq`` (the exponent of mean ``|x|``) or ``smoothquant`` (the migration
             strength ``max|x|^a / max|W|^(1-a)``, for weight-activation configs).
+        coarse_every, coarse_step: coarse-to-fine search. A coarse pass scores every
+            ``coarse_step``-th grid point on every ``coarse_every``-th calibration sequence
+            (the sequences only where the inspected module is re-run: attention, MLP); then,
+            on all sequences, the best of it and its neighbours are scored, moving on until
+            every point within 2 of the best is scored. Both ``1``: every point on every
+            sequence (exhaustive, as AutoAWQ; the slow way).
     """
 
     n_grid: int = 20
@@ -202,9 +208,11 @@ class ScaleSearchConfig:
     loss: str = "mse"
     token_weight: str = "none"
     grid: str = "awq"
+    coarse_every: int = 4
+    coarse_step: int = 2
 
     def __post_init__(self) -> None:
-        _positive(self, "n_grid")
+        _positive(self, "n_grid", "coarse_every", "coarse_step")
         if self.loss not in SEARCH_LOSSES:
             raise ValueError(f"loss={self.loss!r}: use one of {list(SEARCH_LOSSES)}")
         if self.grid not in SCALE_GRIDS:

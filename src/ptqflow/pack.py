@@ -12,7 +12,8 @@ default) and the skipped linears are listed in ``modules_to_not_convert`` (``ign
 compressed-tensors). ``config.json`` and the tokenizer files are written so that transformers
 4.5x and 5.x both read them. Loading builds the model on the meta device and puts a
 :class:`QuantLinear` wherever the checkpoint holds packed weights: it computes with the Triton
-W4A16 kernels on a GPU and dequantize + matmul (the reference) elsewhere.
+W4A16 kernels on a GPU, PyTorch's int4 matmul on the CPU (4-bit weights, group sizes that are
+multiples of 32) and dequantize + matmul (the reference) elsewhere.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.dtypes import torch_dtype
 from ptqflow.formats import FORMATS, IntWeight, PackFormat, detect_format, get_format
+from ptqflow.kernels import cpu_int4, w4a16_matmul
 from ptqflow.kernels import reference as ref
-from ptqflow.kernels import w4a16_matmul
 from ptqflow.models import auto_class
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
@@ -75,7 +76,12 @@ class PackConfig:
 class QuantLinear(nn.Module):
     """A linear whose weight is packed integers: 4-bit in the AWQ GEMM layout (Triton W4A16
     kernels on a GPU, the reference elsewhere), other widths in the ptqflow bitstream layout
-    (dequantize + matmul). The output is in the input's dtype; accumulation is float32."""
+    (dequantize + matmul). The output is in the input's dtype; accumulation is float32.
+
+    :meth:`use_cpu_kernel` re-packs a 4-bit weight for PyTorch's int4 CPU matmul
+    (:mod:`ptqflow.kernels.cpu_int4`, layout ``cpu_int4``): what :func:`load_packed` does on
+    the CPU.
+    """
 
     def __init__(self, w: IntWeight, scale_dtype: torch.dtype, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -94,7 +100,29 @@ class QuantLinear(nn.Module):
             f"bits={self.bits}, group_size={self.group_size}, layout={self.layout}"
         )
 
+    @torch.no_grad()
+    def use_cpu_kernel(self) -> bool:
+        """Swap the AWQ GEMM buffers for the CPU int4 kernel's (the same weights, about as
+        many bytes); ``False`` (left as it is) where the kernel cannot take this layer."""
+        if self.layout != "awq" or cpu_int4.supported(
+            self.in_features, self.out_features, self.group_size
+        ):
+            return False
+        packed, scale_offset, self.kernel_group = cpu_int4.convert(
+            self.qweight, self.qzeros, self.scales, self.group_size
+        )
+        for name in ("qweight", "qzeros", "scales"):
+            delattr(self, name)
+        self.register_buffer("int4_weight", packed)
+        self.register_buffer("scale_offset", scale_offset)
+        self.layout = "cpu_int4"
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "cpu_int4":
+            return cpu_int4.matmul(
+                x, self.int4_weight, self.scale_offset, self.kernel_group, self.bias
+            )
         if self.layout == "awq":
             return w4a16_matmul(
                 x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias
@@ -269,4 +297,9 @@ def load_packed(
     act = fmt.declared_activations(raw["quantization_config"])
     if act is not None:
         activation.attach(model, names, act)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu":
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.use_cpu_kernel()
+    return model

@@ -3,11 +3,12 @@
 - Kernels: W4A16 matmul over the packed model's own layer shapes and the standard ones in
   ``bench.kernel_shapes``, for each M in ``bench.m``, against a dense matmul on the same device.
 - End to end: greedy decode tokens/s at batch 1 and resident weight bytes, FP model vs the
-  packed checkpoint loaded back (fp16 on a GPU; on the CPU both compute in float32).
+  packed checkpoint loaded back (fp16 on a GPU; on the CPU float32 activations, the packed
+  model through the int4 CPU kernel, with a bfloat16 dense run beside them).
 - Checkpoint: bytes of the packed ``model.safetensors`` vs the same model stored in fp16.
 
 Writes ``<reports>/bench.json`` and ``<reports>/figures/bench.png`` and logs them to MLflow.
-Without a GPU it times the reference path, records that kernel figures need a GPU, and succeeds.
+Without a GPU it times the CPU int4 path, records that Triton figures need a GPU, and succeeds.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         layers = {
             (m.in_features, m.out_features, m.group_size)
             for m in packed.modules()
-            if isinstance(m, QuantLinear) and m.layout == "awq"
+            if isinstance(m, QuantLinear) and m.layout in ("awq", "cpu_int4")
         }
         shapes = [(f"{model_cfg.name} {k}x{n}", k, n, g) for k, n, g in sorted(layers)]
         shapes += [(f"{k}x{n}", k, n, bench.group_size) for k, n in bench.kernel_shapes]
@@ -64,6 +65,12 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         fp_decode = decode_speed(fp, prompt, bench.decode_tokens, repeats)
         fp_decode["weight_bytes"] = module_bytes(fp)
         fp16_bytes = module_bytes(fp) // fp.dtype.itemsize * 2
+        decode = {"dtype": str(dtype).removeprefix("torch."), "fp": fp_decode}
+        if device.type == "cpu":  # the other dense peer a CPU user has
+            bf16 = fp.to(torch.bfloat16)
+            decode["fp_bf16"] = decode_speed(bf16, prompt, bench.decode_tokens, repeats)
+            decode["fp_bf16"]["weight_bytes"] = module_bytes(bf16)
+            del bf16
         del fp
         packed_bytes = (packed_dir / WEIGHTS).stat().st_size
         result = {
@@ -72,14 +79,14 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             "note": (
                 "kernel figures are Triton on the GPU named above"
                 if device.type == "cuda"
-                else "no GPU: these kernel rows time the pure-PyTorch reference path against "
-                "a float32 matmul on the CPU; Triton kernel figures need a GPU"
+                else "no GPU: these kernel rows time PyTorch's int4 CPU matmul (path cpu-int4; "
+                "the reference where it cannot run) against float32 and bfloat16 dense matmuls; "
+                "Triton kernel figures need a GPU"
             ),
             "packed": manifest["params"]["pack"] | {"quant": manifest["params"]["quant"]},
             "kernels": kernels,
-            "decode": {
-                "dtype": str(dtype).removeprefix("torch."),
-                "fp": fp_decode,
+            "decode": decode
+            | {
                 "packed": quant_decode,
                 "speedup": quant_decode["tokens_per_s"] / fp_decode["tokens_per_s"],
                 "memory_ratio": quant_decode["weight_bytes"] / fp_decode["weight_bytes"],

@@ -90,14 +90,18 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
 
 def block_summary(metadata: dict[str, str]) -> dict[str, float]:
     """Per scale group of a block, named by its first linear (``q_proj``, ``gate_proj``, ...):
-    the chosen alpha and the loss it saves against no scaling (alpha 0), as a fraction."""
+    the chosen alpha and the loss it saves against no scaling (alpha 0), as a fraction (on
+    the coarse pass's sequences where the full set did not score alpha 0)."""
     out = {}
     for group in json.loads(metadata.get("groups", "[]")):
         kind = group["linears"][0].rsplit(".", 1)[1]
         out[f"alpha.{kind}"] = group["alpha"]
         losses = group["losses"]
-        if losses and losses[0] > 0:
-            out[f"loss_saved.{kind}"] = 1 - min(losses) / losses[0]
+        if losses and losses[0] is None:
+            losses = group.get("coarse_losses") or []
+        scored = [v for v in losses if v is not None]
+        if scored and losses[0] > 0:
+            out[f"loss_saved.{kind}"] = 1 - min(scored) / losses[0]
     return out
 
 

@@ -91,17 +91,23 @@ def first_block_inputs(
     return captured["x"], kwargs
 
 
+Capture = list[str] | Mapping[str, bool]
+"""The submodules whose calls to record: names, or names mapped to whether to keep the output
+too (kept outputs stay alive until the block is done: ask only for those used)."""
+
+
 @torch.no_grad()
 def capture_calls(
-    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
+    block: nn.Module, x: torch.Tensor, kwargs: dict, names: Capture
 ) -> tuple[torch.Tensor, Calls]:
     """Run ``block(x)`` and record each named submodule's :class:`Call`."""
+    keep = names if isinstance(names, Mapping) else dict.fromkeys(names, False)
     calls: Calls = {}
     handles = []
-    for name in dict.fromkeys(names):
+    for name in keep:
 
         def hook(module, args, kw, out, name=name):
-            calls[name] = Call(args, dict(kw), first_output(out))
+            calls[name] = Call(args, dict(kw), first_output(out) if keep[name] else None)
 
         module = block.get_submodule(name)
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -118,7 +124,7 @@ def stream_blocks(
     adapter: Adapter,
     inputs: Inputs,
     device: torch.device,
-    capture: Callable[[int, nn.Module], list[str]],
+    capture: Callable[[int, nn.Module], Capture],
     visit: Callable[[int, nn.Module, Calls], nn.Module | None],
 ) -> None:
     """Run the decoder blocks one at a time on ``device`` and hand each to ``visit``.
@@ -266,7 +272,7 @@ def run_resumable(
     inputs: Inputs,
     device: torch.device,
     store: BlockStore,
-    capture: Callable[[int, nn.Module], list[str]],
+    capture: Callable[[int, nn.Module], Capture],
     search: Callable[[int, nn.Module, Calls], BlockResult],
     desc: str,
     distort: Callable[[int, nn.Module, BlockResult, bool], nn.Module] | None = None,
@@ -282,7 +288,7 @@ def run_resumable(
     seconds: list[float | None] = []
     bar = tqdm(total=len(adapter.blocks(model)), desc=desc)
 
-    def names(i: int, block: nn.Module) -> list[str]:
+    def names(i: int, block: nn.Module) -> Capture:
         return [] if store.has(i) else capture(i, block)
 
     def visit(i: int, block: nn.Module, calls: Calls) -> nn.Module | None:

@@ -331,9 +331,14 @@ def search_group(
     )
 
 
-def scale_capture(adapter: Adapter, block: nn.Module) -> list[str]:
-    """The submodules whose calls :func:`search_block_scales` needs."""
-    return [n for g in adapter.scale_groups(block) for n in (g.linears[0], g.inspect)]
+def scale_capture(adapter: Adapter, block: nn.Module) -> dict[str, bool]:
+    """The submodules whose calls :func:`search_block_scales` needs, mapped to whether their
+    output is kept (the inspected modules': the search's full-precision reference)."""
+    keep: dict[str, bool] = {}
+    for g in adapter.scale_groups(block):
+        keep.setdefault(g.linears[0], False)
+        keep[g.inspect] = keep.get(g.inspect, False) or g.linears != (g.inspect,)
+    return keep
 
 
 def search_block_scales(

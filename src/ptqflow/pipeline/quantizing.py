@@ -25,7 +25,7 @@ from ptqflow.artifacts import (
 )
 from ptqflow.awq.clip import load_clips
 from ptqflow.awq.scale import GroupScale, load_scales
-from ptqflow.blockwise import BlockResult, BlockStore, Calls, block_files, run_resumable
+from ptqflow.blockwise import BlockResult, BlockStore, Calls, Capture, block_files, run_resumable
 from ptqflow.calib import CalibData
 from ptqflow.config import (
     AutoRecipeConfig,
@@ -218,7 +218,7 @@ def run_blockwise(
     setup: QuantSetup,
     calib: CalibData,
     inputs: dict[str, str],
-    capture: Callable[[int, torch.nn.Module], list[str]],
+    capture: Callable[[int, torch.nn.Module], Capture],
     search: Callable[[int, torch.nn.Module, Calls], BlockResult],
     prepare: Callable[[torch.nn.Module], None] | None = None,
     summary: Callable[[dict[str, str]], dict[str, float]] | None = None,

@@ -291,3 +291,17 @@ def test_tuning_sweep_keeps_the_fastest_correct_config(tmp_path, monkeypatch):
     tune.write_entry(out, "Some GPU", entry)
     table, before = json.loads(out.read_text()), json.loads(tune.TUNING.read_text())
     assert table == before | {"Some GPU": entry}
+
+
+def test_peer_benchmark_checks_and_times_every_peer(tmp_path):
+    """The GPU peer benchmark's code, run on the CPU: every peer is checked and timed per
+    shape and M, the int4 row gets its speedup over the float32 one, and the figure is drawn."""
+    from ptqflow.pipeline.bench_gpu import bench_peers, plot
+
+    rows = bench_peers([("256x128", 256, 128)], [1, 3], 64, torch.device("cpu"), repeats=2)
+    assert [r["M"] for r in rows] == [1, 3]
+    for r in rows:
+        assert {"torch_fp32_ms", "torch_bf16_ms", "int4_cpu_ms", "int4_cpu_speedup"} <= set(r)
+        assert r["int4_cpu_error"] <= 1e-5 and r["torch_bf16_error"] <= 3e-2
+    plot(rows, "cpu", tmp_path / "peers.png")
+    assert (tmp_path / "peers.png").stat().st_size > 0

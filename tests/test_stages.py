@@ -138,3 +138,18 @@ def test_search_benchmark_reports_a_child_that_dies(tiny_cfg):
 
     with pytest.raises(RuntimeError, match="clip-search failed in the benchmark"):
         bench_search.measure("clip-search", tiny_cfg("tracking=none"), StageRun(ROOT))
+
+
+def test_search_benchmark_times_both_searches_and_scores_their_model(tiny_cfg, tmp_path):
+    """Each stage in its own process; the figures and the perplexity of the searched model go
+    to reports/bench/, and nothing else is written under the configured outputs."""
+    from ptqflow.pipeline import bench_search
+    from ptqflow.pipeline.common import StageRun
+
+    cfg = tiny_cfg("tracking=none", "search.scale.n_grid=4", "search.clip.n_grid=4")
+    report = bench_search.run(cfg, StageRun(ROOT))
+    assert all(report[k]["total_seconds"] > 0 for k in ("scale_search", "clip_search"))
+    assert len(report["scale_search"]["seconds_per_block"]) == 2  # the tiny model's blocks
+    assert report["perplexity"] > 1 and report["search"]["scale"]["coarse_every"] == 4
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert [str(p) for p in written] == ["reports/bench/search-w4g32.json"]

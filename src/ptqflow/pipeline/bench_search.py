@@ -1,7 +1,9 @@
 """Benchmark of the AWQ search: seconds per block, total seconds and peak RSS of the real
 scale-search and clip-search stages, each in a fresh process, on any config (default: the
-embedded model). Writes ``<reports>/bench/search-<quant tag>.json``; DVC outputs are untouched
-(the stages write into a temporary artifacts directory). Not a DVC stage: a measurement.
+embedded model), and the perplexity of the model they give (the eval-awq stage on the same
+scales and clips), so a faster search setting shows its quality beside its time. Writes
+``<reports>/bench/search-<quant tag>.json``; DVC outputs are untouched (the stages write into a
+temporary artifacts directory). Not a DVC stage: a measurement.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from ptqflow.artifacts import atomic_write_text, to_json
 from ptqflow.config import quant_label
-from ptqflow.pipeline import calib_data, clip_search, scale_search
+from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, scale_search
 from ptqflow.pipeline.common import StageRun, output_dirs
 
 POLL_SECONDS = 5.0
@@ -30,8 +32,10 @@ def _child(stage: str, cfg: dict[str, Any], run: StageRun, results) -> None:
     if stage == "scale-search":
         calib_data.run(cfg, run)
         out = scale_search.run(cfg, run)
-    else:
+    elif stage == "clip-search":
         out = clip_search.run(cfg, run)
+    else:
+        out = fake_quant_eval.run(cfg | {"eval": cfg["eval"] | {"method": "awq"}}, run)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     results.put(out)
 
@@ -67,11 +71,12 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ptqflow-bench-"))
     try:
         bench_cfg = cfg | {
-            "paths": cfg["paths"] | {"artifacts": str(work)},
+            "paths": cfg["paths"] | {"artifacts": str(work / "artifacts"), "reports": str(work)},
             "tracking": cfg["tracking"] | {"enabled": False},
         }
         scale = measure("scale-search", bench_cfg, run)
         clip = measure("clip-search", bench_cfg, run)
+        quality = measure("eval-awq", bench_cfg, run)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -95,12 +100,15 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         "scale_search": summary(scale),
         "clip_search": summary(clip),
         "total_search_seconds": round(scale["total_seconds"] + clip["total_seconds"], 2),
+        "perplexity": quality["perplexity"],
+        "eval": {k: cfg["eval"][k] for k in ("source", "seqlen", "n_windows")},
         "peak_rss_gb": round(max(scale["peak_rss_gb"], clip["peak_rss_gb"]), 3),
     }
     out = reports / "bench" / f"search-{tag}.json"
     atomic_write_text(out, to_json(report))
     print(
         f"search {tag}: scale {report['scale_search']['total_seconds']}s + clip "
-        f"{report['clip_search']['total_seconds']}s, peak RSS {report['peak_rss_gb']} GB -> {out}"
+        f"{report['clip_search']['total_seconds']}s, peak RSS {report['peak_rss_gb']} GB, "
+        f"perplexity {report['perplexity']} -> {out}"
     )
     return report

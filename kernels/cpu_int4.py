@@ -2,17 +2,20 @@
 
 ``aten._weight_int4pack_mm_for_cpu`` (the CPU twin of the tinygemm kernel torchao and gpt-fast
 use) reads a 4-bit weight packed two per byte, ``[N, K/2]`` uint8, and per group and column a
-scale and a float offset, ``[K/g, N, 2]``; it computes with
+scale and a float offset, ``[K/g, N, 2]``; it computes
 
     W[k, n] = (q[k, n] - 8) * scale[k // g, n] + offset[k // g, n]
 
-The AWQ weight ``(q - z) * s`` is that with ``scale = s`` and ``offset = (8 - z) * s``. In
-float32 both products and their sum are exact (4-bit integers times an fp16 scale), so the
-dequantized weight is exactly the reference's; only the order of the sums differs.
+The AWQ weight ``(q - z) * s`` is that with ``scale = s`` and ``offset = (8 - z) * s``.
 
-The kernel takes group sizes 32, 64, 128 and 256 and ``N`` divisible by 16. A larger group that
-one of those divides (96, 192, per-channel 576, ...) is run at that size, its scale rows repeated:
-the same weights. Other shapes are not supported here (:func:`supported` says why).
+Only its bfloat16 path is fast here (activations, scales and offsets all bf16; float32 and fp16
+activations run 20-40x slower than a dense float32 matmul), so :func:`matmul` computes in
+bfloat16: that is decode-time numerics, like a bf16 model's. :func:`unpack` reads the integers
+back exactly, for an exact float32 path where many rows make the dequantization worth it.
+
+The kernel takes group sizes 32, 64, 128 and 256; a larger group that one of those divides (96,
+192, per-channel 576, ...) runs at that size with its scale rows repeated. ``N`` must divide by
+64, the column block of the packed layout :func:`unpack` reads (the kernel itself needs 16).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from ptqflow.kernels import reference as ref
 
 KERNEL_GROUPS = (256, 128, 64, 32)
+BLOCK_N = 64  # the packed layout: per 64 output columns, byte [k, j] holds columns j and j + 32
 
 
 def kernel_group(group_size: int) -> int | None:
@@ -36,8 +40,8 @@ def supported(k: int, n: int, group_size: int) -> str | None:
         return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
     if kernel_group(group_size) is None:
         return f"group size {group_size} is not a multiple of 32"
-    if n % 16:
-        return f"{n} output features do not divide by 16"
+    if n % BLOCK_N:
+        return f"{n} output features do not divide by {BLOCK_N}"
     if k % group_size:
         return f"{k} input features do not divide into groups of {group_size}"
     return None
@@ -46,7 +50,7 @@ def supported(k: int, n: int, group_size: int) -> str | None:
 def convert(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """AWQ GEMM tensors -> ``(packed [N, K/2] uint8, scale_offset [K/kg, N, 2] float32, kg)``
+    """AWQ GEMM tensors -> ``(packed [N, K/2] uint8, scale_offset [K/kg, N, 2] bfloat16, kg)``
     for :func:`matmul`, with ``kg`` the kernel's group size."""
     k, n = qweight.shape[0], scales.shape[1]
     reason = supported(k, n, group_size)
@@ -56,10 +60,16 @@ def convert(
     q = ref.unpack_awq(qweight.cpu())  # [K, N]
     z = ref.unpack_awq(qzeros.cpu()).float()
     s = scales.cpu().float()
-    offset = (8 - z) * s
-    scale_offset = torch.stack([s, offset], -1).repeat_interleave(group_size // kg, 0)
+    scale_offset = torch.stack([s, (8 - z) * s], -1).repeat_interleave(group_size // kg, 0)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous(), 1)
-    return packed, scale_offset.contiguous(), kg
+    return packed, scale_offset.to(torch.bfloat16).contiguous(), kg
+
+
+def unpack(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The integers ``q [K, N]`` (int32) of a weight :func:`convert` packed."""
+    blocks = packed.reshape(n // BLOCK_N, k, BLOCK_N // 2).to(torch.int32)  # [nb, k, 32]
+    q = torch.cat([blocks & 0xF, blocks >> 4], -1)  # [nb, k, 64]: columns j, then j + 32
+    return q.permute(1, 0, 2).reshape(k, n)
 
 
 def matmul(
@@ -69,12 +79,13 @@ def matmul(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x @ W + bias`` for ``x [..., K]`` (float32, bfloat16 or float16) and a weight
-    from :func:`convert` (``group_size`` is the kernel's group size it returned)."""
+    """``y = x @ W + bias`` for ``x [..., K]``, computed in bfloat16 (see the module docstring)
+    from a weight :func:`convert` made (``group_size``: the kernel group size it returned); the
+    result in ``x``'s dtype."""
     n = packed.shape[0]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    so = scale_offset if scale_offset.dtype == x.dtype else scale_offset.to(x.dtype)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, so)
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_offset)
+    y = y.to(x.dtype)
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)

@@ -203,30 +203,28 @@ def test_kernels_on_gpu(m, k, n, dt):
 
 
 @pytest.mark.parametrize("g", [32, 64, 96, 128, 192, 256, 768])
-@pytest.mark.parametrize("m,n", [(1, 64), (5, 48)])
+@pytest.mark.parametrize("m,n", [(1, 64), (5, 192)])
 def test_cpu_int4_matches_reference(m, n, g):
     """Every group size that is a multiple of 32 (96, 192 and per-channel run at a kernel
-    size with repeated scales), float32 to the reference's rounding, bf16 within its bound."""
+    size with repeated scales): the integers read back exactly, the product within bf16's
+    rounding (the kernel's fast path computes in bf16)."""
     k = 768
     q, z, s, (qw, qz, sc) = known_weights(k, n, g, seed=g + n)
     packed, scale_offset, kg = cpu_int4.convert(qw, qz, sc, g)
     assert kg == cpu_int4.kernel_group(g) and packed.dtype == torch.uint8
     assert packed.numel() == k * n // 2  # 4 bits a weight
+    assert torch.equal(cpu_int4.unpack(packed, k, n), q)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     bias = torch.randn(n)
-    expected = ref.w4a16_matmul(x, qw, qz, sc, g, bias)
     y = cpu_int4.matmul(x, packed, scale_offset, kg, bias)
     assert y.dtype == torch.float32 and y.shape == (m, n)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    xb = x.to(torch.bfloat16)
-    yb = cpu_int4.matmul(xb, packed, scale_offset, kg)
     w = ref.dequantize_awq(qw, qz, sc, g)
-    check_close(yb, xb, w, torch.bfloat16, f"bf16 g={g}")
+    check_close(y, x, w, torch.bfloat16, f"int4 cpu g={g}", bias)
 
 
 def test_cpu_int4_refuses_what_it_cannot_run():
     assert "multiple of 32" in cpu_int4.supported(96, 64, 48)
-    assert "divide by 16" in cpu_int4.supported(128, 40, 32)
+    assert "divide by 64" in cpu_int4.supported(128, 48, 32)
     _, _, _, (qw, qz, sc) = known_weights(96, 64, 48)
     with pytest.raises(ValueError, match="cannot run this weight: group size 48"):
         cpu_int4.convert(qw, qz, sc, 48)
@@ -234,21 +232,26 @@ def test_cpu_int4_refuses_what_it_cannot_run():
 
 @pytest.mark.parametrize("g,converts", [(64, True), (48, False)])
 def test_quant_linear_switches_to_the_cpu_kernel(g, converts):
-    """Same outputs after the switch; the int4 buffers replace the AWQ ones (no copy kept);
-    a group size the kernel cannot take keeps the AWQ layout."""
+    """Decode-sized calls (up to CPU_KERNEL_ROWS rows) run the kernel in bf16; larger ones
+    dequantize the exact weight, as before the switch; the kernel's 4-bit weight replaces the
+    AWQ one. A group size the kernel cannot take keeps the AWQ layout."""
     torch.manual_seed(0)
-    w = IntWeight.from_weight(torch.randn(96, 192), QuantSpec(4, g))
-    layer = QuantLinear(w, torch.float16, torch.randn(96))
-    x = torch.randn(2, 3, 192)
-    before = layer(x)
+    w = IntWeight.from_weight(torch.randn(128, 192), QuantSpec(4, g))
+    layer = QuantLinear(w, torch.float16, torch.randn(128))
+    small, large = torch.randn(2, 3, 192), torch.randn(2, 9, 192)
+    before = layer(small), layer(large)
     nbytes = sum(b.numel() * b.element_size() for b in layer.buffers())
     assert layer.use_cpu_kernel() is converts
     assert layer.layout == ("cpu_int4" if converts else "awq")
     assert hasattr(layer, "qweight") is not converts
-    after = layer(x)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
-    if converts:  # 0.5 byte a weight plus two float32 per group and column
-        assert sum(b.numel() * b.element_size() for b in layer.buffers()) <= 2.5 * nbytes
+    dense = ref.dequantize_kn(w.q, w.zeros, w.scales.half().float(), g)  # scales kept in fp16
+    if converts:
+        check_close(layer(small).reshape(-1, 128), small.reshape(-1, 192), dense, torch.bfloat16,
+                    "decode rows", layer.bias)  # fmt: skip
+        assert sum(b.numel() * b.element_size() for b in layer.buffers()) <= 1.25 * nbytes
+    else:
+        assert torch.equal(layer(small), before[0])
+    assert torch.equal(layer(large), before[1])  # the exact float32 path
 
 
 def test_tuning_sweep_keeps_the_fastest_correct_config(tmp_path, monkeypatch):
@@ -302,6 +305,6 @@ def test_peer_benchmark_checks_and_times_every_peer(tmp_path):
     assert [r["M"] for r in rows] == [1, 3]
     for r in rows:
         assert {"torch_fp32_ms", "torch_bf16_ms", "int4_cpu_ms", "int4_cpu_speedup"} <= set(r)
-        assert r["int4_cpu_error"] <= 1e-5 and r["torch_bf16_error"] <= 3e-2
+        assert r["int4_cpu_error"] <= 3e-2 and r["torch_bf16_error"] <= 3e-2
     plot(rows, "cpu", tmp_path / "peers.png")
     assert (tmp_path / "peers.png").stat().st_size > 0

@@ -12,8 +12,8 @@ default) and the skipped linears are listed in ``modules_to_not_convert`` (``ign
 compressed-tensors). ``config.json`` and the tokenizer files are written so that transformers
 4.5x and 5.x both read them. Loading builds the model on the meta device and puts a
 :class:`QuantLinear` wherever the checkpoint holds packed weights: it computes with the Triton
-W4A16 kernels on a GPU, PyTorch's int4 matmul on the CPU (4-bit weights, group sizes that are
-multiples of 32) and dequantize + matmul (the reference) elsewhere.
+W4A16 kernels on a GPU, PyTorch's int4 matmul on the CPU for decode (4-bit weights, group sizes
+that are multiples of 32; bf16 numerics) and dequantize + matmul (the reference) elsewhere.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
 
 WEIGHTS = "model.safetensors"
+# On the CPU, calls of up to this many rows (decode) run the int4 kernel; more dequantize.
+CPU_KERNEL_ROWS = 8
 PACK_METHODS = ("awq", "rtn")
 
 
@@ -102,8 +104,13 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def use_cpu_kernel(self) -> bool:
-        """Swap the AWQ GEMM buffers for the CPU int4 kernel's (the same weights, about as
-        many bytes); ``False`` (left as it is) where the kernel cannot take this layer."""
+        """Re-pack a 4-bit AWQ weight for the int4 CPU kernel (layout ``cpu_int4``); ``False``
+        (left as it is) where the kernel cannot take this layer.
+
+        ``qweight`` gives way to the kernel's 4-bit weight (the same bytes) plus its bf16
+        scales and offsets; the AWQ scales and zeros stay. Up to :data:`CPU_KERNEL_ROWS` rows
+        (decode) run the kernel, in bfloat16; more rows dequantize the exact weight and
+        multiply in float32, as the reference does."""
         if self.layout != "awq" or cpu_int4.supported(
             self.in_features, self.out_features, self.group_size
         ):
@@ -111,8 +118,7 @@ class QuantLinear(nn.Module):
         packed, scale_offset, self.kernel_group = cpu_int4.convert(
             self.qweight, self.qzeros, self.scales, self.group_size
         )
-        for name in ("qweight", "qzeros", "scales"):
-            delattr(self, name)
+        del self.qweight
         self.register_buffer("int4_weight", packed)
         self.register_buffer("scale_offset", scale_offset)
         self.layout = "cpu_int4"
@@ -120,14 +126,22 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "cpu_int4":
-            return cpu_int4.matmul(
-                x, self.int4_weight, self.scale_offset, self.kernel_group, self.bias
-            )
+            if x.numel() <= CPU_KERNEL_ROWS * self.in_features:
+                return cpu_int4.matmul(
+                    x, self.int4_weight, self.scale_offset, self.kernel_group, self.bias
+                )
+            q = cpu_int4.unpack(self.int4_weight, self.in_features, self.out_features)
+            w = ref.dequantize_kn(q, ref.unpack_awq(self.qzeros), self.scales, self.group_size)
+            return self._matmul(x, w)
         if self.layout == "awq":
             return w4a16_matmul(
                 x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias
             )
         w = ref.dequantize_bits(self.qweight, self.qzeros, self.scales, self.bits, self.group_size)
+        return self._matmul(x, w)
+
+    def _matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x @ w + bias`` in float32, the result in ``x``'s dtype."""
         y = x.reshape(-1, self.in_features).float() @ w.to(x.device)
         if self.bias is not None:
             y = y + self.bias.float()

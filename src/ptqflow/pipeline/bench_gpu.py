@@ -62,7 +62,7 @@ def peers(device: torch.device, qw, qz, s, g: int, w: torch.Tensor) -> dict[str,
     return {
         "torch_fp32": (torch.float32, lambda x: x @ w, False),
         "torch_bf16": (torch.bfloat16, lambda x: x @ wb, False),
-        "int4_cpu": (torch.float32, lambda x: cpu_int4.matmul(x, packed, scale_offset, kg), True),
+        "int4_cpu": (torch.bfloat16, lambda x: cpu_int4.matmul(x, packed, scale_offset, kg), True),
     }
 
 

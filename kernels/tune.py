@@ -91,7 +91,7 @@ def sweep(
         try:
             for x, (qw, qz, s), w in cases:
 
-                def run(x=x, t=(qw, qz, s)):
+                def run(x=x, t=(qw, qz, s), cfg=cfg):
                     return w4a16_matmul(x, *t, group_size, backend=kind, config=cfg)
 
                 if not _correct(run(), x, w):

@@ -149,6 +149,19 @@ def test_group_sizes_that_a_configured_tile_would_straddle(backend, g):
     assert tile_k(64, g) == {48: 16, 96: 32, 192: 64}[g]
 
 
+@pytest.mark.parametrize("backend", ["gemv", "gemm"])
+def test_a_partial_column_tile(backend):
+    """N = 96 with 64-wide column tiles: the second tile is half outside the weight."""
+    k, n, m = 128, 96, 5
+    _, _, _, (qw, qz, sc) = known_weights(k, n, 32, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).half()
+    bias = torch.randn(n).half()
+    config = {"BN": 64, "BK": 32, "split_k": 2, "BM": 16, "GROUP_M": 2}
+    y = w4a16_matmul(x, qw, qz, sc, 32, bias, backend=backend, config=config)
+    assert y.shape == (m, n)
+    check_close(y, x, ref.dequantize_awq(qw, qz, sc, 32), torch.float16, backend, bias)
+
+
 def test_a_group_size_without_a_tile_is_refused_before_launch():
     _, _, _, (qw, qz, sc) = known_weights(64, 64, 8)
     with pytest.raises(ValueError, match="group_size=8 has no power-of-two divisor of at least 16"):

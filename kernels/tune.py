@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ptqflow.bench import random_packed
 from ptqflow.kernels import GEMV_MAX_M, TUNING, w4a16_matmul
 from ptqflow.kernels import reference as ref
 
@@ -50,14 +51,6 @@ TOLERANCE = {torch.float16: 8 * 2.0**-10, torch.bfloat16: 8 * 2.0**-7}
 Timer = Callable[[Callable[[], object]], float]
 
 
-def _packed(k: int, n: int, group_size: int, device: torch.device, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
-    z = torch.randint(0, 16, (k // group_size, n), generator=gen, dtype=torch.int32)
-    s = (torch.rand(k // group_size, n, generator=gen) * 0.02 + 0.001).half()
-    return [t.to(device) for t in (ref.pack_awq(q), ref.pack_awq(z), s)]
-
-
 def _correct(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
     """Within the output's rounding of ``x @ W`` (``W`` rounded to the activation dtype)."""
     expected = x.float() @ w.to(x.dtype).float()
@@ -80,7 +73,7 @@ def sweep(
     all of them, and that time; ``None`` if none is."""
     cases = []
     for k, n in shapes:
-        qw, qz, s = _packed(k, n, group_size, device)
+        qw, qz, s = random_packed(k, n, group_size, device)
         w = ref.dequantize_awq(qw.cpu(), qz.cpu(), s.cpu(), group_size).to(device)
         for m in ms:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, dtype)

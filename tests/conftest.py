@@ -104,37 +104,24 @@ def tiny_vlm_config(kind: str, vocab_size: int, image_token: int, **extra):
             image_token_index=image_token,
             vision_feature_layer=-1,
         )
-    if kind == "qwen2_vl":
-        return Qwen2VLConfig(
+    if kind in ("qwen2_vl", "qwen2_5_vl"):  # the same patch grid; the towers differ
+        grid = dict(depth=2, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+        if kind == "qwen2_vl":
+            cls, tower = Qwen2VLConfig, dict(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        else:
+            cls, tower = (
+                Qwen2_5_VLConfig,
+                dict(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    out_hidden_size=64,
+                    window_size=32,
+                    fullatt_block_indexes=[1],
+                ),
+            )
+        return cls(
             text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
-            vision_config=dict(
-                depth=2,
-                embed_dim=32,
-                hidden_size=64,
-                num_heads=4,
-                mlp_ratio=2,
-                patch_size=8,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-            ),
-            image_token_id=image_token,
-            **extra,
-        )
-    if kind == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(
-            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
-            vision_config=dict(
-                depth=2,
-                hidden_size=32,
-                intermediate_size=64,
-                num_heads=4,
-                out_hidden_size=64,
-                patch_size=8,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=32,
-                fullatt_block_indexes=[1],
-            ),
+            vision_config={**grid, **tower},
             image_token_id=image_token,
             **extra,
         )

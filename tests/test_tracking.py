@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import pytest
 import yaml
 
 from ptqflow.pipeline import fake_quant_eval, restore
@@ -72,3 +73,41 @@ def test_results_dvc_skipped_are_restored_once(tiny_cfg, tmp_path):
     metrics.write_text(metrics.read_text().replace("fp", "xx"))
     third = {**cfg, "tracking": {**cfg["tracking"], "uri": f"sqlite:///{tmp_path / 'c.db'}"}}
     assert restore.restore(tmp_path, third) == []
+
+
+def test_a_locked_database_costs_no_result_and_the_run_is_recorded_later(
+    tiny_cfg, tmp_path, monkeypatch, caplog
+):
+    """Another process holds a write lock on the database for the whole stage: the stage
+    still writes its metrics, warns once naming the URI, and keeps the run; once the lock is
+    gone, restore records it with its metrics and artifacts and deletes what it kept."""
+    import sqlite3
+
+    from ptqflow import tracking
+
+    cfg = tiny_cfg("eval.method=fp")
+    fake_quant_eval.run(cfg, StageRun(tmp_path))  # creates the database and its schema
+    db = tmp_path / "mlflow.db"
+    metrics = tmp_path / "reports" / "eval" / "fp.json"
+    metrics.unlink()
+    monkeypatch.setattr(tracking, "SQLITE_TIMEOUT_S", 0.2)
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # what another writer holds
+    try:
+        with caplog.at_level("WARNING", logger="ptqflow.tracking"):
+            fake_quant_eval.run(cfg, StageRun(tmp_path))
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert metrics.is_file()
+    warned = [r.getMessage() for r in caplog.records if "MLflow tracking" in r.getMessage()]
+    assert len(warned) == 1 and str(db) in warned[0] and "locked" in warned[0]
+    [kept] = (tmp_path / "mlflow-pending").iterdir()
+    assert restore.replay_pending(tmp_path) == ["fp"]
+    assert not kept.exists()
+    fp_runs = [r for r in runs(db) if r.info.run_name == "fp"]
+    assert len(fp_runs) == 2 and all(r.info.status == "FINISHED" for r in fp_runs)
+    later = max(fp_runs, key=lambda r: r.info.start_time)
+    figure = json.loads(metrics.read_text())["perplexity"]  # the file rounds it
+    assert later.data.metrics["perplexity"] == pytest.approx(figure, rel=1e-6)
+    assert later.data.tags["metrics_md5"] == file_md5(metrics)

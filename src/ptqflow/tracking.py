@@ -8,7 +8,13 @@ device, dtype, package versions). ``make ui`` serves the database on 127.0.0.1.
 
 A relative ``sqlite:///`` path resolves against the project root (the main repository's, also
 from inside a queued experiment's temporary clone under ``<repo>/.dvc/tmp/exps/``, so those runs
-outlive the clone). Artifacts go beside the database, in ``mlartifacts/``.
+outlive the clone). Artifacts go beside the database, in ``mlartifacts/``. A SQLite database
+locked by another writer is waited for (:data:`SQLITE_TIMEOUT_S`).
+
+Tracking is a side channel: it never costs a stage its output. Every MLflow call a stage makes
+is fenced; on the first failure the stage warns once (naming the tracking URI and the error),
+goes on, and keeps what it would have logged in ``<project>/mlflow-pending/``, from where
+``python -m ptqflow.pipeline.restore`` records it later.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -40,6 +47,10 @@ VIEW_COLUMNS = (
     "params.`quant.group_size`",
 )
 METRICS_MD5_TAG = "metrics_md5"  # the md5 (as dvc.lock records it) of the metrics file written
+SQLITE_TIMEOUT_S = 30.0  # how long a write waits for another process's lock on the database
+PENDING = "mlflow-pending"  # runs that could not be logged, under the project root
+
+log = logging.getLogger(__name__)
 
 
 def project_root(path: str | Path) -> Path:
@@ -58,6 +69,18 @@ def resolve_uri(uri: str, root: str | Path) -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         return prefix + str(project_root(root) / uri[len(prefix) :])
+    return uri
+
+
+def pending_dir(root: str | Path) -> Path:
+    """Where runs that could not be logged wait for :mod:`ptqflow.pipeline.restore`."""
+    return project_root(root) / PENDING
+
+
+def _with_timeout(uri: str) -> str:
+    """A ``sqlite:///`` URI with a busy timeout (pysqlite's ``timeout``) unless it has one."""
+    if uri.startswith("sqlite:///") and "timeout=" not in uri:
+        return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_TIMEOUT_S:g}"
     return uri
 
 
@@ -157,6 +180,8 @@ def sweep_session(sweep_dir: str, task: str) -> Session:
 
 
 class _NoRun:
+    """The logging calls a stage makes on its run; with tracking disabled they do nothing."""
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
 
@@ -201,12 +226,69 @@ class _Run(_NoRun):
         self.set_tags({METRICS_MD5_TAG: file_md5(path)})
 
 
+class _Fenced(_NoRun):
+    """A run whose every call is kept and forwarded to the live run until one fails; from then
+    on the calls are only kept, to be saved for :func:`replay`."""
+
+    def __init__(self, uri: str, record: dict[str, Any], keep: Path | None) -> None:
+        self.uri, self.record, self.keep = uri, record, keep
+        self.live: _Run | None = None
+        self.error: Exception | None = None
+
+    def lost(self, error: Exception) -> None:
+        """Warn once and go on without the live run; with nowhere to keep the run, raise."""
+        if self.keep is None:
+            raise error
+        if self.error is None:
+            self.error, self.live = error, None
+            log.warning(
+                "MLflow tracking at %s failed (%s: %s); the stage goes on and writes its outputs, "
+                "and keeps this run in %s: `python -m ptqflow.pipeline.restore` records it",
+                self.uri, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+                self.keep.parent,
+            )
+
+    def _call(self, method: str, *args: Any) -> None:
+        self.record["calls"].append([method, *args])
+        if self.live is not None:
+            try:
+                getattr(self.live, method)(*args)
+            except Exception as error:  # noqa: BLE001 - tracking must never cost the result
+                self.lost(error)
+
+    def save(self) -> None:
+        """Write the kept run to its directory, with a copy of each artifact as it is now."""
+        for i, call in enumerate(self.record["calls"]):
+            if call[0] in ("log_artifact", "log_output"):
+                dest = self.keep / "files" / str(i) / Path(call[1]).name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(call[1], dest)
+                call[1] = str(dest.relative_to(self.keep))
+        text = json.dumps(self.record, indent=1)
+        (self.keep / "run.json").write_text(text, encoding="utf-8")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._call("log_metrics", {k: float(v) for k, v in metrics.items()}, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._call("log_artifact", str(Path(path).resolve()))
+
+    def log_dataset(self, name: str, source: str, digest: str) -> None:
+        self._call("log_dataset", name, source, digest)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._call("set_tags", dict(tags))
+
+    def log_output(self, path: str | Path) -> None:
+        self._call("log_output", str(Path(path).resolve()))
+
+
 def _connect(uri: str, experiment: str):
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(_with_timeout(uri))
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
     exp_id = (
@@ -243,6 +325,27 @@ def parent_run(client, exp_id: str, session: Session, tags: Mapping[str, str]) -
     return run.info.run_id
 
 
+def _start(uri: str, experiment: str, run_name: str, params, tags, session) -> tuple:
+    """Open the run (and its session's parent run): ``(mlflow, client, parent id or None)``."""
+    mlflow, client, exp_id = _connect(uri, experiment)
+    tags = dict(tags)
+    parent = None
+    if session is not None:
+        parent_tags = {k: v for k, v in tags.items() if k in ("git_revision", "dvc.exp")}
+        parent = parent_run(client, exp_id, session, parent_tags)
+        tags[PARENT_TAG] = parent
+    mlflow.start_run(run_name=run_name, tags=tags)
+    mlflow.log_params(flatten(params))
+    return mlflow, client, parent
+
+
+def _end(mlflow, client, parent: str | None, status: str) -> None:
+    mlflow.end_run(status)
+    if parent is not None:
+        previous = client.get_run(parent).info.status
+        client.set_terminated(parent, "FAILED" if "FAILED" in (status, previous) else status)
+
+
 @contextmanager
 def mlflow_run(
     enabled: bool,
@@ -252,33 +355,71 @@ def mlflow_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
     session: Session | None = None,
-) -> Iterator[_Run | _NoRun]:
+    pending: Path | None = None,
+) -> Iterator[_NoRun]:
     """One MLflow run around a stage's work (a child of ``session``'s parent run); a no-op
     when tracking is disabled. ``uri`` must be absolute (:func:`resolve_uri`).
 
     A run whose body raises is marked FAILED in MLflow, and so is its parent; the exception
-    propagates.
+    propagates. With ``pending`` (a :func:`pending_dir`), tracking failures are fenced: the
+    body always runs to its end, and a run that could not be logged whole is kept under
+    ``pending`` for :func:`replay` (a failed body keeps nothing: it produced no result).
+    Without it, a tracking failure raises.
     """
     if not enabled:
         yield _NoRun()
         return
-    mlflow, client, exp_id = _connect(uri, experiment)
-    tags = dict(tags)
-    parent = None
-    if session is not None:
-        parent_tags = {k: v for k, v in tags.items() if k in ("git_revision", "dvc.exp")}
-        parent = parent_run(client, exp_id, session, parent_tags)
-        tags[PARENT_TAG] = parent
+    record = {
+        "uri": uri,
+        "experiment": experiment,
+        "run_name": run_name,
+        "params": dict(params),
+        "tags": dict(tags),
+        "session": None if session is None else [session.key, session.name, dict(session.tags)],
+        "calls": [],
+    }
+    keep = None
+    if pending is not None:
+        keep = pending / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{run_name}"
+    run = _Fenced(uri, record, keep)
+    live = None
+    try:
+        live = _start(uri, experiment, run_name, params, tags, session)
+        run.live = _Run(live[0])
+    except Exception as error:  # noqa: BLE001 - fenced: see lost()
+        run.lost(error)
     status = "FAILED"
     try:
-        with mlflow.start_run(run_name=run_name, tags=tags):
-            mlflow.log_params(flatten(params))
-            yield _Run(mlflow)
-            status = "FINISHED"
+        yield run
+        status = "FINISHED"
     finally:
-        if parent is not None:
-            previous = client.get_run(parent).info.status
-            client.set_terminated(parent, "FAILED" if "FAILED" in (status, previous) else status)
+        if live is not None and run.error is None:
+            try:
+                _end(*live, status)
+            except Exception as error:  # noqa: BLE001 - fenced: see lost()
+                run.lost(error)
+        elif live is not None:
+            try:  # the live run holds part of the record: close it as FAILED if it can be
+                _end(*live, "FAILED")
+            except Exception:  # noqa: BLE001, S110 - already warned; the record is kept
+                pass
+        if run.error is not None and status == "FINISHED":
+            run.save()
+
+
+def replay(keep: Path) -> str:
+    """Record a run kept under ``keep`` by a fenced :func:`mlflow_run`, then delete it;
+    returns the run's name. Raises whatever MLflow raises (the run stays kept)."""
+    record = json.loads((keep / "run.json").read_text(encoding="utf-8"))
+    session = None if record["session"] is None else Session(*record["session"])
+    args = (record["uri"], record["experiment"], record["run_name"], record["params"])
+    with mlflow_run(True, *args, record["tags"], session) as run:
+        for method, *call in record["calls"]:
+            if method in ("log_artifact", "log_output"):
+                call = [keep / call[0]]
+            getattr(run.live, method)(*call)
+    shutil.rmtree(keep)
+    return record["run_name"]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ clone nothing logs the FP, RTN, AWQ and packed figures. ``python -m ptqflow.pipe
 its numbers as metrics, the file as an artifact. A result is recorded once: a run of the same
 stage whose ``metrics_md5`` tag matches (a live run or an earlier restore) is enough. A metrics
 file that differs from the lock (edited, or its stage not rerun yet) is not restored.
+
+It first records the runs stages kept in ``mlflow-pending/`` because MLflow failed while they
+ran (:func:`ptqflow.tracking.mlflow_run`), each with the params, tags, metrics and artifacts it
+had, and deletes each once it is recorded.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from ptqflow.tracking import (
     file_md5,
     mlflow_run,
     numeric_leaves,
+    pending_dir,
+    replay,
     resolve_uri,
 )
 
@@ -108,9 +114,19 @@ def restore(root: Path, cfg: dict[str, Any]) -> list[str]:
     return done
 
 
+def replay_pending(root: Path) -> list[str]:
+    """Record the runs kept in :func:`ptqflow.tracking.pending_dir`, oldest first; returns
+    their names. A run MLflow still refuses stays kept and the error propagates."""
+    kept = pending_dir(root)
+    runs = sorted(kept.glob("*/run.json")) if kept.is_dir() else []
+    return [replay(r.parent) for r in runs]
+
+
 def main(root: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    if kept := replay_pending(root):
+        log.info("restore: recorded %d kept run(s) in MLflow: %s", len(kept), ", ".join(kept))
     names = restore(root, cfg)
     log.info(
         "restore: %s",

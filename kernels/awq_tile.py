@@ -26,7 +26,9 @@ def dequant_awq_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, mask_n, N, G):
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_kernel(
+    part_ptr, b_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
     """The epilogue in one launch: sum the ``SPLIT`` partials of each output in split order
     (fixed, so bit-reproducible), add the bias, cast to the output dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from ptqflow.pipeline.common import StageRun, reexec_with_heap_reuse
+from ptqflow.pipeline.common import StageRun, reexec_pinned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def stage_main(run):
     main = app(task)
 
     def entry() -> None:
-        reexec_with_heap_reuse()
+        reexec_pinned()
         main()
 
     return entry

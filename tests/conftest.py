@@ -306,4 +306,5 @@ def max_logit_diff(a, b, ids) -> float:
 
 def tree_bytes(path) -> dict:
     """Every file under ``path`` with its bytes, by relative path."""
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))}
+    files = (p for p in sorted(path.rglob("*")) if p.is_file())
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in files}

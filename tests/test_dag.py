@@ -1,5 +1,6 @@
 """The stage table, dvc.yaml and the code each stage runs: one source, held together here."""
 
+import json
 import re
 import shutil
 import tomllib
@@ -21,13 +22,18 @@ def test_dvc_yaml_is_generated_from_the_table():
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
-def test_every_module_a_stage_imports_is_among_its_deps(stage):
+def test_every_module_a_stage_imports_reruns_check_and_its_fingerprint_is_a_dep(stage):
     """The import closure of the stage's script, computed from the sources, against the deps
-    the committed dvc.yaml declares: a module missing there would not rerun the stage."""
+    of the check stage in the committed dvc.yaml (a module missing there would not refresh
+    the stage's code fingerprint); the stage itself depends on the file holding it."""
+    checked = set(DVC["check"]["deps"])
+    missing = sorted(set(dag.closure(ROOT / stage.script, ROOT)) - checked)
+    assert not missing, f"stage {stage.name} runs {missing} but check lacks them: `make dag`"
     deps = set(DVC[stage.name]["deps"])
-    missing = sorted(set(dag.closure(ROOT / stage.script, ROOT)) - deps)
-    assert not missing, f"stage {stage.name} imports {missing} but dvc.yaml lacks them: `make dag`"
     assert set(stage.deps) <= deps
+    if stage.name != "check":
+        assert f"reports/code/{stage.name}.txt" in deps
+        assert not any(d.endswith(".py") for d in deps), "a source dep reruns on any byte"
 
 
 def test_closure_follows_lazy_imports_and_package_data():
@@ -49,7 +55,7 @@ def test_editing_a_module_changes_only_the_fingerprints_of_stages_that_run_it(tm
 
     before = codes()
     with (tmp_path / "src/ptqflow/pack.py").open("a") as f:
-        f.write("# an edit\n")
+        f.write("EDITED = True\n")
     after = codes()
     changed = {name for name in before if before[name] != after[name]}
     assert changed == {
@@ -63,6 +69,37 @@ def test_editing_a_module_changes_only_the_fingerprints_of_stages_that_run_it(tm
         "benchmark",
         *(f"lm-eval-{m}" for m in ("fp", "rtn", "awq", "packed")),
     }
+
+
+def test_fingerprints_ignore_form_and_documentation_but_not_meaning(tmp_path):
+    """A reformat, a comment and docstring edits change no stage's fingerprint (so `dvc
+    repro` reruns only check); a changed constant in the same module changes them."""
+    for part in ("src", "kernels", "stages"):
+        shutil.copytree(ROOT / part, tmp_path / part, symlinks=True)
+
+    def codes():
+        return {s.name: dag.fingerprint(dag.closure(tmp_path / s.script, tmp_path)) for s in STAGES}
+
+    before = codes()
+    quant = tmp_path / "src/ptqflow/quant.py"
+    original = quant.read_text()
+    assert '"""' in original and "\n\n\n" in original
+    reformatted = (
+        original.replace('"""', '"""Reworded. ', 1)  # the module docstring
+        .replace("\n\n\n", "\n\n\n# a comment between definitions\n\n")
+        .replace("    return ", "    return  ")  # spacing
+    )
+    quant.write_text(reformatted)
+    assert codes() == before
+    tuning = tmp_path / "kernels/tuning.json"
+    tuning.write_text(json.dumps(json.loads(tuning.read_text()), indent=7))
+    assert codes() == before
+    assert "2**spec.w_bit - 1" in original
+    quant.write_text(reformatted.replace("2**spec.w_bit - 1", "2**spec.w_bit - 2"))
+    after = codes()
+    changed = {n for n in before if before[n] != after[n]}
+    runs_it = {s.name for s in STAGES if "src/ptqflow/quant.py" in dag.closure(ROOT / s.script)}
+    assert changed == runs_it and "scale-search" in changed
 
 
 def test_table_params_exist_and_paths_match_the_package_layout():

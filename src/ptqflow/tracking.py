@@ -19,6 +19,7 @@ goes on, and keeps what it would have logged in ``<project>/mlflow-pending/``, f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -244,7 +245,9 @@ class _Fenced(_NoRun):
             log.warning(
                 "MLflow tracking at %s failed (%s: %s); the stage goes on and writes its outputs, "
                 "and keeps this run in %s: `python -m ptqflow.pipeline.restore` records it",
-                self.uri, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+                self.uri,
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
                 self.keep.parent,
             )
 
@@ -253,7 +256,7 @@ class _Fenced(_NoRun):
         if self.live is not None:
             try:
                 getattr(self.live, method)(*args)
-            except Exception as error:  # noqa: BLE001 - tracking must never cost the result
+            except Exception as error:  # tracking must never cost the result
                 self.lost(error)
 
     def save(self) -> None:
@@ -386,7 +389,7 @@ def mlflow_run(
     try:
         live = _start(uri, experiment, run_name, params, tags, session)
         run.live = _Run(live[0])
-    except Exception as error:  # noqa: BLE001 - fenced: see lost()
+    except Exception as error:  # fenced: see lost()
         run.lost(error)
     status = "FAILED"
     try:
@@ -396,13 +399,12 @@ def mlflow_run(
         if live is not None and run.error is None:
             try:
                 _end(*live, status)
-            except Exception as error:  # noqa: BLE001 - fenced: see lost()
+            except Exception as error:  # fenced: see lost()
                 run.lost(error)
         elif live is not None:
-            try:  # the live run holds part of the record: close it as FAILED if it can be
+            # the live run holds part of the record: close it as FAILED if MLflow lets us
+            with contextlib.suppress(Exception):
                 _end(*live, "FAILED")
-            except Exception:  # noqa: BLE001, S110 - already warned; the record is kept
-                pass
         if run.error is not None and status == "FINISHED":
             run.save()
 

@@ -47,7 +47,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptqflow import activation
@@ -57,6 +56,7 @@ from ptqflow.awq.apply import fold_scales
 from ptqflow.blockwise import Call, Calls, block_files, first_output
 from ptqflow.config import ScaleSearchConfig
 from ptqflow.models.adapters import Adapter, ScaleGroup
+from ptqflow.numerics import fixed_sum
 from ptqflow.quant import QuantSpec, fake_quantize, group_width
 
 # ----------------------------------------------------------------------------- primitives
@@ -107,14 +107,15 @@ def gram(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Te
 def _weighted_loss(
     out: torch.Tensor, ref: torch.Tensor, kind: str, token_weights: torch.Tensor | None
 ) -> float:
-    """Mean squared (or absolute) error per token, averaged over tokens (weighted if given)."""
+    """Mean squared (or absolute) error per token, averaged over tokens (weighted if given);
+    summed in an order independent of the thread count (:func:`~ptqflow.numerics.fixed_sum`)."""
+    diff = out.float() - ref.float()
+    err = diff.pow(2) if kind == "mse" else diff.abs()
     if token_weights is None:
-        fn = F.mse_loss if kind == "mse" else F.l1_loss
-        return fn(out.float(), ref.float()).item()
-    diff = (out.float() - ref.float()).reshape(-1, out.shape[-1])
-    per_token = diff.pow(2).mean(-1) if kind == "mse" else diff.abs().mean(-1)
+        return fixed_sum(err).item() / err.numel()
+    per_token = err.reshape(-1, out.shape[-1]).mean(-1)
     w = token_weights.reshape(-1).float()
-    return (per_token * w).sum().item() / w.sum().item()
+    return fixed_sum(per_token * w).item() / fixed_sum(w).item()
 
 
 # ----------------------------------------------------------------------------- the search
@@ -264,14 +265,14 @@ def search_group(
     # The Gram-matrix loss needs the input unchanged across candidates: not so under Q_a.
     if group.linears == (group.inspect,) and cfg.loss == "mse" and act is None:
         g = gram(x, token_weights)
-        n_tok = x.shape[:-1].numel() if token_weights is None else token_weights.float().sum()
+        n_tok = x.shape[:-1].numel() if token_weights is None else fixed_sum(token_weights.float())
         norm = float(n_tok) * linears[0].out_features
         w, spec = originals[0].float(), quantized[0][1]
 
         def score(i: int, batch: _Batch | None = None) -> float:
             s = scales(i)
             d = fake_quantize(w * s, spec) / s - w
-            return ((d @ g) * d).sum().item() / norm
+            return fixed_sum((d @ g) * d).item() / norm
 
         full = coarse = None
     else:

@@ -13,12 +13,15 @@ output directories. It loads no weights.
 
 Writes ``<reports>/check.json``: the model's fingerprint, the one fact every stage depends on.
 It changes only when the model's weights do, so a config change reruns no stage through it,
-while new weights in place (same path) rerun them all.
+while new weights in place (same path) rerun them all. Writes ``<reports>/code/<stage>.txt``:
+each stage's code fingerprint (:mod:`ptqflow.pipeline.dag`), which changes only when the
+meaning of the code that stage runs does.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from ptqflow.allocate import check_budget
@@ -49,6 +52,7 @@ from ptqflow.models import (
 )
 from ptqflow.pack import PackConfig
 from ptqflow.pipeline.common import StageRun, data_source, output_dirs
+from ptqflow.pipeline.dag import code_fingerprints
 from ptqflow.pipeline.quantizing import check_balance
 from ptqflow.pipeline.recipe import auto_candidates
 from ptqflow.recipe import require_quantized
@@ -95,6 +99,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         check_packable(fmt, plan, shapes, parse_act(cfg["quant"]))
 
     result = {"model": model_fingerprint(ref)}
+    for rel, code in code_fingerprints(run.root).items():
+        atomic_write_text(reports / Path(rel).relative_to("reports"), code + "\n")
     atomic_write_text(reports / CHECK_FILE, to_json(result))
     log.info("check: the config holds for %s -> %s", model_cfg.name, reports / CHECK_FILE)
     return result

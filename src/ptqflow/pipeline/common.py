@@ -29,7 +29,7 @@ from ptqflow.imagetext import Pair, check_images, is_image_text, load_pairs
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
 from ptqflow.text import check_source
-from ptqflow.tracking import dvc_session, mlflow_run, resolve_uri, sweep_session
+from ptqflow.tracking import dvc_session, mlflow_run, pending_dir, resolve_uri, sweep_session
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,39 @@ class StageRun:
 # reused. Numerics are unaffected.
 _GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 
+# The same bytes on every x86-64 CPU with AVX2: MKL (matmuls), oneDNN and PyTorch's own
+# vectorised kernels (softmax, attention, reductions) each pick a code path by the CPU's
+# instruction set, and AVX-512 paths round differently from AVX2 ones. These pin all three to
+# their AVX2 paths, whatever the CPU and whatever the caller set (MKL_CBWR is MKL's conditional
+# numerical reproducibility mode; STRICT also makes its results independent of the thread
+# count). PTQFLOW_NATIVE_NUMERICS=1 leaves them to the CPU: faster on AVX-512 machines, not
+# byte-reproducible across CPU models.
+PINNED_NUMERICS = {
+    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
+NATIVE_NUMERICS = "PTQFLOW_NATIVE_NUMERICS"
 
-def reexec_with_heap_reuse() -> None:
-    """Restart this process once with :data:`_GLIBC_TUNABLES` (glibc only; a set value wins).
-    Stage entry points call it first thing."""
-    if "GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc":
-        return
-    env = {**os.environ, "GLIBC_TUNABLES": _GLIBC_TUNABLES}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+def stage_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the numerics pinned (:data:`PINNED_NUMERICS`, unless ``NATIVE_NUMERICS``
+    is set) and, on glibc, the heap tunables (a set value wins)."""
+    out = dict(env)
+    if out.get(NATIVE_NUMERICS, "") in ("", "0"):
+        out |= PINNED_NUMERICS
+    if platform.libc_ver()[0] == "glibc":
+        out.setdefault("GLIBC_TUNABLES", _GLIBC_TUNABLES)
+    return out
+
+
+def reexec_pinned() -> None:
+    """Restart this process once with :func:`stage_environment`, which must be in place before
+    torch loads MKL. Stage entry points call it first thing."""
+    env = stage_environment(os.environ)
+    if env != os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def select(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -135,7 +160,10 @@ def tracked(
         tags |= {"device": device, "dtype": str(cfg["model"]["dtype"])}
     session = sweep_session(run.sweep, stage.name) if run.sweep else dvc_session()
     uri = resolve_uri(tracking.uri, run.root)
-    return mlflow_run(tracking.enabled, uri, tracking.experiment, run_name, params, tags, session)
+    pending = pending_dir(run.root)
+    return mlflow_run(
+        tracking.enabled, uri, tracking.experiment, run_name, params, tags, session, pending
+    )
 
 
 def quant_tag(cfg: Mapping[str, Any]) -> str:

@@ -1,10 +1,19 @@
-"""Each stage's code, found by reading imports: the deps of ``dvc.yaml`` and the code
-fingerprint in a stage's manifest come from the same file list.
+"""Each stage's code, found by reading imports, and its fingerprint.
 
 A stage's code is its script plus the import closure of it: every ptqflow module (and every
 helper beside the script) reachable through ``import`` statements, lazy imports inside functions
 included, plus the data files those modules read (:data:`DATA`). The closure is computed from
 the source text (no module is imported), so it is the same wherever it runs.
+
+The fingerprint is taken over what the code means, not its bytes: a Python file counts as its
+syntax tree with docstrings dropped, printed back by ``ast.unparse`` (comments, formatting and
+documentation leave it unchanged; any change to what runs changes it), a JSON file as its
+canonical form, any other file as its bytes. DVC itself hashes bytes, so the stages do not
+depend on the source files: the ``check`` stage depends on every file any stage runs (it is
+cheap) and writes each stage's fingerprint to ``reports/code/<stage>.txt``; each stage depends
+on its own file there. A reformat reruns ``check`` alone, which writes the same fingerprints,
+so nothing downstream reruns; a real change rewrites the fingerprints of the stages that run
+the changed module, and DVC reruns those.
 
 ``python -m ptqflow.pipeline.dag`` prints ``dvc.yaml`` (``make dag`` writes it).
 """
@@ -14,11 +23,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import json
 import sys
 from functools import cache
 from pathlib import Path
 
-from ptqflow.pipeline.table import ALL_PARAMS, PLOT_SPECS, STAGES, Stage
+from ptqflow.pipeline.table import ALL_PARAMS, CHECK, PLOT_SPECS, STAGES, Stage
 
 # Where each package's sources live in a checkout (pyproject.toml's package-dir, which a test
 # holds to this), longest prefix first.
@@ -122,11 +132,47 @@ def _beside(script: Path) -> str:
     return f"{script.parent.name}/{script.name}"
 
 
+_DOCUMENTED = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _drop_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, _DOCUMENTED) and node.body and _is_docstring(node.body[0]):
+            node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def _is_docstring(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    )
+
+
+def meaning(path: Path) -> bytes:
+    """What a file contributes to a fingerprint: a Python module's docstring-free syntax tree
+    printed back as source, a JSON file's canonical form, else the bytes."""
+    stat = path.stat()
+    return _meaning(path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _meaning(path: Path, mtime_ns: int, size: int) -> bytes:
+    if path.suffix == ".py":
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        return ast.unparse(_drop_docstrings(tree)).encode()
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return path.read_bytes()
+
+
 def fingerprint(files: dict[str, Path]) -> str:
-    """sha256 over each file's checkout-relative name and content (a :func:`closure`)."""
+    """sha256 over each file's checkout-relative name and :func:`meaning` (a :func:`closure`)."""
     h = hashlib.sha256()
     for rel, path in sorted(files.items()):
-        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(rel.encode() + b"\0" + meaning(path) + b"\0")
     return "sha256:" + h.hexdigest()
 
 
@@ -142,19 +188,27 @@ def stage_code(stage: Stage, root: Path) -> str:
     return fingerprint(closure(script))
 
 
+def code_fingerprints(root: Path) -> dict[str, str]:
+    """Every stage's code fingerprint but ``check``'s, by its file under ``reports/code/``
+    (what the ``check`` stage writes)."""
+    return {s.code: stage_code(s, root) for s in STAGES if s.code}
+
+
 def render(root: Path) -> str:
     """``dvc.yaml`` for :data:`~ptqflow.pipeline.table.STAGES` over the checkout ``root``."""
     import yaml
 
     stages = {}
+    # check depends on every file a stage runs; each other stage on its code fingerprint
+    every = sorted({p for s in STAGES for p in closure(root / s.script, root)} - {CHECK.script})
     for stage in STAGES:
-        code = [p for p in closure(root / stage.script, root) if p != stage.script]
+        code = [stage.code] if stage.code else [stage.script, *every]
         entry: dict = {
             "cmd": " ".join(
                 ["PYTHONPATH=src python", stage.script, "--config-dir . --config-name params"]
                 + list(stage.args)
             ),
-            "deps": [stage.script, *code, *stage.deps, *stage.inputs],
+            "deps": [*code, *stage.deps, *stage.inputs],
             "params": [{"params.yaml": None}]
             if stage.params == (ALL_PARAMS,)
             else list(stage.params),

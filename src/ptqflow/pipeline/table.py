@@ -11,7 +11,8 @@ This module is not a file dependency of the stages: everything it says about a s
 stage's entry of ``dvc.yaml``, which DVC already tracks, so adding a stage here reruns nothing.
 
 The ``check`` stage reads every param and every other stage depends on its output, so DVC runs
-it first: a bad config stops there, before DVC deletes any stage's outputs.
+it first: a bad config stops there, before DVC deletes any stage's outputs. It also writes each
+stage's code fingerprint (:mod:`ptqflow.pipeline.dag`), the one code dependency of that stage.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Stage:
         plots: figures and plot data it writes (committed, not cached).
         docs: other files it writes (committed, not cached).
         args: Hydra overrides on its command line.
+        code: the file holding its code fingerprint, which ``check`` writes (``check`` itself
+            depends on the sources instead).
     """
 
     name: str
@@ -48,6 +51,7 @@ class Stage:
     plots: tuple[str, ...] = ()
     docs: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
+    code: str = ""
 
 
 ALL_PARAMS = "*"
@@ -81,8 +85,6 @@ PLOT_SPECS = (
     },
 )
 CHECKED = "reports/check.json"  # the check stage's output: the model's fingerprint
-
-CHECK = Stage("check", "stages/check.py", params=(ALL_PARAMS,), metrics=(CHECKED,))
 
 EVAL_PROTOCOL = (
     "eval.source",
@@ -252,6 +254,24 @@ _WORK: tuple[Stage, ...] = (
     ),
 )
 
-STAGES: tuple[Stage, ...] = (CHECK, *(replace(s, deps=(CHECKED, *s.deps)) for s in _WORK))
+CODE_DIR = "reports/code"
+
+
+def code_file(stage: str) -> str:
+    """Where ``check`` writes the code fingerprint of ``stage``."""
+    return f"{CODE_DIR}/{stage}.txt"
+
+
+CHECK = Stage(
+    "check",
+    "stages/check.py",
+    params=(ALL_PARAMS,),
+    metrics=(CHECKED,),
+    docs=tuple(code_file(s.name) for s in _WORK),
+)
+STAGES: tuple[Stage, ...] = (
+    CHECK,
+    *(replace(s, deps=(CHECKED, *s.deps), code=code_file(s.name)) for s in _WORK),
+)
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

@@ -1,7 +1,7 @@
 """The embedded reference figures, computed independently of the pipeline.
 
-DESIGN.md gives SmolLM2-135M-Instruct's perplexity on the default protocol: FP 13.11, RTN W4g64
-17.19, RTN W3g64 45.9 (asymmetric, group 64, decoder linears only). This module recomputes them
+SmolLM2-135M-Instruct's reference perplexity on the default protocol (README): FP 13.11, RTN
+W4g64 17.19, RTN W3g64 45.9 (asymmetric, group 64, decoder linears only). This module recomputes them
 from the protocol's text with plain transformers and a naive RTN written out group by group; it
 imports nothing from ptqflow, so the slow test can hold the pipeline's figures to it.
 """
@@ -26,7 +26,9 @@ def _locate(dist: str, rel: str) -> Path:
 
 
 def naive_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Asymmetric RTN, one group of ``group`` input channels at a time (DESIGN.md's formula)."""
+    """Asymmetric RTN, one group of ``group`` input channels at a time: ``scale =
+    max(max - min, 1e-5) / (2^b - 1)``, ``zero = clamp(-round(min / scale), 0, 2^b - 1)``,
+    ``w_hat = (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero) * scale``."""
     qmax = 2**bits - 1
     out = torch.empty_like(w)
     for j in range(0, w.shape[1], group):

@@ -67,10 +67,10 @@ def test_wheel_holds_every_module_and_kernel_data(tmp_path):
 def test_queued_experiment_runs_its_temporary_clones_library(tiny_model_dir, texts, tmp_path):
     """`dvc exp run --temp` (the same machinery as `--queue`) runs the stage in a clone under
     .dvc/tmp/exps. The clone's own library must run there: here it differs from the editable
-    install's by one line, and the manifest's code fingerprint says which ran."""
+    install's by one statement, and the manifest's code fingerprint says which ran."""
     repo = checkout_copy(tmp_path / "repo")
     with (repo / "src/ptqflow/calib.py").open("a") as f:
-        f.write("# only in the experiment's checkout\n")
+        f.write("ONLY_IN_THE_EXPERIMENT = True\n")  # a comment would change no fingerprint
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "snapshot")

@@ -20,12 +20,14 @@ The kernel takes group sizes 32, 64, 128 and 256; a larger group that one of tho
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ptqflow.kernels import reference as ref
 
 KERNEL_GROUPS = (256, 128, 64, 32)
-BLOCK_N = 64  # the packed layout: per 64 output columns, byte [k, j] holds columns j and j + 32
+BLOCK_N = 64  # N divides by every column block the packed layout uses (see _block_n)
 
 
 def kernel_group(group_size: int) -> int | None:
@@ -65,11 +67,28 @@ def convert(
     return packed, scale_offset.to(torch.bfloat16).contiguous(), kg
 
 
+def _unpack(packed: torch.Tensor, k: int, n: int, block: int) -> torch.Tensor:
+    blocks = packed.reshape(n // block, k, block // 2).to(torch.int32)
+    q = torch.cat([blocks & 0xF, blocks >> 4], -1)  # per block: columns j, then j + block/2
+    return q.permute(1, 0, 2).reshape(k, n)
+
+
+@functools.cache
+def _block_n() -> int:
+    """The packed layout's column block: per ``b`` output columns, byte ``[k, j]`` holds
+    columns ``j`` and ``j + b/2``. ``b`` follows ATen's CPU capability (64 with AVX-512, 32
+    with AVX2), so it is found once by packing known integers."""
+    q = torch.randint(0, 16, (64, BLOCK_N * 2), generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().int(), 1)
+    for block in (64, 32, 16):
+        if torch.equal(_unpack(packed, 64, BLOCK_N * 2, block), q.int()):
+            return block
+    raise RuntimeError("unknown layout of _convert_weight_to_int4pack_for_cpu")
+
+
 def unpack(packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
     """The integers ``q [K, N]`` (int32) of a weight :func:`convert` packed."""
-    blocks = packed.reshape(n // BLOCK_N, k, BLOCK_N // 2).to(torch.int32)  # [nb, k, 32]
-    q = torch.cat([blocks & 0xF, blocks >> 4], -1)  # [nb, k, 64]: columns j, then j + 32
-    return q.permute(1, 0, 2).reshape(k, n)
+    return _unpack(packed, k, n, _block_n())
 
 
 def matmul(

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -130,3 +131,23 @@ def test_stage_scripts_are_thin_and_wire_nothing_by_hand():
         assert "sys.path" not in text and "importlib" not in text, script.name
     for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
         assert not re.search(r"sys\.path\b", path.read_text()), path
+
+
+def test_a_failed_or_interrupted_stage_leaves_its_committed_metrics_in_place(tmp_path):
+    """DVC deletes a stage's outputs when it starts the stage, unless they persist. The gradient
+    stage's metrics entry as dvc.yaml declares it, under a command that dies: the committed
+    reports/gradient.json is still there, unchanged."""
+    import subprocess
+    import sys
+
+    entry = yaml.safe_load(dag.render(ROOT))["stages"]["gradient"]
+    stage = {"cmd": f"{sys.executable} -c 'raise SystemExit(3)'", "metrics": entry["metrics"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gradient": stage}}))
+    committed = tmp_path / "reports" / "gradient.json"
+    committed.parent.mkdir()
+    committed.write_text('{"loss": 2.5}\n')
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    proc = subprocess.run([dvc, "repro"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert committed.read_text() == '{"loss": 2.5}\n'

@@ -81,9 +81,10 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     adapter, model_type = get_adapter(hf_config.model_type), hf_config.model_type
     n_calib = calib.n_samples * calib.shots
     where = {"text_field": calib.text_field, "split": calib.split}
-    data_source("calib.source", calib.source, n_calib, model_type, adapter.multimodal, **where)
+    multimodal = adapter.multimodal
+    data_source("calib.source", calib.source, n_calib, calib.seqlen, hf_config, multimodal, **where)
     where = {"text_field": ev.text_field, "split": ev.split}
-    data_source("eval.source", ev.source, ev.n_windows, model_type, adapter.multimodal, **where)
+    data_source("eval.source", ev.source, ev.n_windows, ev.seqlen, hf_config, multimodal, **where)
     check_balance(cfg, adapter, model_type)
     shapes = linear_shapes(hf_config)
     fmt = get_format(pack.format)

@@ -28,7 +28,7 @@ from ptqflow.config import PathsConfig, TrackingConfig, is_auto, parse, quant_la
 from ptqflow.imagetext import Pair, check_images, is_image_text, load_pairs
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
-from ptqflow.text import check_source
+from ptqflow.text import check_amount
 from ptqflow.tracking import dvc_session, mlflow_run, pending_dir, resolve_uri, sweep_session
 
 
@@ -221,25 +221,45 @@ def output_dirs(cfg: Mapping[str, Any], run: StageRun) -> tuple[Path, Path]:
     return dirs
 
 
+def context_length(hf_config) -> int | None:
+    """The longest sequence the (language) model was trained on: ``max_position_embeddings``."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return getattr(text, "max_position_embeddings", None)
+
+
 def data_source(
-    key: str, source: str, n: int, model_type: str, multimodal: bool, **where
+    key: str, source: str, n: int, seqlen: int, hf_config, multimodal: bool, **where
 ) -> list[Pair] | None:
-    """Check the data source ``key`` (``calib.source``, ``eval.source``) before any model
-    loads: a text source must exist; an image-text one needs a vision-language model, and its
-    first ``n`` pairs are read and every image opened. Returns those pairs (None for text).
+    """Check the data source ``key`` (``calib.source``, ``eval.source``) and its ``seqlen``
+    before any model loads: ``seqlen`` must fit the model's context; a text source must exist
+    and hold enough text (one block for calibration, ``n`` windows for evaluation, estimated
+    from its size); an image-text one needs a vision-language model, and its first ``n`` pairs
+    are read and every image opened. Returns those pairs (None for text).
 
     Raises:
-        ValueError: image-text pairs for a text model, a record without its image or text, or
-            an unreadable image (naming it); FileNotFoundError: a missing file or image.
+        ValueError: a sequence longer than the context, an empty or too short text,
+            image-text pairs for a text model, a record without its image or text, or an
+            unreadable image (naming it); FileNotFoundError: a missing file or image.
     """
+    pool = key.split(".")[0]
+    limit = context_length(hf_config)
+    if limit is not None and seqlen > limit:
+        raise ValueError(
+            f"{pool}.seqlen={seqlen} is longer than the model's context ({limit} tokens, "
+            f"max_position_embeddings): positions past it were never trained, so the "
+            f"figures would not compare; use {pool}.seqlen<={limit}"
+        )
     if not is_image_text(source):
-        check_source(source)
+        if pool == "calib":
+            need, fix = seqlen, "give more text or lower calib.seqlen"
+        else:
+            need, fix = n * seqlen, "lower eval.n_windows or eval.seqlen, or give more text"
+        check_amount(key, source, need, fix, **where)
         return None
     if not multimodal:
-        pool = key.split(".")[0]
         raise ValueError(
-            f"{key}={source} holds image-text pairs, but '{model_type}' is a text model; give "
-            f"it a text source ({pool}=wiki, or {key}=<a .txt/.jsonl file>)"
+            f"{key}={source} holds image-text pairs, but '{hf_config.model_type}' is a text "
+            f"model; give it a text source ({pool}=wiki, or {key}=<a .txt/.jsonl file>)"
         )
     pairs = load_pairs(source, n, **where)
     check_images(pairs)

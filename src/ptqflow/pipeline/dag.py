@@ -38,6 +38,11 @@ DATA = {
     "ptqflow.kernels": ("tuning.json",),
     "ptqflow.lmeval": ("lm_tasks/wiki_ppl.yaml", "lm_tasks/wiki_titles.yaml"),
 }
+# How dvc.yaml declares the outputs committed to git (metrics, plots, the report): never in
+# DVC's cache, and never deleted by DVC before their stage runs (``persist``), so a run that is
+# interrupted or fails leaves the committed result in place; each stage replaces its files
+# atomically when it succeeds.
+COMMITTED = {"cache": False, "persist": True}
 # Not a file dependency: every stage's entry in it is in dvc.yaml (see its docstring).
 NOT_DEPS = frozenset({"ptqflow.pipeline.table"})
 
@@ -216,11 +221,11 @@ def render(root: Path) -> str:
         if stage.outs:
             entry["outs"] = list(stage.outs)
         if stage.metrics:
-            entry["metrics"] = [{m: {"cache": False}} for m in stage.metrics]
+            entry["metrics"] = [{m: dict(COMMITTED)} for m in stage.metrics]
         if stage.plots:
-            entry["plots"] = [{p: {"cache": False}} for p in stage.plots]
+            entry["plots"] = [{p: dict(COMMITTED)} for p in stage.plots]
         if stage.docs:
-            entry["outs"] = [*entry.get("outs", []), *({d: {"cache": False}} for d in stage.docs)]
+            entry["outs"] = [*entry.get("outs", []), *({d: dict(COMMITTED)} for d in stage.docs)]
         stages[stage.name] = entry
     document = {"stages": stages, "plots": [dict(p) for p in PLOT_SPECS]}
     return HEADER + yaml.safe_dump(document, sort_keys=False, width=100)

@@ -44,7 +44,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     multimodal = get_adapter(config.model_type).multimodal
     where = {"text_field": ev.text_field, "split": ev.split}
     pairs = data_source(
-        "eval.source", ev.source, ev.n_windows, config.model_type, multimodal, **where
+        "eval.source", ev.source, ev.n_windows, ev.seqlen, config, multimodal, **where
     )
     tag = evaluated.tag
     params = stage_params(stage, cfg)

@@ -158,3 +158,11 @@ def test_model_device_is_validated():
         .type
         == "cpu"
     )
+
+
+def test_an_unknown_quant_key_lists_the_activation_keys_too():
+    from ptqflow.config import parse_quant
+
+    expected = "known: ['a_bit', 'a_granularity', 'group_size', 'w_bit', 'zero_point']"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        parse_quant({"w_bit": 4, "group_size": 64, "zero_point": True, "a_bits": 8})

@@ -403,6 +403,10 @@ ACT_KEYS = {"a_bit": "a_bit", "a_granularity": "granularity"}  # quant key -> Ac
 def parse_quant(values: Mapping[str, Any]) -> QuantSpec:
     """The weight half of the ``quant`` section (its activation keys: :func:`parse_act`)."""
     values = dict(values or {})
+    known = sorted({*field_types(QuantSpec), *ACT_KEYS})
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config section 'quant'; known: {known}")
     parse_act(values)  # a bad activation key fails here too, whichever half a stage reads
     return parse(QuantSpec, "quant", {k: v for k, v in values.items() if k not in ACT_KEYS})
 

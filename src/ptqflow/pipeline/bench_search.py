@@ -2,8 +2,10 @@
 scale-search and clip-search stages, each in a fresh process, on any config (default: the
 embedded model), and the perplexity of the model they give (the eval-awq stage on the same
 scales and clips), so a faster search setting shows its quality beside its time. Writes
-``<reports>/bench/search-<quant tag>.json``; DVC outputs are untouched (the stages write into a
-temporary artifacts directory). Not a DVC stage: a measurement.
+``<reports>/bench/search-<quant tag>.json``, or ``search-<quant tag>-native.json`` with
+``PTQFLOW_NATIVE_NUMERICS=1`` (the numeric libraries left to the CPU: the pair measures what
+pinning them costs); DVC outputs are untouched (the stages write into a temporary artifacts
+directory). Not a DVC stage: a measurement.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from ptqflow.artifacts import atomic_write_text, to_json
 from ptqflow.config import quant_label
 from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, scale_search
-from ptqflow.pipeline.common import StageRun, output_dirs
+from ptqflow.pipeline.common import NATIVE_NUMERICS, PINNED_NUMERICS, StageRun, output_dirs
 
 POLL_SECONDS = 5.0
 
@@ -68,6 +70,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     reports = output_dirs(cfg, run)[1]
     tag = quant_label(cfg["quant"])
+    native = os.environ.get(NATIVE_NUMERICS, "") not in ("", "0")
     work = Path(tempfile.mkdtemp(prefix="ptqflow-bench-"))
     try:
         bench_cfg = cfg | {
@@ -96,6 +99,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "numerics": "native" if native else {k: os.environ.get(k) for k in PINNED_NUMERICS},
         },
         "scale_search": summary(scale),
         "clip_search": summary(clip),
@@ -104,7 +109,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         "eval": {k: cfg["eval"][k] for k in ("source", "seqlen", "n_windows")},
         "peak_rss_gb": round(max(scale["peak_rss_gb"], clip["peak_rss_gb"]), 3),
     }
-    out = reports / "bench" / f"search-{tag}.json"
+    out = reports / "bench" / f"search-{tag}{'-native' if native else ''}.json"
     atomic_write_text(out, to_json(report))
     print(
         f"search {tag}: scale {report['scale_search']['total_seconds']}s + clip "

@@ -1,9 +1,9 @@
 """The embedded reference figures, computed independently of the pipeline.
 
 SmolLM2-135M-Instruct's reference perplexity on the default protocol (README): FP 13.11, RTN
-W4g64 17.19, RTN W3g64 45.9 (asymmetric, group 64, decoder linears only). This module recomputes them
-from the protocol's text with plain transformers and a naive RTN written out group by group; it
-imports nothing from ptqflow, so the slow test can hold the pipeline's figures to it.
+W4g64 17.19, RTN W3g64 45.9 (asymmetric, group 64, decoder linears only). This module recomputes
+them from the protocol's text with plain transformers and a naive RTN written out group by
+group; it imports nothing from ptqflow, so the slow test can hold the pipeline's figures to it.
 """
 
 from __future__ import annotations
@@ -25,14 +25,22 @@ def _locate(dist: str, rel: str) -> Path:
     return Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
 
 
-def naive_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Asymmetric RTN, one group of ``group`` input channels at a time: ``scale =
-    max(max - min, 1e-5) / (2^b - 1)``, ``zero = clamp(-round(min / scale), 0, 2^b - 1)``,
-    ``w_hat = (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero) * scale``."""
-    qmax = 2**bits - 1
+def naive_rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> torch.Tensor:
+    """RTN, one group of ``group`` input channels at a time (-1: the whole row). Asymmetric:
+    ``scale = max(max - min, 1e-5) / (2^b - 1)``, ``zero = clamp(-round(min / scale), 0,
+    2^b - 1)``, ``w_hat = (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero) * scale``.
+    Symmetric: ``scale = max(max |w|, 1e-5) / (2^(b-1) - 1)``, ``w_hat = clamp(round(w /
+    scale), -2^(b-1), 2^(b-1) - 1) * scale``."""
+    group = w.shape[1] if group == -1 else group
     out = torch.empty_like(w)
     for j in range(0, w.shape[1], group):
         g = w[:, j : j + group].float()
+        if symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            scale = g.abs().max(dim=1, keepdim=True).values.clamp(min=1e-5) / qmax
+            out[:, j : j + group] = torch.clamp(torch.round(g / scale), -qmax - 1, qmax) * scale
+            continue
+        qmax = 2**bits - 1
         lo, hi = g.min(dim=1, keepdim=True).values, g.max(dim=1, keepdim=True).values
         scale = (hi - lo).clamp(min=1e-5) / qmax
         zero = torch.clamp(-torch.round(lo / scale), 0, qmax)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_ppl import naive_rtn
 from torch import nn
 
 from ptqflow.awq.apply import clip_weight, fold_scales
@@ -227,10 +228,13 @@ def test_every_architecture_searches_folds_and_evaluates(family):
     with torch.no_grad():
         out = model(ids).logits
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in plan}
     assert len(fake_quantize_linears(model, plan)) == len(plan)
+    for name, w in before.items():  # each linear now holds the written-out RTN of its weight
+        expected = naive_rtn(w, 3, 16)
+        torch.testing.assert_close(model.get_submodule(name).weight, expected, rtol=0, atol=1e-6)
     with torch.no_grad():
         logits = model(ids).logits
-    assert not torch.allclose(logits, ref)  # the linears are quantized
     # perplexity() against the same figure written out from the logits
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
     ppl = perplexity(model, ids, batch_size=2, progress=False).perplexity

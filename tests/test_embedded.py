@@ -28,7 +28,5 @@ def test_embedded_default_reproduces_reference_perplexity(
     assert independent == pytest.approx(reference, abs=tol)
     cfg = compose([*overrides, f"paths.reports={tmp_path}", "tracking=none"])
     pipeline = fake_quant_eval.run(cfg)["perplexity"]
-    print(
-        f"{overrides}: pipeline {pipeline:.4f}, independent {independent:.4f}, reference {reference}"
-    )
+    print(f"{overrides}: pipeline {pipeline:.4f}, independent {independent:.4f}, ref {reference}")
     assert pipeline == pytest.approx(independent, abs=0.01)

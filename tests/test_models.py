@@ -96,7 +96,13 @@ def test_llama_family_adapters_on_tiny_configs(family):
     model = AutoModelForCausalLM.from_config(cfg)
     adapter = get_adapter(family)
     assert len(adapter.blocks(model)) == 2
-    assert linear_layers(cfg) == adapter.linears(model)
+    # every nn.Linear torch's own module walk finds, with its block index from the path
+    expected = [
+        (name, int(name.split(".")[2]) if name.startswith("model.layers.") else None, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    assert linear_layers(cfg) == expected and len(expected) == 2 * 7 + 1
     assert [g.prev for g in adapter.scale_groups(adapter.blocks(model)[1])] == [
         "input_layernorm",
         "self_attn.v_proj",

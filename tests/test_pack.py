@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import as_stored, max_logit_diff
+from reference_ppl import naive_rtn
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -13,7 +14,7 @@ from ptqflow.formats import FORMATS, IntWeight, check_packable, detect_format, g
 from ptqflow.kernels import reference as ref
 from ptqflow.models import linear_shapes
 from ptqflow.pack import PackConfig, QuantLinear, load_packed, save_packed
-from ptqflow.quant import QuantSpec, dequantize, fake_quantize_linears, quantize
+from ptqflow.quant import QuantSpec, fake_quantize_linears
 
 SPECS = [QuantSpec(4, 32), QuantSpec(4, 64, False), QuantSpec(3, 32), QuantSpec(8, -1)]
 
@@ -35,12 +36,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.tag)
-def test_int_weight_is_fake_quant(spec):
+def test_int_weight_is_the_written_out_rtn(spec):
+    """Against RTN written out group by group (tests/reference_ppl.py, no ptqflow code)."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     iw = IntWeight.from_weight(w, spec)
     assert iw.q.min() >= 0 and iw.q.max() < 1 << spec.w_bit
-    q, s, z = quantize(w, spec)
-    assert torch.equal(iw.dequantize().t(), dequantize(q, s, z, spec.group_size))
+    expected = naive_rtn(w, spec.w_bit, spec.group_size, symmetric=not spec.zero_point)
+    torch.testing.assert_close(iw.dequantize().t(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt,spec", CASES)

@@ -41,7 +41,12 @@ SMALL = (
 )
 
 
-@pytest.fixture(scope="module", params=VLM_KINDS)
+# One family runs the whole DAG by default; the others run it under `-m slow` (their inputs,
+# adapters and packing are covered per family by the faster tests in test_vlm.py).
+FAMILIES = [VLM_KINDS[0], *(pytest.param(k, marks=pytest.mark.slow) for k in VLM_KINDS[1:])]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def vlm_dir(request, tmp_path_factory):
     return build_tiny_vlm(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
 

@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 from ptqflow.pipeline import dag
@@ -40,6 +41,7 @@ def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *ident, *args], cwd=repo, check=True, capture_output=True)
 
 
+@pytest.mark.slow  # builds a wheel (~1 min); test_dag holds pyproject's package list in-process
 def test_wheel_holds_every_module_and_kernel_data(tmp_path):
     """A normal install: the wheel maps kernels/ to ptqflow.kernels and holds every module
     (built from a copy: setuptools writes build/ beside the sources)."""

@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ptqflow.multimodal import batches
 
-MIN_BITS, MAX_BITS = 4, 8
+MIN_A_BITS, MAX_A_BITS = 4, 8  # activation bits (weights: ptqflow.quant.MIN_BITS..MAX_BITS)
 GRANULARITIES = ("token", "tensor")
 
 
@@ -46,10 +46,10 @@ class ActSpec:
     granularity: str = "token"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.a_bit, int) or not MIN_BITS <= self.a_bit <= MAX_BITS:
+        if not isinstance(self.a_bit, int) or not MIN_A_BITS <= self.a_bit <= MAX_A_BITS:
             raise ValueError(
                 f"a_bit={self.a_bit!r} is out of range: activation quantization supports "
-                f"{MIN_BITS}..{MAX_BITS} bits (null: activations stay in the model dtype)"
+                f"{MIN_A_BITS}..{MAX_A_BITS} bits (null: activations stay in the model dtype)"
             )
         if self.granularity not in GRANULARITIES:
             raise ValueError(

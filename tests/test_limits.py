@@ -77,3 +77,22 @@ def test_a_jsonl_line_over_the_bound_is_skipped_and_a_large_json_refused(tmp_pat
     whole.write_text(json.dumps(["z" * 200]))
     with pytest.raises(ValueError, match=r"parsed whole.* 204 bytes \(at most 100\).*\.jsonl"):
         text.load_documents(str(whole))
+
+
+def test_an_unreachable_hub_is_named_in_seconds(monkeypatch):
+    """A hub id that is not cached, with the hub silent (a port on 127.0.0.1 that accepts
+    nothing): refused within the timeout, naming the address, not after the clients' retries."""
+    import socket
+    import time
+
+    from ptqflow.models import resolve_model
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]  # bound but not listening: connections are refused
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        start = time.monotonic()
+        with pytest.raises(FileNotFoundError, match=rf"hub \(127.0.0.1:{port}\) did not answer"):
+            resolve_model("someone/not-cached-model-xyz")
+    assert time.monotonic() - start < 5

@@ -316,6 +316,12 @@ def test_bits_derived_from_sweep_params(tmp_path):
         reports / "runs" / "rtn-w4g32-ffffffff.json",
         {"quant": "w4g32", "perplexity": 21.0, "params": missing},
     )
+    down_fp = {"name": "down-fp", "modules": "*.down_proj", "config": "skip"}
+    mixed = {**params, "recipe": {**DEFAULT_RECIPE, "rules": [down_fp, *DEFAULT_RECIPE["rules"]]}}
+    write(
+        reports / "runs" / "awq-w4g32-99999999.json",
+        {"quant": "w4g32", "perplexity": 18.0, "params": mixed},
+    )
 
     c = collect(reports)
     bits = {r.files[0]: r.bits_per_weight for r in c.rows}
@@ -326,12 +332,50 @@ def test_bits_derived_from_sweep_params(tmp_path):
         8 * size / sum(o * i for o, i in shapes)
     )
     assert 4.0 < bits["runs/rtn-w4g32-dddddddd.json"] < 5.0
-    assert bits["runs/awq-auto1000-eeeeeeee.json"] is None  # not a uniform config
+    # A recipe is resolved as the quantizing stages resolve it: down_proj at 16 bits here.
+    down = [i for i, s in enumerate(shapes) if s == (64, 128)]
+    mixed_size = size - sum(fmt.stored_bytes(spec, 64, 128, torch.float16) for _ in down)
+    mixed_size += len(down) * 64 * 128 * 2
+    assert bits["runs/awq-w4g32-99999999.json"] == pytest.approx(
+        8 * mixed_size / sum(o * i for o, i in shapes)
+    )
+    assert bits["runs/awq-auto1000-eeeeeeee.json"] is None  # the plan is the recipe stage's
     assert bits["runs/rtn-w4g32-ffffffff.json"] is None  # the model cannot be read
     assert any("missing" in n for n in c.notes)
     sizer = ModelBits()
     assert sizer(params, "rtn") == sizer(params, "awq") == bits["runs/rtn-w4g32-dddddddd.json"]
     assert sizer(params, "fp") == 16.0
+
+
+def test_bits_count_the_decoder_blocks_only(tmp_path):
+    """A vision-language model's size is its language decoder's, as its eval stage records it:
+    the vision tower's linears (``...vision_tower.encoder.layers.N...``) stay out."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    text.save_pretrained(tmp_path / "text")
+    LlavaConfig(vision_config=vision, text_config=text).save_pretrained(tmp_path / "llava")
+    sizer = ModelBits()
+    # Counting the vision tower's linears too (32 inputs, which a group of 64 does not even
+    # divide) gave 4.2699 bits; the decoder, all that the eval stages quantize, stores 4.3125.
+    llava = sizer(sweep_params(4, 64, str(tmp_path / "llava")), "rtn")
+    assert llava is not None and sizer.notes == {}
+    assert llava == sizer(sweep_params(4, 64, str(tmp_path / "text")), "rtn") == 4.3125
 
 
 def git(repo: Path, *args: str) -> str:

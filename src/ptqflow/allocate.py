@@ -7,19 +7,25 @@ summed bases, in units of the greatest common divisor of every option's extra by
 would need more than ``max_states`` entries, costs are rounded *up* to a coarser unit, so the
 answer still fits the budget (it may leave up to one unit per layer unused). The sum of
 per-layer estimates treats layers as independent, as the estimate itself does.
+
+:func:`planned_bytes` sizes a whole plan (what a pack format stores for each decoder linear):
+the evaluation stages and the report take a model's bits per weight from it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
+from typing import Any
 
 import numpy as np
 import torch
 
+from ptqflow.formats import get_format
 from ptqflow.formats.base import PackFormat
+from ptqflow.models import linear_layers, linear_shapes
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import SKIP
 from ptqflow.sensitivity import Row, fits
@@ -251,3 +257,37 @@ def allocate_recipe(
         budget_bytes,
         math.fsum(o.loss for o in chosen),
     )
+
+
+# ----------------------------------------------------------------------------- sizes
+
+# The format whose stored bytes measure a plan when no packed checkpoint exists (a fake-quant
+# model): it holds any mix of bits, with float16 scales. A linear left in full precision counts
+# at 16 bits.
+SIZE_FORMAT = "ptqflow"
+_FP_BYTES = 2
+
+
+def planned_bytes(
+    plan: Mapping[str, QuantSpec | None], config: Any, fmt: str = SIZE_FORMAT
+) -> tuple[int, int]:
+    """``(bytes, weights)`` of the decoder-block linears of the model ``config`` describes (those
+    :func:`~ptqflow.models.linear_layers` places in a block), each as pack format ``fmt`` stores
+    it at its ``plan`` spec (bias aside), or at 16 bits where the plan has none;
+    ``8 * bytes / weights`` is the model's bits per weight."""
+    shapes, pack = linear_shapes(config), get_format(fmt)
+    stored: dict[tuple[QuantSpec, int, int], int] = {}  # packing is measured once per shape
+    size = weights = 0
+    for name, layer, _ in linear_layers(config):
+        if layer is None:
+            continue
+        out_f, in_f = shapes[name]
+        spec = plan.get(name)
+        if spec is None:
+            size += out_f * in_f * _FP_BYTES
+        else:
+            if (spec, out_f, in_f) not in stored:
+                stored[spec, out_f, in_f] = pack.stored_bytes(spec, out_f, in_f, torch.float16)
+            size += stored[spec, out_f, in_f]
+        weights += out_f * in_f
+    return size, weights

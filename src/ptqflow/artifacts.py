@@ -2,12 +2,17 @@
 
 An output directory is built in a temporary sibling and renamed into place only when complete,
 so an interrupted stage never leaves half an output for DVC to cache, and a stage that fails
-leaves the previous output untouched. Each output directory carries ``manifest.json``: the
-stage, the params it used and their hash, the fingerprints of its inputs, the sha256 of every
-file it holds, package versions and a fingerprint of the code that ran. A stage reads an
-upstream output only through :func:`read_manifest`, which refuses it unless every listed file is
-there, none is extra and each matches its hash; downstream manifests record those file hashes
-as their inputs, so provenance follows content, not params.
+leaves the previous output untouched; single files (:func:`save_safetensors`,
+:func:`atomic_write_text`) go through a temporary sibling the same way. A write that runs out of
+disk space or quota raises :class:`DiskFullError`, naming the place and the bytes needed.
+Safetensors reads go through :func:`open_safetensors`, which names a damaged file.
+
+Each output directory carries ``manifest.json``: the stage, the params it used and their hash,
+the fingerprints of its inputs, the sha256 of every file it holds, package versions and a
+fingerprint of the code that ran. A stage reads an upstream output only through
+:func:`read_manifest`, which refuses it unless every listed file is there, none is extra and
+each matches its hash; downstream manifests record those file hashes as their inputs, so
+provenance follows content, not params.
 
 Manifests hold no timestamps and no git commit: the commit that records an output (with its
 ``dvc.lock``) is always made after the run, so a commit id would make every rerun differ from
@@ -17,10 +22,12 @@ included); the git revision goes to the MLflow run instead.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
@@ -65,6 +72,45 @@ def sha256_file(path: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def damaged(stage: str) -> str:
+    """What to do about a damaged output of ``stage``: the tail of every message naming one."""
+    return f"the '{stage}' output is damaged: rerun it (`dvc repro {stage}`)"
+
+
+@contextmanager
+def open_safetensors(path: str | Path, remedy: str) -> Iterator[Any]:
+    """``safe_open`` ``path`` for reading (framework ``pt``).
+
+    safetensors' own errors (``header too large``, ``incomplete metadata``) name no file, so
+    a damaged file anywhere in a run would leave the reader guessing which; this names it.
+    ptqflow reads safetensors through here (but for the report's scan of the searched alphas,
+    which skips an unreadable file and names it). Keep the block to reading: an error it
+    raises is reported as the file's.
+
+    Raises:
+        ValueError: the file is missing, truncated or not safetensors, naming it and ending in
+            ``remedy`` (what to do: :func:`damaged` for a stage's output).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); {remedy}") from None
+
+
+def load_safetensors(
+    path: str | Path, remedy: str, keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (those whose key ``keep`` accepts, default all) and metadata of a
+    safetensors file, read through :func:`open_safetensors` (same errors)."""
+    with open_safetensors(path, remedy) as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118
+    return tensors, metadata
+
+
 def read_safetensors(
     path: str | Path,
     stage: str,
@@ -79,24 +125,105 @@ def read_safetensors(
             floating-point tensor holds NaN/inf (or, with ``positive``, a value <= 0); naming
             the file, the tensor and the stage to rerun.
     """
-    from safetensors import SafetensorError, safe_open
-
+    tensors, metadata = load_safetensors(path, damaged(stage), keep)
     rerun = f"rerun it (`dvc repro {stage}`)"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({e}); the '{stage}' output is "
-            f"damaged: {rerun}"
-        ) from None
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{path}: tensor '{key}' holds NaN or inf values; {rerun}")
         if positive and not bool((t > 0).all()):
             raise ValueError(f"{path}: tensor '{key}' holds values <= 0; {rerun}")
     return tensors, metadata
+
+
+# ----------------------------------------------------------------------------- full disks
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(OSError):
+    """A write found no space (or no quota) left. The message names what was written, where,
+    the bytes it needed and those free there; the writer has removed what it half-wrote.
+    ``need``: those bytes (tensor bytes for a safetensors file, so a little under its size)."""
+
+    def __init__(self, code: int, message: str, need: int) -> None:
+        super().__init__(code, message)
+        self.need = need
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def disk_full_errno(e: BaseException) -> int | None:
+    """``ENOSPC`` or ``EDQUOT`` when that is why ``e`` was raised, else None.
+
+    safetensors' writer (Rust) raises no ``OSError``: its ``SafetensorError`` carries the
+    system error only as text (``I/O error: No space left on device (os error 28)``), so that
+    text is read too.
+    """
+    if isinstance(e, OSError):
+        code = e.errno
+    else:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        code = int(found.group(1)) if found else None
+    return code if code in DISK_FULL else None
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes free on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def disk_full(code: int, target: Path, need: int, at_least: bool = False) -> DiskFullError:
+    """The error for a write of ``target`` (file or directory) that found no space: ``need``
+    bytes (``at_least``: a lower bound, what was written before the disk filled)."""
+    free = free_bytes(target.parent)
+    room = "" if free is None else f" and {target.parent} has {free:,} free"
+    return DiskFullError(
+        code,
+        f"{os.strerror(code)} writing {target}: it needs {'at least' if at_least else 'about'} "
+        f"{need:,} bytes{room}; nothing half-written was kept. Free space there, or point "
+        "paths.artifacts / paths.reports at a disk with room, and rerun",
+        need,
+    )
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of every file under ``path`` (0 when it is gone)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write contiguous CPU ``tensors`` as a safetensors file through a temporary sibling and a
+    rename, so no reader ever finds half a file under ``path``; a failed write removes the
+    temporary file.
+
+    Raises:
+        DiskFullError: no space or quota left, naming the directory and the tensors' bytes.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        tmp.chmod(FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        code = disk_full_errno(e)
+        if code is None:
+            raise
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise disk_full(code, path, need) from e
 
 
 def package_versions() -> dict[str, str]:
@@ -132,6 +259,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``target`` when the block succeeds.
 
     On an exception the temporary directory is removed and ``target`` is left as it was.
+
+    Raises:
+        DiskFullError: the block ran out of space or quota (an ``OSError`` or a safetensors
+            error saying so), naming ``target`` and the bytes the output needed: what the
+            temporary directory held plus the file being written when it failed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,9 +272,15 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        written = tree_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        code = disk_full_errno(e)
+        if code is None:
+            raise
+        if isinstance(e, DiskFullError):  # it knows the size of the file it failed on
+            raise disk_full(code, target, written + e.need) from e
+        raise disk_full(code, target, written, at_least=True) from e
     publish_dir(tmp, target)
 
 
@@ -184,13 +322,26 @@ def check_writable(directory: str | Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename."""
+    """Write a file through a temporary sibling and a rename; a failed write removes the
+    temporary file.
+
+    Raises:
+        DiskFullError: no space or quota left, naming the file and its bytes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(FILE_MODE)
-    os.replace(tmp, path)
+    data = text.encode("utf-8")
+    try:
+        tmp.write_bytes(data)
+        tmp.chmod(FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        code = disk_full_errno(e)
+        if code is None:
+            raise
+        raise disk_full(code, path, len(data)) from e
 
 
 def output_files(out_dir: str | Path) -> list[str]:

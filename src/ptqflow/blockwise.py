@@ -10,7 +10,6 @@ where it stopped and ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from ptqflow import activation
 from ptqflow.activation import ActSpec
-from ptqflow.artifacts import publish_dir, to_json
+from ptqflow.artifacts import load_safetensors, publish_dir, save_safetensors, to_json
 from ptqflow.models.adapters import Adapter
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
@@ -213,20 +212,15 @@ class BlockStore:
         return self._path(i).is_file()
 
     def load(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Block ``i``'s saved tensors and metadata."""
-        from safetensors import safe_open
-
-        with safe_open(self._path(i), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+        """Block ``i``'s saved tensors and metadata; a damaged file is named."""
+        remedy = f"delete it to search block {i} again (the other blocks' results are kept)"
+        return load_safetensors(self._path(i), remedy)
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        """Save block ``i`` atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
-
-        path = self._path(i)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
-        os.replace(tmp, path)
+        """Save block ``i`` atomically (:func:`ptqflow.artifacts.save_safetensors`: a full
+        disk is named and leaves no half-written block)."""
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        save_safetensors(tensors, self._path(i), metadata)
 
     def finalize(self, write_extra: Callable[[Path], None]) -> None:
         """Let ``write_extra(dir)`` add index and manifest, then move the results into place."""

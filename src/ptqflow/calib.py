@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from ptqflow.artifacts import read_safetensors, sha256_tensor
+from ptqflow.artifacts import read_safetensors, save_safetensors, sha256_tensor
 from ptqflow.multimodal import ImageTextBatch
 
 TOKENS_FILE = "tokens.safetensors"
@@ -78,7 +77,7 @@ def calib_sha256(data: CalibData) -> str:
 def save_blocks(data: CalibData, out_dir: str | Path) -> Path:
     path = Path(out_dir) / TOKENS_FILE
     tensors = data.tensors() if isinstance(data, ImageTextBatch) else {"input_ids": data}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path)
     return path
 
 

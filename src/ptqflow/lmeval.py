@@ -27,12 +27,11 @@ import logging
 import math
 import random
 import re
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ptqflow.sources import is_offline
+from ptqflow.sources import hub_reachable
 from ptqflow.text import wiki_articles
 
 TASK_YAMLS = Path(__file__).parent / "lm_tasks"
@@ -126,17 +125,6 @@ def write_tasks(
         (task_dir / f"{task}.yaml").write_text(yaml_text, encoding="utf-8")
         digests[task] = "sha256:" + hashlib.sha256(data.encode("utf-8")).hexdigest()
     return digests
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers on its HTTPS port (False when switched off)."""
-    if is_offline():
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 @functools.cache

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ptqflow import activation
 from ptqflow.activation import ActSpec
+from ptqflow.artifacts import load_safetensors, save_safetensors
 from ptqflow.dtypes import torch_dtype
 from ptqflow.formats import FORMATS, IntWeight, PackFormat, detect_format, get_format
 from ptqflow.kernels import cpu_int4, w4a16_matmul
@@ -37,6 +37,8 @@ from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
 
 WEIGHTS = "model.safetensors"
+# What to do about a damaged or inconsistent checkpoint: it may be ours or downloaded.
+REPACK = "rerun real-pack (`dvc repro real-pack`) if ptqflow wrote it, or download it again"
 # On the CPU, calls of up to this many rows (decode) run the int4 kernel; more dequantize.
 CPU_KERNEL_ROWS = 8
 PACK_METHODS = ("awq", "rtn")
@@ -193,7 +195,11 @@ def save_packed(
 ) -> dict[str, int]:
     """Write the checkpoint directory: ``config.json`` (with ``quantization_config``, which
     declares the activation quantization ``act`` if given), ``model.safetensors``, generation
-    config and tokenizer. Returns tensor and byte counts."""
+    config and tokenizer. Returns tensor and byte counts.
+
+    ``model.safetensors`` comes last, through a temporary file: a write that fails (a full disk
+    raises :class:`ptqflow.artifacts.DiskFullError`) leaves none, so :func:`load_packed`
+    refuses the directory instead of reading half a checkpoint."""
     out_dir = Path(out_dir)
     fmt = FORMATS[cfg.format]
     state = packed_state_dict(model, plan, fmt, cfg.torch_dtype)
@@ -217,7 +223,7 @@ def save_packed(
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
         _portable_tokenizer(out_dir / "tokenizer_config.json")
-    save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(state, out_dir / WEIGHTS, metadata={"format": "pt"})
     return {
         "tensors": len(state),
         "quantized_linears": len(specs),
@@ -250,6 +256,29 @@ def _portable_tokenizer(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _check_config(
+    path: Path, fmt: PackFormat, qc: dict, name: str, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a packed linear whose tensors disagree with what ``quantization_config`` says of
+    it (bit width, group size). This loader follows the tensors, but transformers, vLLM and
+    AutoAWQ build their layers from the config: they would misread such a checkpoint, or
+    fail on it with a shape error naming neither the layer nor the cause."""
+    found = fmt.implied(tensors)
+    bits, group = fmt.declared(qc, name)
+    if group == -1:  # per-channel: one group spans the input
+        group = found.in_features
+    if (bits is None or bits == found.bits) and (group is None or group == found.group_size):
+        return
+    said = [f"{bits}-bit"] if bits is not None else []
+    said += [f"group size {group}"] if group is not None else []
+    shapes = ", ".join(f"{s} {list(t.shape)}" for s, t in tensors.items())
+    raise ValueError(
+        f"checkpoint '{path}': its config.json says '{name}' is {', '.join(said)}, but its "
+        f"tensors imply {found.bits}-bit, group size {found.group_size} ({shapes}); loaders "
+        f"that trust the config would misread it: {REPACK}"
+    )
+
+
 @torch.no_grad()
 def load_packed(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -270,25 +299,24 @@ def load_packed(
             f"'{path}' is not a packed checkpoint (needs config.json and {WEIGHTS}); "
             "run the real-pack stage first"
         )
-    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'} is not readable JSON ({e}); {REPACK}") from None
     fmt = detect_format(raw)
+    qc = raw["quantization_config"]
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config  # build a plain model; its linears are replaced below
     # Parameters on meta (never allocated); buffers such as rotary tables computed for real.
     with init_empty_weights(include_buffers=False):
         model = auto_class(config).from_config(config)
-    state = load_file(str(path / WEIGHTS))
+    state, _ = load_safetensors(path / WEIGHTS, f"the checkpoint is damaged: {REPACK}")
     marker = "." + fmt.marker
     names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))
-    declared = fmt.declared_bits(raw["quantization_config"])
     for name in names:
         tensors = {s: state.pop(f"{name}.{s}") for s in fmt.tensors if f"{name}.{s}" in state}
+        _check_config(path, fmt, qc, name, tensors)
         w = fmt.unpack(tensors)
-        if name in declared and declared[name] != w.bits:
-            raise ValueError(
-                f"checkpoint '{path}': the config says '{name}' is {declared[name]}-bit but its "
-                f"tensors hold {w.bits}-bit weights"
-            )
         bias = state.pop(f"{name}.bias", None)
         layer = QuantLinear(w, w.scales.dtype, None if bias is None else bias.to(dtype))
         model.set_submodule(name, layer)
@@ -308,7 +336,7 @@ def load_packed(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"checkpoint '{path}' lacks tensors for {left[:5]} (of {len(left)})")
-    act = fmt.declared_activations(raw["quantization_config"])
+    act = fmt.declared_activations(qc)
     if act is not None:
         activation.attach(model, names, act)
     model = model.to(device).eval()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 PKG_SCHEME = "pkg://"
 
@@ -51,3 +53,24 @@ def is_offline() -> bool:
         os.environ.get(v, "").lower() in ("1", "true", "yes")
         for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
     )
+
+
+HUB_TIMEOUT_S = 3.0  # an unreachable hub is known in seconds, not after the clients' retries
+
+
+def hub_address() -> tuple[str, int]:
+    """The hub's host and port (``HF_ENDPOINT`` when set, as the hub clients read it)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub accepts a connection within ``timeout`` seconds (False
+    when switched off for this process)."""
+    if is_offline():
+        return False
+    try:
+        socket.create_connection(hub_address(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

@@ -35,6 +35,9 @@ class AwqGemm(PackFormat):
         q, zeros = ref.unpack_awq(tensors["qweight"]), ref.unpack_awq(tensors["qzeros"])
         return IntWeight.from_kn(q, zeros, tensors["scales"], 4)
 
+    def declared(self, qc: dict, name: str) -> tuple[int | None, int | None]:
+        return qc.get("bits"), qc.get("group_size")  # one setting for every packed linear
+
     def quantization_config(
         self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
     ) -> dict:

@@ -51,6 +51,15 @@ class IntWeight:
         return ref.dequantize_kn(self.q, self.zeros, self.scales, self.group_size)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What one packed linear's tensors imply by their shapes alone (no unpacking)."""
+
+    bits: int
+    group_size: int  # the input features for per-channel weights
+    in_features: int
+
+
 class PackFormat:
     """One checkpoint format: what it can hold, how one linear is packed and unpacked, the
     ``quantization_config`` it writes and how to recognise it.
@@ -115,6 +124,15 @@ class PackFormat:
         """Inverse of :meth:`pack`; bits and group size follow from the shapes."""
         raise NotImplementedError
 
+    def implied(self, tensors: dict[str, torch.Tensor]) -> Layout:
+        """Bits, group size and input features of one linear's tensors, from their shapes.
+
+        This default reads the layout AWQ GEMM and the bitstream share: ``qweight``
+        ``[in, out*b/32]``, ``scales`` ``[in/g, out]``."""
+        qweight, scales = tensors["qweight"], tensors["scales"]
+        in_f = qweight.shape[0]
+        return Layout(qweight.shape[1] * 32 // scales.shape[1], in_f // scales.shape[0], in_f)
+
     def quantization_config(
         self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
     ) -> dict:
@@ -134,6 +152,8 @@ class PackFormat:
         """The activation quantization a checkpoint's ``qc`` declares (None: weight-only)."""
         return None
 
-    def declared_bits(self, qc: dict) -> dict[str, int]:
-        """Bits per module path, where the config says them (checked against the tensors)."""
-        return {}
+    def declared(self, qc: dict, name: str) -> tuple[int | None, int | None]:
+        """The bit width and group size (-1: per-channel) a checkpoint's ``qc`` states for the
+        packed linear ``name``, each None where it states none; held against the tensors
+        (:meth:`implied`) on load."""
+        return None, None

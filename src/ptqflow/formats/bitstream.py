@@ -33,11 +33,10 @@ class Bitstream(PackFormat):
         }
 
     def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
-        scales = tensors["scales"]
-        bits = tensors["qweight"].shape[1] * 32 // scales.shape[1]
+        bits = self.implied(tensors).bits
         q = ref.unpack_bits(tensors["qweight"], bits)
         zeros = ref.unpack_bits(tensors["qzeros"], bits)
-        return IntWeight.from_kn(q, zeros, scales, bits)
+        return IntWeight.from_kn(q, zeros, tensors["scales"], bits)
 
     def quantization_config(
         self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
@@ -63,5 +62,6 @@ class Bitstream(PackFormat):
         a = qc.get("activations")
         return None if a is None else ActSpec(int(a["bits"]), str(a["granularity"]))
 
-    def declared_bits(self, qc: dict) -> dict[str, int]:
-        return {name: m["bits"] for name, m in qc.get("modules", {}).items()}
+    def declared(self, qc: dict, name: str) -> tuple[int | None, int | None]:
+        module = qc.get("modules", {}).get(name, {})
+        return module.get("bits"), module.get("group_size")

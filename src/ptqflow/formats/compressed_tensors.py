@@ -9,10 +9,12 @@ Layout (bit for bit in :mod:`ptqflow.kernels.reference`): ``weight_packed`` int3
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ptqflow.activation import ActSpec
-from ptqflow.formats.base import IntWeight, PackFormat
+from ptqflow.formats.base import IntWeight, Layout, PackFormat
 from ptqflow.kernels import reference as ref
 from ptqflow.quant import QuantSpec
 
@@ -38,7 +40,7 @@ class CompressedTensors(PackFormat):
 
     def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
         out_f, in_f = (int(v) for v in tensors["weight_shape"])
-        bits = tensors["weight_packed"].shape[1] * 32 // in_f
+        bits = self.implied(tensors).bits
         q = ref.unpack_ct(tensors["weight_packed"], bits, in_f).t()
         scales = tensors["weight_scale"].t()
         symmetric = "weight_zero_point" not in tensors
@@ -47,6 +49,29 @@ class CompressedTensors(PackFormat):
         else:
             zeros = ref.unpack_ct(tensors["weight_zero_point"], bits, out_f, dim=0).t()
         return IntWeight.from_kn(q, zeros, scales, bits, symmetric)
+
+    def implied(self, tensors: dict[str, torch.Tensor]) -> Layout:
+        in_f = int(tensors["weight_shape"][1])
+        bits = tensors["weight_packed"].shape[1] * 32 // in_f
+        return Layout(bits, in_f // tensors["weight_scale"].shape[1], in_f)
+
+    def declared(self, qc: dict, name: str) -> tuple[int | None, int | None]:
+        """From the config group that targets ``name`` most specifically: by its name, else by
+        a ``re:`` pattern matching it, else by the class ``Linear``."""
+        groups = list(qc.get("config_groups", {}).values())
+        rules = (
+            lambda t: t == name,
+            lambda t: t.startswith("re:") and re.match(t[3:], name) is not None,
+            lambda t: t == "Linear",
+        )
+        for targets in rules:
+            for group in groups:
+                if any(targets(t) for t in group.get("targets", [])):
+                    w = group.get("weights") or {}
+                    strategy = w.get("strategy")
+                    size = {"group": w.get("group_size"), "channel": -1}.get(strategy)
+                    return w.get("num_bits"), size
+        return None, None
 
     def quantization_config(
         self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]

@@ -3,7 +3,8 @@
 A model source is one string: a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local
 directory holding ``config.json``, a ``.gguf`` file, or ``pkg://<dist>/<file>.gguf`` for a GGUF
 shipped inside an installed package (the embedded default). :func:`resolve_model` checks the
-source without loading weights, so bad input fails before any heavy work.
+source without loading weights, so bad input fails before any heavy work: a damaged weight file
+is named, and pickle weights are refused (:func:`check_weight_files`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from torch import nn
 from ptqflow.artifacts import hash_file
 from ptqflow.dtypes import torch_dtype as dtype_of
 from ptqflow.models.adapters import Adapter, ScaleGroup, get_adapter, supported_model_types
-from ptqflow.sources import PKG_SCHEME, is_offline, resolve_path
+from ptqflow.sources import (
+    HUB_TIMEOUT_S,
+    PKG_SCHEME,
+    hub_address,
+    hub_reachable,
+    is_offline,
+    resolve_path,
+)
 
 __all__ = [
     "Adapter",
@@ -64,7 +72,10 @@ def resolve_model(spec: str) -> ModelRef:
 
     Raises:
         FileNotFoundError: a path that does not exist, a directory without ``config.json``, or a
-            hub id that is neither cached nor reachable (offline).
+            hub id that is neither cached nor reachable (offline, or the hub silent for
+            :data:`~ptqflow.sources.HUB_TIMEOUT_S` seconds).
+        ValueError: a damaged weight file, or pickle weights only (:func:`check_weight_files`;
+            for a hub id, of its cached files when offline).
     """
     if not spec:
         raise ValueError("model.source is empty: give a hub id, a local directory or a .gguf file")
@@ -80,8 +91,7 @@ def resolve_model(spec: str) -> ModelRef:
                 f"model directory '{spec}' has no config.json; point model.source at a "
                 "transformers checkpoint directory, a .gguf file or a hub id"
             )
-        for weights in sorted(path.glob("*.safetensors")):
-            check_safetensors_complete(weights)
+        check_weight_files(path)
         return ModelRef(spec, "dir", str(path))
     if path.is_file():
         raise FileNotFoundError(
@@ -100,7 +110,50 @@ def resolve_model(spec: str) -> ModelRef:
             "(HF_HUB_OFFLINE is set); download it once with a network, or use a local "
             "directory or .gguf file"
         )
+    if isinstance(cached, str) and is_offline():  # offline, the cache is what loads
+        check_weight_files(Path(cached).parent)
+    if not isinstance(cached, str) and not hub_reachable():
+        host, port = hub_address()
+        raise FileNotFoundError(
+            f"model '{spec}' is not in the local hub cache and the hub ({host}:{port}) did not "
+            f"answer within {HUB_TIMEOUT_S:g} s; check the network (or HF_ENDPOINT), or use a "
+            "local directory or .gguf file"
+        )
     return ModelRef(spec, "hub", spec)
+
+
+REDOWNLOAD = "copy or download it again"
+# What transformers loads from a checkpoint directory in preference to any pickle beside them.
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def check_weight_files(directory: Path) -> None:
+    """Refuse a checkpoint directory whose weights ptqflow will not read, naming the file.
+
+    Every safetensors file must be complete (:func:`check_safetensors_complete`). Pickle
+    weights (``pytorch_model.bin``, ``*.bin``/``*.pt``/``*.pth`` shards) are refused unless
+    safetensors weights stand beside them, which transformers then loads instead: unpickling
+    can run any code the file holds, and torch.load's own refusal of an unusual pickle suggests
+    ``weights_only=False``, which would do exactly that.
+
+    Raises:
+        ValueError: a damaged safetensors file, or pickle weights only.
+    """
+    for weights in sorted(directory.glob("*.safetensors")):
+        check_safetensors_complete(weights)
+    if any((directory / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        return
+    pickles = sorted(
+        (p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()),
+        key=lambda p: (not p.name.startswith("pytorch_model"), p.name),  # the weights first
+    )
+    if pickles:
+        raise ValueError(
+            f"pickle checkpoints are refused: {pickles[0]}; convert to safetensors (e.g. load "
+            "it yourself in a trusted environment and save_pretrained(..., "
+            "safe_serialization=True))"
+        )
 
 
 def check_safetensors_complete(path: Path) -> None:
@@ -111,17 +164,17 @@ def check_safetensors_complete(path: Path) -> None:
         with path.open("rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
             if n > size - 8:
-                raise ValueError(f"a header of {n} bytes")
+                raise ValueError(f"its header claims {n:,} bytes, the file has {size:,}")
             header = json.loads(f.read(n))
         end = max(
             (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
         )
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); {REDOWNLOAD}") from None
     if size < 8 + n + end:
         raise ValueError(
             f"{path} is truncated: its header promises {8 + n + end:,} bytes, the file has "
-            f"{size:,}; copy or download it again"
+            f"{size:,}; {REDOWNLOAD}"
         )
 
 

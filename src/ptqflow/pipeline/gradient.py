@@ -18,9 +18,14 @@ import time
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from ptqflow.artifacts import atomic_dir, atomic_write_text, to_json, write_manifest
+from ptqflow.artifacts import (
+    atomic_dir,
+    atomic_write_text,
+    save_safetensors,
+    to_json,
+    write_manifest,
+)
 from ptqflow.config import ModelConfig, SensitivityConfig, parse
 from ptqflow.gradient import (
     STATS_FILE,
@@ -71,7 +76,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             "loss": stats.loss,
         }
         with atomic_dir(artifacts / "gradient") as tmp:
-            save_file(to_tensors(stats), str(tmp / STATS_FILE))
+            save_safetensors(to_tensors(stats), tmp / STATS_FILE)
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, outputs, code)
         summary = {

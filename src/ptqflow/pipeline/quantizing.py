@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
 
 from ptqflow.artifacts import (
     check_inputs,
     check_params,
+    damaged,
+    open_safetensors,
     read_manifest,
     read_safetensors,
     to_json,
@@ -262,7 +263,8 @@ def run_blockwise(
         )
         for i, path in enumerate(block_files(out_dir, stage.name)):
             if summary is not None:
-                with safe_open(path, "pt") as f:
-                    run_log.log_metrics(summary(f.metadata() or {}), step=i)
+                with open_safetensors(path, damaged(stage.name)) as f:
+                    metadata = f.metadata() or {}
+                run_log.log_metrics(summary(metadata), step=i)
     log.info("%s: %d blocks (%d searched) in %.1fs", stage.name, len(seconds), len(searched), total)
     return {"seconds_per_block": seconds, "total_seconds": total}

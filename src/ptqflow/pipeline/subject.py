@@ -11,15 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ptqflow import activation
 from ptqflow.activation import ActSpec
-from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
+from ptqflow.allocate import planned_bytes
+from ptqflow.artifacts import (
+    atomic_write_text,
+    check_inputs,
+    damaged,
+    open_safetensors,
+    read_manifest,
+    to_json,
+)
 from ptqflow.awq.apply import apply_clips, apply_scales
 from ptqflow.config import EvalConfig, ModelConfig, parse, parse_act, quant_label
-from ptqflow.formats import get_format
 from ptqflow.models import (
     ModelRef,
     linear_layers,
@@ -32,12 +38,7 @@ from ptqflow.models import (
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
 from ptqflow.pipeline.common import StageRun, output_dirs, quant_tag
 from ptqflow.pipeline.quantizing import awq_inputs, load_calib, quant_setup
-from ptqflow.quant import QuantSpec, fake_quantize_linears
-
-# Sizes of fake-quantized models count what pack.format=ptqflow (any mix of bits) stores, with
-# float16 scales; unquantized linears count at 16 bits.
-SIZE_FORMAT = "ptqflow"
-_FP_BYTES = 2
+from ptqflow.quant import fake_quantize_linears
 
 
 @dataclass
@@ -70,24 +71,6 @@ class Subject:
         }
 
 
-def planned_bytes(plan: Mapping[str, QuantSpec | None], config) -> tuple[int, int]:
-    """``(bytes, weights)`` of the decoder-block linears of ``plan`` (:data:`SIZE_FORMAT`)."""
-    shapes, fmt = linear_shapes(config), get_format(SIZE_FORMAT)
-    size = weights = 0
-    for name, layer, _ in linear_layers(config):
-        if layer is None:
-            continue
-        out_f, in_f = shapes[name]
-        spec = plan.get(name)
-        size += (
-            out_f * in_f * _FP_BYTES
-            if spec is None
-            else fmt.stored_bytes(spec, out_f, in_f, torch.float16)
-        )
-        weights += out_f * in_f
-    return size, weights
-
-
 def stored_bytes(packed_dir: Path, config) -> tuple[int, int]:
     """``(bytes, weights)`` of the decoder-block linears as a packed checkpoint stores them,
     read from its safetensors header (every tensor of each linear but its bias)."""
@@ -95,7 +78,7 @@ def stored_bytes(packed_dir: Path, config) -> tuple[int, int]:
     decoder = [n for n, layer, _ in linear_layers(config) if layer is not None]
     prefixes = tuple(f"{n}." for n in decoder)
     size = 0
-    with safe_open(packed_dir / WEIGHTS, "pt") as f:
+    with open_safetensors(packed_dir / WEIGHTS, damaged("real-pack")) as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             if key.startswith(prefixes) and not key.endswith(".bias"):
                 piece = f.get_slice(key)

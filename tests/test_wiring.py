@@ -87,6 +87,7 @@ def test_queued_experiment_runs_its_temporary_clones_library(tiny_model_dir, tex
         f"calib.source={texts['calib']}",
         "calib.n_samples=40",
         "calib.seqlen=32",
+        "eval.seqlen=32",  # the tiny model's context is 256 tokens
         "tracking=none",
     ]
     cmd = ["exp", "run", "--temp", "-n", "tiny", "calib-data"]

@@ -20,10 +20,10 @@ import torch
 
 from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to_json
 from ptqflow.bench import bench_kernels, decode_speed, device_name, module_bytes, plot
-from ptqflow.config import BenchConfig, ModelConfig, parse, quant_label
-from ptqflow.models import load_model, load_tokenizer, model_fingerprint, resolve_model
+from ptqflow.config import BenchConfig, parse, quant_label
+from ptqflow.models import load_model, load_tokenizer
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
-from ptqflow.pipeline.common import StageRun, output_dirs, tracked
+from ptqflow.pipeline.common import StageRun, open_stage, tracked
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["benchmark"]
@@ -34,11 +34,9 @@ PROMPT = "The history of the city begins in the early"
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     bench = parse(BenchConfig, "bench", cfg["bench"])
-    model_cfg = parse(ModelConfig, "model", cfg["model"])
-    artifacts, reports = output_dirs(cfg, run)
-    ref = resolve_model(model_cfg.source)
-    device = model_cfg.torch_device()
-    fingerprint = model_fingerprint(ref)
+    opened = open_stage(cfg, run)
+    model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
+    ref, device, fingerprint = opened.ref, opened.device, opened.fingerprint
     packed_dir = artifacts / "packed"
     manifest = read_manifest(packed_dir, "real-pack")
     check_inputs(manifest, {"model": fingerprint})

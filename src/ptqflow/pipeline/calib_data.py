@@ -14,16 +14,12 @@ from typing import Any
 
 from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.calib import build_blocks, calib_sha256, save_blocks
-from ptqflow.config import CalibConfig, ModelConfig, parse
+from ptqflow.config import CalibConfig, parse
 from ptqflow.models import (
-    get_adapter,
-    load_config,
     load_tokenizer,
-    model_fingerprint,
-    resolve_model,
 )
 from ptqflow.multimodal import build_batch, family_of
-from ptqflow.pipeline.common import StageRun, data_source, output_dirs, stage_params, tracked
+from ptqflow.pipeline.common import StageRun, data_source, open_stage, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
 from ptqflow.text import load_documents
@@ -34,12 +30,10 @@ log = logging.getLogger(__name__)
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
-    model = parse(ModelConfig, "model", cfg["model"])
     calib = parse(CalibConfig, "calib", cfg["calib"])
     # Everything that can be checked without heavy work is checked first.
-    ref = resolve_model(model.source)
-    hf_config = load_config(ref)
-    adapter = get_adapter(hf_config.model_type)
+    opened = open_stage(cfg, run)
+    ref, hf_config, adapter = opened.ref, opened.hf_config, opened.adapter
     pairs = data_source(
         "calib.source",
         calib.source,
@@ -50,8 +44,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         text_field=calib.text_field,
         split=calib.split,
     )
-    out_dir = output_dirs(cfg, run)[0] / "calib"
-    inputs = {"model": model_fingerprint(ref)}
+    out_dir = opened.artifacts / "calib"
+    inputs = {"model": opened.fingerprint}
 
     with tracked(STAGE, cfg, run, f"calib-{calib.n_samples}x{calib.seqlen}", inputs) as run_log:
         tokenizer = load_tokenizer(ref)

@@ -31,7 +31,6 @@ from ptqflow.config import (
     BenchConfig,
     CalibConfig,
     EvalConfig,
-    ModelConfig,
     SensitivityConfig,
     TrackingConfig,
     is_auto,
@@ -43,15 +42,11 @@ from ptqflow.config import (
 )
 from ptqflow.formats import check_packable, get_format
 from ptqflow.models import (
-    get_adapter,
     linear_layers,
     linear_shapes,
-    load_config,
-    model_fingerprint,
-    resolve_model,
 )
 from ptqflow.pack import PackConfig
-from ptqflow.pipeline.common import StageRun, data_source, output_dirs
+from ptqflow.pipeline.common import StageRun, data_source, open_stage
 from ptqflow.pipeline.dag import code_fingerprints
 from ptqflow.pipeline.quantizing import check_balance
 from ptqflow.pipeline.recipe import auto_candidates
@@ -64,7 +59,6 @@ log = logging.getLogger(__name__)
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
-    model_cfg = parse(ModelConfig, "model", cfg["model"])
     calib = parse(CalibConfig, "calib", cfg["calib"])
     quant = parse_quant(cfg["quant"])
     parse_search(cfg["search"])
@@ -73,12 +67,9 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     pack = parse(PackConfig, "pack", cfg["pack"])
     parse(BenchConfig, "bench", cfg["bench"])
     parse(TrackingConfig, "tracking", cfg["tracking"])
-    _, reports = output_dirs(cfg, run)
-
-    ref = resolve_model(model_cfg.source)
-    model_cfg.torch_device()
-    hf_config = load_config(ref)
-    adapter, model_type = get_adapter(hf_config.model_type), hf_config.model_type
+    opened = open_stage(cfg, run)
+    reports, hf_config, adapter = opened.reports, opened.hf_config, opened.adapter
+    model_type = hf_config.model_type
     n_calib = calib.n_samples * calib.shots
     where = {"text_field": calib.text_field, "split": calib.split}
     multimodal = adapter.multimodal
@@ -99,9 +90,10 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         require_quantized(plan, recipe.name)
         check_packable(fmt, plan, shapes, parse_act(cfg["quant"]))
 
-    result = {"model": model_fingerprint(ref)}
+    result = {"model": opened.fingerprint}
     for rel, code in code_fingerprints(run.root).items():
         atomic_write_text(reports / Path(rel).relative_to("reports"), code + "\n")
     atomic_write_text(reports / CHECK_FILE, to_json(result))
-    log.info("check: the config holds for %s -> %s", model_cfg.name, reports / CHECK_FILE)
+    name = opened.model_cfg.name
+    log.info("check: the config holds for %s -> %s", name, reports / CHECK_FILE)
     return result

@@ -24,8 +24,16 @@ from ptqflow.artifacts import (
     read_manifest,
 )
 from ptqflow.calib import CalibData, load_blocks
-from ptqflow.config import PathsConfig, TrackingConfig, is_auto, parse, quant_label
+from ptqflow.config import ModelConfig, PathsConfig, TrackingConfig, is_auto, parse, quant_label
 from ptqflow.imagetext import Pair, check_images, is_image_text, load_pairs
+from ptqflow.models import (
+    Adapter,
+    ModelRef,
+    get_adapter,
+    load_config,
+    model_fingerprint,
+    resolve_model,
+)
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME, Stage
 from ptqflow.text import check_amount
@@ -225,6 +233,48 @@ def context_length(hf_config) -> int | None:
     """The longest sequence the (language) model was trained on: ``max_position_embeddings``."""
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     return getattr(text, "max_position_embeddings", None)
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """What a stage body that reads the model starts from (:func:`open_stage`), every part
+    checked and no weight read.
+
+    Attributes:
+        model_cfg: the parsed ``model`` section.
+        artifacts, reports: ``paths.*`` resolved, checked writable.
+        ref: the resolved model source (its files checked).
+        hf_config: its transformers config (reading it from a GGUF takes seconds).
+        adapter: its architecture's adapter (an unsupported one is refused).
+        fingerprint: the identity of its weights (:func:`~ptqflow.models.model_fingerprint`).
+    """
+
+    model_cfg: ModelConfig
+    artifacts: Path
+    reports: Path
+    ref: ModelRef
+    hf_config: Any
+    adapter: Adapter
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model_cfg.torch_device()
+
+
+def open_stage(cfg: Mapping[str, Any], run: StageRun) -> StageModel:
+    """The preamble every stage body that reads the model shares, cheapest checks first: the
+    ``model`` section, the output directories, the model source and its files, the device,
+    the model's config and architecture, the weights' fingerprint."""
+    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    artifacts, reports = output_dirs(cfg, run)
+    ref = resolve_model(model_cfg.source)
+    model_cfg.torch_device()  # a device that is not there is refused here
+    hf_config = load_config(ref)
+    adapter = get_adapter(hf_config.model_type)
+    return StageModel(
+        model_cfg, artifacts, reports, ref, hf_config, adapter, model_fingerprint(ref)
+    )
 
 
 def data_source(

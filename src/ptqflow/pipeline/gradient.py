@@ -26,7 +26,7 @@ from ptqflow.artifacts import (
     to_json,
     write_manifest,
 )
-from ptqflow.config import ModelConfig, SensitivityConfig, parse
+from ptqflow.config import SensitivityConfig, parse
 from ptqflow.gradient import (
     STATS_FILE,
     VISION,
@@ -36,8 +36,14 @@ from ptqflow.gradient import (
     text_groups,
     to_tensors,
 )
-from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
-from ptqflow.pipeline.common import StageRun, calib_blocks, output_dirs, stage_params, tracked
+from ptqflow.models import load_model
+from ptqflow.pipeline.common import (
+    StageRun,
+    calib_blocks,
+    open_stage,
+    stage_params,
+    tracked,
+)
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
 
@@ -47,14 +53,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
-    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    opened = open_stage(cfg, run)
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
-    artifacts, reports = output_dirs(cfg, run)
-    ref = resolve_model(model_cfg.source)
-    device = model_cfg.torch_device()
-    hf_config = load_config(ref)
-    adapter = get_adapter(hf_config.model_type)
-    fingerprint = model_fingerprint(ref)
+    model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
+    ref, device, hf_config = opened.ref, opened.device, opened.hf_config
+    adapter, fingerprint = opened.adapter, opened.fingerprint
     data, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
     inputs = {"model": fingerprint, "calib_tokens": calib_sha}
 

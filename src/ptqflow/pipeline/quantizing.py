@@ -30,7 +30,6 @@ from ptqflow.blockwise import BlockResult, BlockStore, Calls, Capture, block_fil
 from ptqflow.calib import CalibData
 from ptqflow.config import (
     AutoRecipeConfig,
-    ModelConfig,
     is_auto,
     parse,
     parse_balance,
@@ -41,20 +40,16 @@ from ptqflow.config import (
 from ptqflow.gradient import STATS_FILE, balance_weights, from_tensors, modality_ratios
 from ptqflow.models import (
     Adapter,
-    ModelRef,
-    get_adapter,
     linear_layers,
     linear_shapes,
-    load_config,
     load_model,
-    model_fingerprint,
-    resolve_model,
 )
 from ptqflow.multimodal import ImageTextBatch, model_inputs
 from ptqflow.pipeline.common import (
+    StageModel,
     StageRun,
     calib_blocks,
-    output_dirs,
+    open_stage,
     quant_tag,
     read_upstream,
     select,
@@ -67,18 +62,12 @@ from ptqflow.quant import QuantSpec
 from ptqflow.recipe import Recipe, require_quantized
 
 
-@dataclass
-class QuantSetup:
-    """What the quantizing stages share, checked before any weight is read."""
+@dataclass(frozen=True)
+class QuantSetup(StageModel):
+    """What the quantizing stages share, checked before any weight is read: the opened model
+    (:class:`~ptqflow.pipeline.common.StageModel`) and the recipe resolved against it."""
 
-    model_cfg: ModelConfig
-    artifacts: Path
-    reports: Path
-    ref: ModelRef
-    adapter: Adapter
     plan: dict[str, QuantSpec | None]
-    fingerprint: str
-    hf_config: Any  # the transformers config (reading it from a GGUF takes seconds)
     recipe_inputs: dict[str, Any]  # {"recipe": file hashes} when the recipe is the artifact
 
 
@@ -113,25 +102,17 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
 
     ``recipe=auto`` reads the allocated recipe from ``<artifacts>/recipe/``; any other recipe
     is the config's own."""
-    model_cfg = parse(ModelConfig, "model", cfg["model"])
-    artifacts, reports = output_dirs(cfg, run)
+    opened = open_stage(cfg, run)
     quant = parse_quant(cfg["quant"])
-    ref = resolve_model(model_cfg.source)
-    fingerprint = model_fingerprint(ref)
     if is_auto(cfg["recipe"]):
         parse(AutoRecipeConfig, "recipe", cfg["recipe"])
-        recipe, recipe_files = load_recipe(artifacts, cfg, fingerprint)
+        recipe, recipe_files = load_recipe(opened.artifacts, cfg, opened.fingerprint)
         recipe_inputs = {"recipe": recipe_files}
     else:
         recipe, recipe_inputs = parse_recipe(cfg["recipe"], quant), {}
-    model_cfg.torch_device()
-    hf_config = load_config(ref)
-    adapter = get_adapter(hf_config.model_type)
-    plan = recipe.resolve(linear_layers(hf_config))
+    plan = recipe.resolve(linear_layers(opened.hf_config))
     require_quantized(plan, recipe.name)
-    return QuantSetup(
-        model_cfg, artifacts, reports, ref, adapter, plan, fingerprint, hf_config, recipe_inputs
-    )
+    return QuantSetup(**vars(opened), plan=plan, recipe_inputs=recipe_inputs)
 
 
 def check_balance(cfg: Mapping[str, Any], adapter: Adapter, model_type: str) -> None:

@@ -24,7 +24,6 @@ from ptqflow.allocate import allocate_recipe, held_candidates
 from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.config import (
     AutoRecipeConfig,
-    ModelConfig,
     SensitivityConfig,
     is_auto,
     parse,
@@ -33,9 +32,15 @@ from ptqflow.config import (
 )
 from ptqflow.formats import get_format
 from ptqflow.formats.base import PackFormat
-from ptqflow.models import linear_layers, load_config, model_fingerprint, resolve_model
+from ptqflow.models import linear_layers
 from ptqflow.pack import PackConfig
-from ptqflow.pipeline.common import StageRun, output_dirs, quant_tag, read_upstream, tracked
+from ptqflow.pipeline.common import (
+    StageRun,
+    open_stage,
+    quant_tag,
+    read_upstream,
+    tracked,
+)
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.quantizing import RECIPE_FILE, recipe_params
 from ptqflow.pipeline.table import BY_NAME
@@ -84,12 +89,10 @@ def auto_candidates(
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
-    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    opened = open_stage(cfg, run)
     quant = parse_quant(cfg["quant"])
-    artifacts, _ = output_dirs(cfg, run)
-    ref = resolve_model(model_cfg.source)
-    fingerprint = model_fingerprint(ref)
-    linears = linear_layers(load_config(ref))
+    artifacts, fingerprint = opened.artifacts, opened.fingerprint
+    linears = linear_layers(opened.hf_config)
     inputs = {"model": fingerprint}
     outputs: dict[str, Any] = {}
 

@@ -12,13 +12,13 @@ import logging
 from typing import Any
 
 from ptqflow.artifacts import atomic_dir, read_safetensors, write_manifest
-from ptqflow.config import ModelConfig, SensitivityConfig, parse
+from ptqflow.config import SensitivityConfig, parse
 from ptqflow.gradient import STATS_FILE, from_tensors
-from ptqflow.models import get_adapter, load_config, load_model, model_fingerprint, resolve_model
+from ptqflow.models import load_model
 from ptqflow.pipeline.common import (
     StageRun,
     calib_tokens,
-    output_dirs,
+    open_stage,
     read_upstream,
     stage_params,
     tracked,
@@ -33,13 +33,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
-    model_cfg = parse(ModelConfig, "model", cfg["model"])
+    opened = open_stage(cfg, run)
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
-    artifacts, reports = output_dirs(cfg, run)
-    ref = resolve_model(model_cfg.source)
-    hf_config = load_config(ref)
-    adapter = get_adapter(hf_config.model_type)
-    fingerprint = model_fingerprint(ref)
+    model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
+    ref, hf_config = opened.ref, opened.hf_config
+    adapter, fingerprint = opened.adapter, opened.fingerprint
     inputs = {"model": fingerprint, "calib_tokens": calib_tokens(artifacts, fingerprint, cfg)}
     grad_dir = artifacts / "gradient"
     manifest = read_upstream(grad_dir, "gradient", inputs, cfg, code_root=run.root)

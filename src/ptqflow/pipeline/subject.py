@@ -25,18 +25,15 @@ from ptqflow.artifacts import (
     to_json,
 )
 from ptqflow.awq.apply import apply_clips, apply_scales
-from ptqflow.config import EvalConfig, ModelConfig, parse, parse_act, quant_label
+from ptqflow.config import EvalConfig, ModelConfig, parse_act, quant_label
 from ptqflow.models import (
     ModelRef,
     linear_layers,
     linear_shapes,
-    load_config,
     load_model,
-    model_fingerprint,
-    resolve_model,
 )
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
-from ptqflow.pipeline.common import StageRun, output_dirs, quant_tag
+from ptqflow.pipeline.common import StageRun, open_stage, quant_tag
 from ptqflow.pipeline.quantizing import awq_inputs, load_calib, quant_setup
 from ptqflow.quant import fake_quantize_linears
 
@@ -96,12 +93,14 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
     """Check the whole request against the model's shapes and the upstream artifacts before
     any weight is read."""
     if ev.method in ("fp", "packed"):
-        model_cfg = parse(ModelConfig, "model", cfg["model"])
-        artifacts, reports = output_dirs(cfg, run)
-        ref = resolve_model(model_cfg.source)
-        device = model_cfg.torch_device()
-        fingerprint = model_fingerprint(ref)
-        config = load_config(ref)
+        opened = open_stage(cfg, run)
+        model_cfg, reports, ref, device = (
+            opened.model_cfg,
+            opened.reports,
+            opened.ref,
+            opened.device,
+        )
+        fingerprint, config = opened.fingerprint, opened.hf_config
         n_linears = len(linear_layers(config))
         if ev.method == "fp":
             size, weights = planned_bytes({}, config)
@@ -117,7 +116,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
                 8 * size / weights,
                 build,
             )
-        packed_dir = artifacts / "packed"
+        packed_dir = opened.artifacts / "packed"
         manifest = read_manifest(packed_dir, "real-pack")
         check_inputs(manifest, {"model": fingerprint})
         made = manifest["params"]

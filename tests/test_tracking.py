@@ -111,3 +111,28 @@ def test_a_locked_database_costs_no_result_and_the_run_is_recorded_later(
     figure = json.loads(metrics.read_text())["perplexity"]  # the file rounds it
     assert later.data.metrics["perplexity"] == pytest.approx(figure, rel=1e-6)
     assert later.data.tags["metrics_md5"] == file_md5(metrics)
+
+
+def test_a_run_kept_without_artifacts_is_replayed(tmp_path, monkeypatch):
+    """A stage that logs only metrics, with the tracking server down: its run is kept (no
+    artifact directory needed) and recorded later."""
+    from ptqflow.tracking import mlflow_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow retries for minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+
+    db = tmp_path / "later.db"
+    down = "http://127.0.0.1:9"  # the discard port: nothing answers
+    pending = tmp_path / "mlflow-pending"
+    with mlflow_run(
+        True, down, "ptqflow", "gradient", {"a": 1}, {"stage": "x"}, None, pending
+    ) as run:
+        run.log_metrics({"loss": 2.5})
+    [kept] = pending.iterdir()
+    record = json.loads((kept / "run.json").read_text())
+    assert record["calls"] == [["log_metrics", {"loss": 2.5}, None]]
+    record["uri"] = f"sqlite:///{db}"  # where the run is recorded once tracking is back
+    (kept / "run.json").write_text(json.dumps(record))
+    assert restore.replay_pending(tmp_path) == ["gradient"]
+    [found] = runs(db)
+    assert found.data.metrics["loss"] == 2.5 and found.data.params["a"] == "1"

@@ -261,6 +261,7 @@ class _Fenced(_NoRun):
 
     def save(self) -> None:
         """Write the kept run to its directory, with a copy of each artifact as it is now."""
+        self.keep.mkdir(parents=True, exist_ok=True)
         for i, call in enumerate(self.record["calls"]):
             if call[0] in ("log_artifact", "log_output"):
                 dest = self.keep / "files" / str(i) / Path(call[1]).name
@@ -338,7 +339,12 @@ def _start(uri: str, experiment: str, run_name: str, params, tags, session) -> t
         parent = parent_run(client, exp_id, session, parent_tags)
         tags[PARENT_TAG] = parent
     mlflow.start_run(run_name=run_name, tags=tags)
-    mlflow.log_params(flatten(params))
+    try:
+        mlflow.log_params(flatten(params))
+    except Exception:
+        with contextlib.suppress(Exception):  # leave no half-open run in this process
+            mlflow.end_run("FAILED")
+        raise
     return mlflow, client, parent
 
 

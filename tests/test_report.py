@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import tiny_vlm_config
 
 from ptqflow.pipeline import report as report_stage
 from ptqflow.pipeline.common import StageRun
@@ -350,29 +351,12 @@ def test_bits_derived_from_sweep_params(tmp_path):
 def test_bits_count_the_decoder_blocks_only(tmp_path):
     """A vision-language model's size is its language decoder's, as its eval stage records it:
     the vision tower's linears (``...vision_tower.encoder.layers.N...``) stay out."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
-    text.save_pretrained(tmp_path / "text")
-    LlavaConfig(vision_config=vision, text_config=text).save_pretrained(tmp_path / "llava")
+    llava_config = tiny_vlm_config("llava", vocab_size=100, image_token=99)
+    llava_config.save_pretrained(tmp_path / "llava")
+    llava_config.text_config.save_pretrained(tmp_path / "text")
     sizer = ModelBits()
     # Counting the vision tower's linears too (32 inputs, which a group of 64 does not even
-    # divide) gave 4.2699 bits; the decoder, all that the eval stages quantize, stores 4.3125.
+    # divide) gave fewer bits; the decoder, all that the eval stages quantize, stores 4.3125.
     llava = sizer(sweep_params(4, 64, str(tmp_path / "llava")), "rtn")
     assert llava is not None and sizer.notes == {}
     assert llava == sizer(sweep_params(4, 64, str(tmp_path / "text")), "rtn") == 4.3125

@@ -24,7 +24,13 @@ CAPPED = {
 }
 
 
-SCRIPTS = ("calib_data.py", "gradient.py", "scale_search.py", "clip_search.py")
+SCRIPTS = (
+    "calib_data.py",
+    "gradient.py",
+    "sensitivity.py",
+    "scale_search.py",
+    "clip_search.py",
+)
 
 
 def test_the_pins_override_the_caller_unless_native_numerics_are_asked_for():
@@ -40,7 +46,7 @@ def test_the_pins_override_the_caller_unless_native_numerics_are_asked_for():
 def test_the_searches_write_the_same_bytes_under_capped_instruction_sets_and_one_thread(
     tiny_model_dir, texts, tmp_path
 ):
-    """calib-data, gradient and the two searches as DVC runs them (fresh processes), once with
+    """calib-data, gradient, sensitivity and the two searches as DVC runs them (fresh processes), once with
     the machine's defaults and once capped to SSE4.2 / no SIMD on one thread: identical
     artifacts."""
     trees = {}

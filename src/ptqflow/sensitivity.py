@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ptqflow.gradient import GradientStats
+from ptqflow.numerics import fixed_sum
 from ptqflow.quant import QuantSpec, fake_quantize
 from ptqflow.recipe import SKIP
 
@@ -55,8 +56,8 @@ def fisher_estimate(
     """
     w = weight.detach().float()
     d = (fake_quantize(w, spec) - w).double()
-    first = (grad_w.double() * d).sum()
-    second = 0.5 * (fisher.double() * d.pow(2)).sum()
+    first = fixed_sum(grad_w.double() * d)  # in an order independent of the thread count
+    second = 0.5 * fixed_sum(fisher.double() * d.pow(2))
     return token_ratio * float(first + second)
 
 

@@ -46,9 +46,9 @@ def test_the_pins_override_the_caller_unless_native_numerics_are_asked_for():
 def test_the_searches_write_the_same_bytes_under_capped_instruction_sets_and_one_thread(
     tiny_model_dir, texts, tmp_path
 ):
-    """calib-data, gradient, sensitivity and the two searches as DVC runs them (fresh processes), once with
-    the machine's defaults and once capped to SSE4.2 / no SIMD on one thread: identical
-    artifacts."""
+    """calib-data, gradient, sensitivity and the two searches as DVC runs them (fresh
+    processes), once with the machine's defaults and once capped to SSE4.2 / no SIMD on one
+    thread: identical artifacts."""
     trees = {}
     for name, extra in (("native", {}), ("capped", CAPPED)):
         work = tmp_path / name

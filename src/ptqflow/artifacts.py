@@ -211,10 +211,24 @@ def save_safetensors(
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
+    def write(tmp: Path) -> None:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_via_temp(Path(path), write, need)
+
+
+def _write_via_temp(path: Path, write: Callable[[Path], object], need: int) -> None:
+    """Call ``write`` on a temporary sibling of ``path`` (its return value unused), make the file
+    readable by everyone and rename it onto ``path``; on any failure remove the temporary file.
+
+    Raises:
+        DiskFullError: ``write`` (or the rename) found no space or quota, naming ``path`` and
+            ``need`` bytes.
+    """
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        write(tmp)
         tmp.chmod(FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
@@ -222,7 +236,6 @@ def save_safetensors(
         code = disk_full_errno(e)
         if code is None:
             raise
-        need = sum(t.numel() * t.element_size() for t in tensors.values())
         raise disk_full(code, path, need) from e
 
 
@@ -330,18 +343,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     data = text.encode("utf-8")
-    try:
-        tmp.write_bytes(data)
-        tmp.chmod(FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        code = disk_full_errno(e)
-        if code is None:
-            raise
-        raise disk_full(code, path, len(data)) from e
+    _write_via_temp(path, lambda tmp: tmp.write_bytes(data), len(data))
 
 
 def output_files(out_dir: str | Path) -> list[str]:

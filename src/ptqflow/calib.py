@@ -6,10 +6,14 @@ defaults, documents longer than ``seqlen`` tokens are skipped, the first ``n_sam
 documents are concatenated, and the stream is re-cut into ``seqlen``-token blocks (the tail that
 does not fill a block is dropped). Short documents (Wikipedia lead sections) therefore give
 fewer blocks than documents: the count is recorded, not fixed.
+
+Only the documents the permutation visits are read: the permutation needs just their number, so
+a large text file is indexed (:func:`ptqflow.text.open_documents`) rather than held.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +36,10 @@ class CalibStats:
 
 
 def build_blocks(
-    docs: list[str], tokenizer, n_samples: int, seqlen: int, seed: int
+    docs: Sequence[str], tokenizer, n_samples: int, seqlen: int, seed: int
 ) -> tuple[torch.Tensor, CalibStats]:
-    """Token blocks ``int64 [n_blocks, seqlen]`` from ``docs`` (see module docstring).
+    """Token blocks ``int64 [n_blocks, seqlen]`` from ``docs`` (see module docstring): a list,
+    or a :class:`ptqflow.text.Documents` that reads each document when it is asked for.
 
     Raises:
         ValueError: the text yields no full block of ``seqlen`` tokens.

@@ -11,6 +11,7 @@ log-likelihood over all windows.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,14 +22,48 @@ from tqdm import tqdm
 from ptqflow.multimodal import ImageTextBatch, batches
 
 
-def eval_windows(docs: list[str], tokenizer, seqlen: int, n_windows: int) -> torch.Tensor:
-    """Token windows ``int64 [n_windows, seqlen]`` per the protocol.
+def _encode(tokenizer, docs: list[str]) -> list[int]:
+    return tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+
+
+def eval_windows(docs: Iterable[str], tokenizer, seqlen: int, n_windows: int) -> torch.Tensor:
+    """Token windows ``int64 [n_windows, seqlen]`` per the protocol: the first
+    ``need = n_windows * seqlen`` tokens of all of ``docs`` joined, taking from ``docs`` (a
+    list, or an iterator such as :func:`ptqflow.text.stream_documents`) only what they need.
+
+    The rule that keeps these the tokens of the whole text: documents are joined in order
+    until the tokens of the joined prefix exceed ``need`` (it is tokenized each time its
+    characters double, so the work stays linear), then one more whole document is added, and
+    that text is tokenized and cut to ``need``. A tokenizer forms each token from a stretch of
+    text around it (a pre-tokenized word, punctuation run or whitespace run), so text past
+    the end changes only the tokens at the end: where the joined prefix stops, its last token
+    could merge with the ``"\\n\\n"`` or the document that follow in the whole text (and the
+    windows may end on that token, as the prefix has only more than ``need``); the one more
+    document moves the end, and whatever changes there, past the windows. With no document
+    left, the text is all of ``docs``, tokenized exactly as a whole.
 
     Raises:
-        ValueError: the text holds fewer than ``n_windows * seqlen`` tokens.
+        ValueError: the text holds fewer than ``need`` tokens.
     """
-    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     need = n_windows * seqlen
+    rest = iter(docs)
+    taken: list[str] = []
+    chars, probe = 0, need  # tokenize the prefix once it holds `probe` characters
+    ids, encoded = [], 0  # the tokens of the first `encoded` documents joined
+    for doc in rest:
+        taken.append(doc)
+        chars += len(doc) + 2
+        if chars < probe:
+            continue
+        ids, encoded = _encode(tokenizer, taken), len(taken)
+        if len(ids) > need:
+            one_more = next(rest, None)
+            if one_more is not None:
+                taken.append(one_more)
+            break
+        probe = 2 * chars
+    if encoded < len(taken):
+        ids = _encode(tokenizer, taken)
     if len(ids) < need:
         raise ValueError(
             f"evaluation text has {len(ids)} tokens, fewer than n_windows={n_windows} x "

@@ -22,7 +22,7 @@ from ptqflow.multimodal import build_batch, family_of
 from ptqflow.pipeline.common import StageRun, data_source, open_stage, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
 from ptqflow.pipeline.table import BY_NAME
-from ptqflow.text import load_documents
+from ptqflow.text import open_documents
 
 STAGE = BY_NAME["calib-data"]
 log = logging.getLogger(__name__)
@@ -50,8 +50,11 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     with tracked(STAGE, cfg, run, f"calib-{calib.n_samples}x{calib.seqlen}", inputs) as run_log:
         tokenizer = load_tokenizer(ref)
         if pairs is None:
-            docs = load_documents(calib.source, calib.text_field, calib.split)
-            data, stats = build_blocks(docs, tokenizer, calib.n_samples, calib.seqlen, calib.seed)
+            # indexed, not loaded: only the documents the permutation visits are read
+            with open_documents(calib.source, calib.text_field, calib.split) as docs:
+                data, stats = build_blocks(
+                    docs, tokenizer, calib.n_samples, calib.seqlen, calib.seed
+                )
             stats = stats.__dict__
         else:
             family = family_of(hf_config)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import closing
 from typing import Any
 
 from ptqflow.artifacts import check_writable, params_hash
@@ -30,7 +31,7 @@ from ptqflow.multimodal import build_batch, family_of
 from ptqflow.pipeline.common import StageRun, data_source, stage_params, tracked
 from ptqflow.pipeline.subject import output_path, subject, write_result
 from ptqflow.pipeline.table import BY_NAME
-from ptqflow.text import load_documents
+from ptqflow.text import stream_documents
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     with tracked(stage, cfg, run, run_name, evaluated.inputs, device) as mlrun:
         tokenizer = load_tokenizer(evaluated.ref)
         if pairs is None:
-            docs = load_documents(ev.source, ev.text_field, ev.split)
-            windows = eval_windows(docs, tokenizer, ev.seqlen, ev.n_windows)
+            # read in order, only as far as the windows need
+            with closing(stream_documents(ev.source, ev.text_field, ev.split)) as docs:
+                windows = eval_windows(docs, tokenizer, ev.seqlen, ev.n_windows)
             text_digest = "sha256:" + hashlib.sha256(windows.numpy().tobytes()).hexdigest()
         else:  # caption perplexity
             windows = build_batch(family_of(config), tokenizer, pairs, ev.n_windows, ev.seqlen)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from ptqflow.config import EVAL_METHODS
 from ptqflow.pipeline import dag
 from ptqflow.pipeline.table import ALL_PARAMS, STAGES
 
@@ -67,8 +68,10 @@ def test_editing_a_module_changes_only_the_fingerprints_of_stages_that_run_it(tm
         "eval-rtn",
         "eval-awq",
         "eval-packed",
+        "eval-gptq",  # the GPTQ evaluations share the subject module with the packed one
+        "eval-awq_gptq",
         "benchmark",
-        *(f"lm-eval-{m}" for m in ("fp", "rtn", "awq", "packed")),
+        *(f"lm-eval-{m}" for m in EVAL_METHODS),
     }
 
 

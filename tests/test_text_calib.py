@@ -65,8 +65,16 @@ def test_text_errors(tmp_path):
     (tmp_path / "e.csv").write_text("a")
     with pytest.raises(ValueError, match="unsupported text file type"):
         load_documents(str(tmp_path / "e.csv"))
-    with pytest.raises(ValueError, match="unknown wiki pool"):
+    with pytest.raises(ValueError, match=r"unknown embedded wiki source.*\['calib', 'eval'\]"):
         check_source("wiki:train")
+    with pytest.raises(ValueError, match=r"language of \['en', 'es', 'fr'\]"):
+        check_source("wiki-de:eval")
+
+
+def test_french_wiki_pool_is_french_and_apart_from_english():
+    fr = load_documents("wiki-fr:eval")
+    assert set(fr).isdisjoint(wiki_pool("eval"))
+    assert sum(" est " in d or " les " in d for d in fr[:200]) > 150  # French, not English
 
 
 def test_embedded_wiki_pools_split_by_title_parity():

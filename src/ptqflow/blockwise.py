@@ -90,6 +90,10 @@ def first_block_inputs(
     return captured["x"], kwargs
 
 
+BLOCK_CALL = ""
+"""The name under which a capture asks for the block's own call (its input and keyword
+arguments)."""
+
 Capture = list[str] | Mapping[str, bool]
 """The submodules whose calls to record: names, or names mapped to whether to keep the output
 too (kept outputs stay alive until the block is done: ask only for those used)."""
@@ -125,6 +129,7 @@ def stream_blocks(
     device: torch.device,
     capture: Callable[[int, nn.Module], Capture],
     visit: Callable[[int, nn.Module, Calls], nn.Module | None],
+    distorts: bool = False,
 ) -> None:
     """Run the decoder blocks one at a time on ``device`` and hand each to ``visit``.
 
@@ -132,9 +137,10 @@ def stream_blocks(
     ``capture(i, block)`` names (see :func:`capture_calls`); its output is the next block's
     input, so it is fixed before ``visit(i, block, calls)`` may change the block. When
     ``visit`` returns a module instead of ``None`` (the block as quantized: MBQ's ``distort``),
-    the next block's input is that module's output on the same input. Each block is moved to
-    ``device`` for its turn and back afterwards, so only one block's weights and activations
-    live there.
+    the next block's input is that module's output on the same input. When ``visit`` always
+    does (``distorts``) and only the block's own call is asked for (:data:`BLOCK_CALL`), the
+    full-precision pass is skipped. Each block is moved to ``device`` for its turn and back
+    afterwards, so only one block's weights and activations live there.
     """
     blocks = adapter.blocks(model)
     x, kwargs = first_block_inputs(model, adapter, inputs)
@@ -143,9 +149,15 @@ def stream_blocks(
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device)
-        out, calls = capture_calls(block, x, kwargs, capture(i, block))
+        names = capture(i, block)
+        if distorts and set(names) <= {BLOCK_CALL}:
+            out, calls = None, {n: Call((x,), dict(kwargs)) for n in names}
+        else:
+            out, calls = capture_calls(block, x, kwargs, names)
         distorted = visit(i, block, calls)
         del calls
+        if distorted is None and out is None:
+            raise ValueError(f"block {i}: visit promised a distorted block and returned None")
         if distorted is not None:
             with torch.no_grad():
                 out = first_output(distorted(x, **kwargs))
@@ -299,7 +311,7 @@ def run_resumable(
         return None if distort is None else distort(i, block, result, resumed)
 
     try:
-        stream_blocks(model, adapter, inputs, device, names, visit)
+        stream_blocks(model, adapter, inputs, device, names, visit, distort is not None)
     finally:
         bar.close()
     return seconds

@@ -23,7 +23,9 @@ from ptqflow.recipe import SKIP, Recipe
 
 T = TypeVar("T")
 
-EVAL_METHODS = ("fp", "rtn", "awq", "packed")
+EVAL_METHODS = ("fp", "rtn", "awq", "gptq", "awq_gptq", "packed")
+"""What an evaluation stage can score (``eval.method``), in the report's order: one list,
+which the DAG table and the report read."""
 SEARCH_LOSSES = ("mse", "mae")
 SCALE_GRIDS = ("awq", "smoothquant")
 BALANCES = ("none", "mbq")

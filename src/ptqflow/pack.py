@@ -19,6 +19,7 @@ that are multiples of 32; bf16 numerics) and dequantize + matmul (the reference)
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ WEIGHTS = "model.safetensors"
 REPACK = "rerun real-pack (`dvc repro real-pack`) if ptqflow wrote it, or download it again"
 # On the CPU, calls of up to this many rows (decode) run the int4 kernel; more dequantize.
 CPU_KERNEL_ROWS = 8
-PACK_METHODS = ("awq", "rtn")
+PACK_METHODS = ("awq", "rtn", "gptq", "awq_gptq")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class PackConfig:
     """Real packing (:mod:`ptqflow.pack`).
 
     Attributes:
-        method: ``awq`` (fold the searched scales and clips first) or ``rtn``.
+        method: ``awq`` (fold the searched scales and clips first), ``rtn``, ``gptq`` (the
+            integers the gptq stage chose) or ``awq_gptq`` (the scales folded, then the
+            integers the awq-gptq stage chose).
         format: a packed format name (:data:`ptqflow.formats.FORMATS`).
         dtype: storage dtype of the scales and of everything left unquantized; each format
             says which it can hold (AWQ GEMM scales are fp16 by definition).
@@ -155,21 +158,28 @@ class QuantLinear(nn.Module):
 
 @torch.no_grad()
 def packed_state_dict(
-    model: nn.Module, plan: dict[str, QuantSpec | None], fmt: PackFormat, dtype: torch.dtype
+    model: nn.Module,
+    plan: dict[str, QuantSpec | None],
+    fmt: PackFormat,
+    dtype: torch.dtype,
+    integers: Mapping[str, IntWeight] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint: the quantized linears packed, the rest cast to ``dtype``.
 
     ``model`` already carries whatever transforms precede quantization (folded AWQ scales,
-    clips); each linear named in ``plan`` with a spec is quantized here exactly as fake-quant
-    does. A weight shared with another module (tied embeddings) is stored once, under the
-    first name.
+    clips); each linear named in ``plan`` with a spec is packed from ``integers`` (a method
+    chose them: GPTQ), or else quantized here exactly as fake-quant does. A weight shared with
+    another module (tied embeddings) is stored once, under the first name.
     """
     out: dict[str, torch.Tensor] = {}
     for name, spec in plan.items():
         if spec is None:
             continue
         layer = model.get_submodule(name)
-        w = IntWeight.from_weight(layer.weight.detach().cpu(), spec)
+        if integers is not None and name in integers:
+            w = integers[name]
+        else:
+            w = IntWeight.from_weight(layer.weight.detach().cpu(), spec)
         for suffix, t in fmt.pack(w, dtype).items():
             out[f"{name}.{suffix}"] = t
         if layer.bias is not None:
@@ -192,17 +202,19 @@ def save_packed(
     cfg: PackConfig,
     out_dir: str | Path,
     act: ActSpec | None = None,
+    integers: Mapping[str, IntWeight] | None = None,
 ) -> dict[str, int]:
     """Write the checkpoint directory: ``config.json`` (with ``quantization_config``, which
     declares the activation quantization ``act`` if given), ``model.safetensors``, generation
-    config and tokenizer. Returns tensor and byte counts.
+    config and tokenizer. Returns tensor and byte counts. ``integers``: see
+    :func:`packed_state_dict`.
 
     ``model.safetensors`` comes last, through a temporary file: a write that fails (a full disk
     raises :class:`ptqflow.artifacts.DiskFullError`) leaves none, so :func:`load_packed`
     refuses the directory instead of reading half a checkpoint."""
     out_dir = Path(out_dir)
     fmt = FORMATS[cfg.format]
-    state = packed_state_dict(model, plan, fmt, cfg.torch_dtype)
+    state = packed_state_dict(model, plan, fmt, cfg.torch_dtype, integers)
     specs = {n: s for n, s in plan.items() if s is not None}
     in_features = {n: model.get_submodule(n).in_features for n in specs}
     skipped = [n for n, s in plan.items() if s is None]

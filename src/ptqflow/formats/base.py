@@ -31,12 +31,27 @@ class IntWeight:
     def from_weight(cls, weight: torch.Tensor, spec: QuantSpec) -> IntWeight:
         """RTN-quantize ``weight [out, in]`` exactly as :func:`ptqflow.quant.quantize` does;
         symmetric integers are shifted to unsigned with the zero at ``2^(b-1)``."""
-        q, scale, zero = quantize(weight, spec)
+        return cls.from_integers(*quantize(weight, spec), spec)
+
+    @classmethod
+    def from_integers(
+        cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+    ) -> IntWeight:
+        """From integers a method chose, laid out as :func:`ptqflow.quant.quantize` gives
+        them (``q [out, in]``, ``scale``/``zero [out, in/g]``, ``zero`` None when symmetric);
+        symmetric integers are shifted to unsigned with the zero at ``2^(b-1)``."""
         if zero is None:
             half = 1 << (spec.w_bit - 1)
             q, zero = q + half, torch.full_like(scale, half, dtype=torch.int32)
-        group = spec.group_for(weight.shape[1])
-        return cls(q.t(), zero.t(), scale.t(), spec.w_bit, group, not spec.zero_point)
+        group = spec.group_for(q.shape[1])
+        return cls(
+            q.t().contiguous(),
+            zero.t().contiguous(),
+            scale.t().contiguous(),
+            spec.w_bit,
+            group,
+            not spec.zero_point,
+        )
 
     @classmethod
     def from_kn(

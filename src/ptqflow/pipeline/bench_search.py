@@ -1,7 +1,8 @@
-"""Benchmark of the AWQ search: seconds per block, total seconds and peak RSS of the real
-scale-search and clip-search stages, each in a fresh process, on any config (default: the
-embedded model), and the perplexity of the model they give (the eval-awq stage on the same
-scales and clips), so a faster search setting shows its quality beside its time. Writes
+"""Benchmark of the block-wise searches: seconds per block, total seconds and peak RSS of the
+real scale-search, clip-search, gptq and awq-gptq stages, each in a fresh process, on any
+config (default: the embedded model), and the perplexity of the model each method gives (the
+eval stage on the same results), so a faster search setting shows its quality beside its
+time. Writes
 ``<reports>/bench/search-<quant tag>.json``, or ``search-<quant tag>-native.json`` with
 ``PTQFLOW_NATIVE_NUMERICS=1`` (the numeric libraries left to the CPU: the pair measures what
 pinning them costs); DVC outputs are untouched (the stages write into a temporary artifacts
@@ -24,7 +25,13 @@ import torch
 
 from ptqflow.artifacts import atomic_write_text, to_json
 from ptqflow.config import quant_label
-from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, scale_search
+from ptqflow.pipeline import (
+    calib_data,
+    clip_search,
+    fake_quant_eval,
+    gptq_search,
+    scale_search,
+)
 from ptqflow.pipeline.common import NATIVE_NUMERICS, PINNED_NUMERICS, StageRun, output_dirs
 
 POLL_SECONDS = 5.0
@@ -36,8 +43,13 @@ def _child(stage: str, cfg: dict[str, Any], run: StageRun, results) -> None:
         out = scale_search.run(cfg, run)
     elif stage == "clip-search":
         out = clip_search.run(cfg, run)
+    elif stage == "gptq":
+        out = gptq_search.run_gptq(cfg, run)
+    elif stage == "awq-gptq":
+        out = gptq_search.run_awq_gptq(cfg, run)
     else:
-        out = fake_quant_eval.run(cfg | {"eval": cfg["eval"] | {"method": "awq"}}, run)
+        method = stage.removeprefix("eval-")
+        out = fake_quant_eval.run(cfg | {"eval": cfg["eval"] | {"method": method}}, run)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     results.put(out)
 
@@ -80,6 +92,10 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         scale = measure("scale-search", bench_cfg, run)
         clip = measure("clip-search", bench_cfg, run)
         quality = measure("eval-awq", bench_cfg, run)
+        gptq = measure("gptq", bench_cfg, run)
+        gptq_quality = measure("eval-gptq", bench_cfg, run)
+        awq_gptq = measure("awq-gptq", bench_cfg, run)
+        awq_gptq_quality = measure("eval-awq_gptq", bench_cfg, run)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -94,6 +110,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         "model": cfg["model"]["name"],
         "quant": tag,
         "search": cfg["search"],
+        "gptq_config": cfg["gptq"],
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
@@ -108,12 +125,23 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         "perplexity": quality["perplexity"],
         "eval": {k: cfg["eval"][k] for k in ("source", "seqlen", "n_windows")},
         "peak_rss_gb": round(max(scale["peak_rss_gb"], clip["peak_rss_gb"]), 3),
+        "gptq": {**summary(gptq), "perplexity": gptq_quality["perplexity"]},
+        "awq_gptq": {
+            **summary(awq_gptq),
+            "perplexity": awq_gptq_quality["perplexity"],
+            "total_with_awq_seconds": round(
+                scale["total_seconds"] + clip["total_seconds"] + awq_gptq["total_seconds"], 2
+            ),
+        },
     }
     out = reports / "bench" / f"search-{tag}{'-native' if native else ''}.json"
     atomic_write_text(out, to_json(report))
     print(
         f"search {tag}: scale {report['scale_search']['total_seconds']}s + clip "
         f"{report['clip_search']['total_seconds']}s, peak RSS {report['peak_rss_gb']} GB, "
-        f"perplexity {report['perplexity']} -> {out}"
+        f"perplexity {report['perplexity']}; gptq {report['gptq']['total_seconds']}s, "
+        f"perplexity {report['gptq']['perplexity']}; awq-gptq "
+        f"{report['awq_gptq']['total_seconds']}s, perplexity "
+        f"{report['awq_gptq']['perplexity']} -> {out}"
     )
     return report

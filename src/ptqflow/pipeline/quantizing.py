@@ -38,6 +38,9 @@ from ptqflow.config import (
     parse_search,
 )
 from ptqflow.gradient import STATS_FILE, balance_weights, from_tensors, modality_ratios
+from ptqflow.methods.gptq.block import load_rounded
+from ptqflow.methods.gptq.config import GPTQConfig
+from ptqflow.methods.gptq.solve import Rounded
 from ptqflow.models import (
     Adapter,
     linear_layers,
@@ -49,6 +52,7 @@ from ptqflow.pipeline.common import (
     StageModel,
     StageRun,
     calib_blocks,
+    calib_tokens,
     open_stage,
     quant_tag,
     read_upstream,
@@ -57,7 +61,7 @@ from ptqflow.pipeline.common import (
     tracked,
 )
 from ptqflow.pipeline.dag import stage_code
-from ptqflow.pipeline.table import Stage
+from ptqflow.pipeline.table import BY_NAME, Stage
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import Recipe, require_quantized
 
@@ -191,6 +195,30 @@ def awq_inputs(
         fingerprints["clips"] = read_upstream(clips_dir, "clip-search", clip_inputs, cfg)["files"]
         clips = load_clips(clips_dir, setup.plan, shapes)
     return scales, clips, fingerprints
+
+
+GPTQ_STAGES = {"gptq": "gptq", "awq_gptq": "awq-gptq"}  # method -> the stage that rounds it
+
+
+def gptq_results(
+    cfg: Mapping[str, Any], setup: QuantSetup, method: str
+) -> tuple[list[GroupScale], dict[str, Rounded], dict[str, Any]]:
+    """For ``method`` ``gptq`` or ``awq_gptq``: the AWQ scales to fold first (none for
+    ``gptq``), the integers GPTQ chose for every quantized linear, and the fingerprints of
+    what they come from; each refused unless made for the current model, calibration, recipe
+    and params."""
+    stage = GPTQ_STAGES[method]
+    gptq_cfg = parse(GPTQConfig, "gptq", cfg["gptq"])
+    inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
+    inputs["calib_tokens"] = calib_tokens(setup.artifacts, setup.fingerprint, cfg)
+    scales, found = [], {}
+    if method == "awq_gptq":
+        scales, _, found = awq_inputs(cfg, setup, True, gptq_cfg.awq_clips)
+        inputs.update(found)
+    out_dir = setup.artifacts / Path(BY_NAME[stage].outs[0]).name
+    found[method] = read_upstream(out_dir, stage, inputs, cfg)["files"]
+    rounded = load_rounded(out_dir, stage, setup.plan, linear_shapes(setup.hf_config))
+    return scales, rounded, found
 
 
 def run_blockwise(

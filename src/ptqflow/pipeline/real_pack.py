@@ -1,7 +1,8 @@
 """Stage real-pack: quantize to integers and write an HF-style checkpoint directory.
 
 ``pack.method=awq`` folds the cached AWQ scales and applies the clips first (both checked against
-the current config); ``pack.method=rtn`` packs plain round-to-nearest. The recipe picks the
+the current config); ``pack.method=rtn`` packs plain round-to-nearest; ``gptq`` and
+``awq_gptq`` pack the integers the GPTQ stages chose, as they are. The recipe picks the
 layers and their specs exactly as in fake-quant evaluation, so the packed model computes the
 fake-quant model's function. Writes ``<artifacts>/packed/``: ``config.json`` with
 ``quantization_config``, ``model.safetensors``, tokenizer, generation config and
@@ -16,16 +17,30 @@ from typing import Any
 from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.awq.apply import apply_clips, apply_scales
 from ptqflow.config import parse, parse_act
-from ptqflow.formats import check_packable, get_format
+from ptqflow.formats import FORMATS, IntWeight, check_packable, get_format
+from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.models import linear_shapes, load_model, load_tokenizer
 from ptqflow.pack import PackConfig, save_packed
 from ptqflow.pipeline.common import StageRun, quant_tag, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
-from ptqflow.pipeline.quantizing import awq_inputs, quant_setup
+from ptqflow.pipeline.quantizing import GPTQ_STAGES, awq_inputs, gptq_results, quant_setup
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["real-pack"]
 log = logging.getLogger(__name__)
+
+
+def check_contiguous(cfg: dict[str, Any], pack: PackConfig) -> None:
+    """Refuse GPTQ results whose groups follow a column permutation (``g_idx``) for a format
+    that stores only contiguous groups, before any work."""
+    if not parse(GPTQConfig, "gptq", cfg["gptq"]).needs_g_idx:
+        return
+    raise ValueError(
+        "gptq.act_order=true with gptq.static_groups=false gives each column a group index "
+        f"(g_idx), and pack.format={pack.format} stores contiguous groups, as every format "
+        f"here does ({', '.join(FORMATS)}); set gptq.static_groups=true (the groups keep "
+        "their plain layout, with act_order's gain)"
+    )
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -34,9 +49,16 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     setup = quant_setup(cfg, run)
     act = parse_act(cfg["quant"])
     check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config), act)
-    scales, clips, inputs = [], {}, {}
+    scales, clips, inputs, integers = [], {}, {}, None
     if pack.method == "awq":
         scales, clips, inputs = awq_inputs(cfg, setup)
+    elif pack.method in GPTQ_STAGES:
+        check_contiguous(cfg, pack)
+        scales, rounded, inputs = gptq_results(cfg, setup, pack.method)
+        integers = {
+            n: IntWeight.from_integers(r.q, r.scale, r.zero, setup.plan[n])
+            for n, r in rounded.items()
+        }
     inputs.update(model=setup.fingerprint, **setup.recipe_inputs)
     out_dir = setup.artifacts / "packed"
     run_name = f"pack-{pack.method}-{quant_tag(cfg)}-{pack.format}"
@@ -46,7 +68,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         apply_scales(model, scales)
         apply_clips(model, clips)
         with atomic_dir(out_dir) as tmp:
-            stats = save_packed(model, load_tokenizer(setup.ref), setup.plan, pack, tmp, act)
+            tokenizer = load_tokenizer(setup.ref)
+            stats = save_packed(model, tokenizer, setup.plan, pack, tmp, act, integers)
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
         mlrun.log_metrics(

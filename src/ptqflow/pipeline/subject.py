@@ -1,6 +1,6 @@
-"""The model an evaluation stage scores (``eval.method`` fp, rtn, awq or packed), checked against
-the model's shapes and the upstream artifacts before any weight is read, and where its figures
-go. Shared by the perplexity and the lm-eval stages."""
+"""The model an evaluation stage scores (``eval.method``: fp, rtn, awq, gptq, awq_gptq or
+packed), checked against the model's shapes and the upstream artifacts before any weight is
+read, and where its figures go. Shared by the perplexity and the lm-eval stages."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ptqflow.artifacts import (
 )
 from ptqflow.awq.apply import apply_clips, apply_scales
 from ptqflow.config import EvalConfig, ModelConfig, parse_act, quant_label
+from ptqflow.methods.gptq.block import apply_rounded
 from ptqflow.models import (
     ModelRef,
     linear_layers,
@@ -34,7 +35,13 @@ from ptqflow.models import (
 )
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
 from ptqflow.pipeline.common import StageRun, open_stage, quant_tag
-from ptqflow.pipeline.quantizing import awq_inputs, load_calib, quant_setup
+from ptqflow.pipeline.quantizing import (
+    GPTQ_STAGES,
+    awq_inputs,
+    gptq_results,
+    load_calib,
+    quant_setup,
+)
 from ptqflow.quant import fake_quantize_linears
 
 
@@ -138,6 +145,10 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
     act, calib = parse_act(cfg["quant"]), None
     if act is not None and act.static:
         calib, inputs["calib_tokens"] = load_calib(setup, cfg)
+    rounded = None
+    if ev.method in GPTQ_STAGES:
+        scales, rounded, found = gptq_results(cfg, setup, ev.method)
+        inputs.update(found)
     if ev.method == "awq":
         if not (ev.scales or ev.clips):
             raise ValueError(
@@ -153,7 +164,10 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
         apply_scales(model, scales)
         apply_clips(model, clips)
-        done = fake_quantize_linears(model, setup.plan)
+        if rounded is not None:  # the integers GPTQ chose, as they are
+            done = apply_rounded(model, rounded)
+        else:
+            done = fake_quantize_linears(model, setup.plan)
         model = model.to(setup.model_cfg.torch_device())
         quantize_activations(model, done, act, calib)
         return model, done

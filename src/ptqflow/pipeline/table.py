@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ptqflow.config import EVAL_METHODS
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -97,19 +99,37 @@ EVAL_PROTOCOL = (
 )
 EVAL = "stages/fake_quant_eval.py"
 LM_EVAL = "stages/lm_evaluation.py"
-METHODS = ("fp", "rtn", "awq", "packed")
+METHODS = EVAL_METHODS
+# GPTQ's params; awq_clips only matters on AWQ-scaled weights.
+GPTQ_PARAMS = tuple(
+    f"gptq.{k}"
+    for k in (
+        "percdamp",
+        "block_size",
+        "act_order",
+        "static_groups",
+        "ranges",
+        "true_sequential",
+        "propagate",
+    )
+)
+AWQ = ("artifacts/calib", "artifacts/recipe", "artifacts/scales", "artifacts/clips")
 # What builds each evaluated model: its params and upstream outputs (both eval stages share it).
 # rtn and awq read the calibration blocks for static activation scales (quant.a_granularity).
 SUBJECT_PARAMS = {
     "fp": ("model",),
     "rtn": ("model", "calib", "quant", "recipe"),
     "awq": ("model", "calib", "quant", "recipe", "search", "eval.scales", "eval.clips"),
+    "gptq": ("model", "calib", "quant", "recipe", *GPTQ_PARAMS),
+    "awq_gptq": ("model", "calib", "quant", "recipe", "search", "gptq"),
     "packed": ("model",),
 }
 SUBJECT_DEPS = {
     "fp": (),
     "rtn": ("artifacts/calib", "artifacts/recipe"),
-    "awq": ("artifacts/calib", "artifacts/recipe", "artifacts/scales", "artifacts/clips"),
+    "awq": AWQ,
+    "gptq": ("artifacts/calib", "artifacts/recipe", "artifacts/gptq"),
+    "awq_gptq": (*AWQ, "artifacts/awq_gptq"),
     "packed": ("artifacts/packed",),
 }
 
@@ -217,10 +237,27 @@ _WORK: tuple[Stage, ...] = (
     ),
     _eval("awq"),
     Stage(
+        "gptq",
+        "stages/gptq.py",
+        params=("model", "calib", "quant", "recipe", *GPTQ_PARAMS, "paths.artifacts"),
+        deps=("artifacts/calib", "artifacts/recipe"),
+        outs=("artifacts/gptq",),
+    ),
+    _eval("gptq"),
+    Stage(
+        "awq-gptq",
+        "stages/awq_gptq.py",
+        params=("model", "calib", "quant", "recipe", "search", "gptq", "paths.artifacts"),
+        deps=AWQ,
+        outs=("artifacts/awq_gptq",),
+    ),
+    _eval("awq_gptq"),
+    Stage(
         "real-pack",
         "stages/real_pack.py",
-        params=("model", "quant", "recipe", "pack", "paths.artifacts"),
-        deps=("artifacts/recipe", "artifacts/scales", "artifacts/clips"),
+        # pack.method picks what it reads: the AWQ results, or a GPTQ stage's integers.
+        params=("model", "calib", "quant", "recipe", "search", "gptq", "pack", "paths.artifacts"),
+        deps=(*AWQ, "artifacts/gptq", "artifacts/awq_gptq"),
         outs=("artifacts/packed",),
     ),
     _eval("packed"),

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ptqflow.allocate import SIZE_FORMAT, planned_bytes
-from ptqflow.config import is_auto, parse_quant, parse_recipe
+from ptqflow.config import EVAL_METHODS, is_auto, parse_quant, parse_recipe
 from ptqflow.models import linear_layers, load_config, resolve_model
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import RecipeWarning
@@ -53,7 +53,7 @@ class ModelBits:
             return 16.0
         recipe = params.get("recipe")
         plannable = recipe is None or (isinstance(recipe, Mapping) and not is_auto(recipe))
-        if method not in ("rtn", "awq", "packed") or not plannable:
+        if method == "fp" or method not in EVAL_METHODS or not plannable:
             return None
         try:
             source = str(params["model"]["source"])

@@ -12,7 +12,14 @@ from typing import Any
 from ptqflow.report.records import Alpha, Bench, Collected, Row, mc_tasks
 
 DPI = 100
-_COLORS = {"fp": "black", "rtn": "tab:red", "awq": "tab:blue", "packed": "tab:green"}
+_COLORS = {
+    "fp": "black",
+    "rtn": "tab:red",
+    "awq": "tab:blue",
+    "gptq": "tab:orange",
+    "awq_gptq": "tab:purple",
+    "packed": "tab:green",
+}
 _MARKERS = {"dvc": "o", "exp": "D", "sweep": "s", "pareto": "^"}
 
 

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("fp", "rtn", "awq", "packed")
+from ptqflow.config import EVAL_METHODS as METHODS
+
 _SOURCE_RANK = {"dvc": 0, "exp": 1, "sweep": 2, "pareto": 3}
 
 
@@ -25,7 +26,7 @@ class Row:
 
     Attributes:
         source: ``dvc``, ``sweep``, ``pareto`` or ``exp:<experiment name>``.
-        method: ``fp``, ``rtn``, ``awq`` or ``packed`` (a Pareto point is ``awq``).
+        method: one of :data:`ptqflow.config.EVAL_METHODS` (a Pareto point is ``awq``).
         quant: the config tag the record holds (``w4g64``, ``w4g64-awq``; a Pareto point's name).
         key: tells apart rows of one source, method and quant (a sweep's params hash).
         bits_per_weight: stored bits per decoder-linear weight, or None when unknown.

@@ -1,0 +1,1 @@
+"""Quantization methods that choose their own integers, one package each."""

@@ -1,0 +1,272 @@
+"""GPTQ over one decoder block, and its saved result.
+
+Linears that read the same input tensor (q, k and v; gate and up) share one Hessian and are
+rounded together. With ``true_sequential`` the block's linears are taken in the order the
+forward pass calls them, one input group at a time: each group's Hessian is accumulated from a
+forward pass of the block in which the groups before it are already quantized (the forward stops
+once the group has been called). The block itself is never changed: the work happens on a copy
+(with AWQ scales folded into it first, for AWQ + GPTQ).
+
+A block's result is saved as safetensors: per linear ``<path>.q`` (uint8 for asymmetric, int8
+for symmetric integers, the plain column layout), ``<path>.scale`` (float32 ``[out, groups]``),
+``<path>.zero`` (uint8, asymmetric only) and ``<path>.g_idx`` (int32 ``[in]``, only for
+``act_order`` without static groups); metadata ``losses`` holds GPTQ's objective per linear.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptqflow.artifacts import read_safetensors
+from ptqflow.blockwise import BlockResult, block_files, first_output
+from ptqflow.methods.gptq.config import GPTQConfig
+from ptqflow.methods.gptq.solve import Hessian, Rounded, gptq_round
+from ptqflow.quant import QuantSpec
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def call_groups(
+    block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
+) -> list[list[str]]:
+    """The linears ``names`` in the order the block's forward calls them (on the first
+    sequence of ``x``), consecutive calls on the same input tensor grouped."""
+    calls: list[tuple[str, torch.Tensor]] = []  # the inputs stay alive, so no address repeats
+    handles = []
+    for name in names:
+
+        def hook(module, args, name=name):
+            calls.append((name, args[0]))
+
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        block(x[:1], **_first(kwargs, x.shape[0]))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, t in calls:
+        if any(name in g for g in groups):
+            continue
+        key = (t.data_ptr(), tuple(t.shape))
+        if groups and key == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = key
+    missing = sorted(set(names) - {n for g in groups for n in g})
+    if missing:
+        raise ValueError(f"the block's forward never calls the linear(s) {missing}")
+    return groups
+
+
+def _first(value, n: int):
+    """``value`` with every tensor whose leading size is the batch ``n`` cut to its first row
+    (in dicts and tuples too)."""
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.dim() and value.shape[0] == n else value
+    if isinstance(value, tuple):
+        return tuple(_first(v, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _first(v, n) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def group_hessian(block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]) -> Hessian:
+    """The Hessian of the input the linears ``names`` share, over every token of ``x``; the
+    forward stops once they have all been called."""
+    first = block.get_submodule(names[0])
+    h = Hessian(first.in_features, x.device)
+    seen: set[str] = set()
+    handles = []
+
+    def pre(module, args):
+        h.add(args[0])
+
+    def done(name):
+        def hook(module, args, out):
+            seen.add(name)
+            if seen == set(names):
+                raise _Stop
+
+        return hook
+
+    handles.append(first.register_forward_pre_hook(pre))
+    handles += [block.get_submodule(n).register_forward_hook(done(n)) for n in names]
+    try:
+        first_output(block(x, **kwargs))
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return h
+
+
+@torch.no_grad()
+def quantize_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    kwargs: dict,
+    specs: Mapping[str, QuantSpec | None],
+    cfg: GPTQConfig,
+    clips: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Rounded]:
+    """GPTQ on every linear of ``specs`` (paths relative to the block) with a spec; see the
+    module docstring. ``clips`` (AWQ's clip values) bound the group ranges of the linears
+    they name."""
+    work = deepcopy(block)
+    names = [n for n, spec in specs.items() if spec is not None]
+    groups = call_groups(work, x, kwargs, names)
+    if not cfg.true_sequential:
+        hessians = {n: group_hessian(work, x, kwargs, g) for g in groups for n in g}
+    results: dict[str, Rounded] = {}
+    for group in groups:
+        h = group_hessian(work, x, kwargs, group) if cfg.true_sequential else hessians[group[0]]
+        value = h.value()
+        by_spec: dict[QuantSpec, list[str]] = {}
+        for name in group:  # linears of one input and one spec are rounded as one matrix
+            by_spec.setdefault(specs[name], []).append(name)
+        for spec, stacked in by_spec.items():
+            layers = [work.get_submodule(n) for n in stacked]
+            clip = None
+            if clips is not None and any(n in clips for n in stacked):
+                clip = torch.cat(
+                    [
+                        _clip_rows(clips.get(n), m.weight, spec)
+                        for n, m in zip(stacked, layers, strict=True)
+                    ]
+                )
+            rounded = gptq_round(
+                torch.cat([m.weight for m in layers]),
+                value,
+                spec,
+                percdamp=cfg.percdamp,
+                block_size=cfg.block_size,
+                act_order=cfg.act_order,
+                static_groups=cfg.static_groups,
+                ranges=cfg.ranges,
+                clip=clip,
+                name=", ".join(stacked),
+            )
+            start = 0
+            for name, layer in zip(stacked, layers, strict=True):
+                part = rounded.rows(start, start + layer.out_features)
+                start += layer.out_features
+                layer.weight.copy_(part.dequantize().to(layer.weight.dtype))
+                results[name] = part
+    return {n: results[n] for n in names}
+
+
+def _clip_rows(clip: torch.Tensor | None, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A linear's clip values, or no bound (``inf``) for a linear the clip search skipped."""
+    if clip is not None:
+        return clip.to(weight.device).double()
+    n_groups = weight.shape[1] // spec.group_for(weight.shape[1])
+    return torch.full(
+        (weight.shape[0], n_groups), float("inf"), dtype=torch.float64, device=weight.device
+    )
+
+
+def block_record(results: Mapping[str, Rounded], prefix: str) -> BlockResult:
+    """Tensors and metadata of one block's results, paths under ``prefix``."""
+    tensors: dict[str, torch.Tensor] = {}
+    losses = {}
+    for name, r in results.items():
+        key = f"{prefix}.{name}"
+        signed = r.zero is None
+        tensors[f"{key}.q"] = r.q.to(torch.int8 if signed else torch.uint8)
+        tensors[f"{key}.scale"] = r.scale
+        if r.zero is not None:
+            tensors[f"{key}.zero"] = r.zero.to(torch.uint8)
+        if r.g_idx is not None:
+            tensors[f"{key}.g_idx"] = r.g_idx
+        losses[key] = r.loss
+    return tensors, {"losses": json.dumps(losses, sort_keys=True)}
+
+
+def from_record(tensors: Mapping[str, torch.Tensor]) -> dict[str, Rounded]:
+    """Inverse of :func:`block_record`: ``{absolute path: Rounded}``."""
+    out = {}
+    for key in tensors:
+        if key.endswith(".q"):
+            name = key.removesuffix(".q")
+            zero = tensors.get(f"{name}.zero")
+            g_idx = tensors.get(f"{name}.g_idx")
+            out[name] = Rounded(
+                q=tensors[key].to(torch.int32),
+                scale=tensors[f"{name}.scale"].float(),
+                zero=None if zero is None else zero.to(torch.int32),
+                g_idx=None if g_idx is None else g_idx.to(torch.int32),
+            )
+    return out
+
+
+def load_rounded(
+    out_dir: str | Path,
+    stage: str,
+    specs: Mapping[str, QuantSpec | None],
+    shapes: Mapping[str, tuple[int, int]],
+) -> dict[str, Rounded]:
+    """Every linear's GPTQ result in a finished output, checked against the plan: exactly the
+    quantized linears, with the shapes, bit range and group count their spec implies.
+
+    Raises:
+        ValueError: a linear missing, extra or of the wrong shape or range, naming it.
+    """
+    found: dict[str, Rounded] = {}
+    for path in block_files(out_dir, stage):
+        tensors, _ = read_safetensors(path, stage)
+        found.update(from_record(tensors))
+    want = {n for n, s in specs.items() if s is not None}
+    rerun = f"rerun `dvc repro {stage}`"
+    if set(found) != want:
+        odd = sorted(set(found) ^ want)[:3]
+        raise ValueError(
+            f"{out_dir}: the GPTQ results do not cover the recipe's quantized linears "
+            f"(differing: {odd}); {rerun}"
+        )
+    for name, r in found.items():
+        spec = specs[name]
+        out_f, in_f = shapes[name]
+        groups = in_f // spec.group_for(in_f)
+        lo, hi = (
+            (0, 2**spec.w_bit - 1)
+            if spec.zero_point
+            else (-(2 ** (spec.w_bit - 1)), 2 ** (spec.w_bit - 1) - 1)
+        )
+        ok = (
+            tuple(r.q.shape) == (out_f, in_f)
+            and tuple(r.scale.shape) == (out_f, groups)
+            and (r.zero is None) != spec.zero_point
+            and int(r.q.min()) >= lo
+            and int(r.q.max()) <= hi
+        )
+        if not ok:
+            raise ValueError(
+                f"{out_dir}: the GPTQ result of '{name}' does not fit its spec {spec.tag} and "
+                f"shape {(out_f, in_f)}; {rerun}"
+            )
+    return found
+
+
+@torch.no_grad()
+def apply_rounded(model: nn.Module, rounded: Mapping[str, Rounded]) -> list[str]:
+    """Replace each linear's weight by its GPTQ result, dequantized (as new parameters, so a
+    tied weight is untied rather than changed in both places). Returns the names."""
+    for name, r in rounded.items():
+        layer = model.get_submodule(name)
+        w = r.dequantize().to(device=layer.weight.device, dtype=layer.weight.dtype)
+        layer.weight = nn.Parameter(w, requires_grad=False)
+    return list(rounded)

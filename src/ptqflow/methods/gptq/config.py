@@ -1,0 +1,56 @@
+"""GPTQ's settings (config section ``gptq``), validated at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ptqflow.methods.gptq.solve import RANGES
+
+PROPAGATE = ("quantized", "fp")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """How GPTQ rounds (:mod:`ptqflow.methods.gptq.solve`) and streams the blocks
+    (:mod:`ptqflow.methods.gptq.block`).
+
+    Attributes:
+        percdamp: dampening added to ``diag H``, as a fraction of its mean.
+        block_size: columns per lazy-update run.
+        act_order: quantize columns by descending ``diag H``.
+        static_groups: with ``act_order``, group parameters from the weight before any update
+            in the plain layout (every packed format holds it); False: groups of the permuted
+            order, recorded in a ``g_idx``.
+        ranges: each group's range: ``minmax``, or ``mse`` (GPTQ's shrink search).
+        awq_clips: on AWQ-scaled weights (the ``awq-gptq`` stage), bound each group's range by
+            the clip-search values.
+        true_sequential: inside a block, build each linear's Hessian from inputs that went
+            through the linears already quantized (False: every Hessian from the block as it
+            came).
+        propagate: what the next block sees: ``quantized`` (this block as quantized, as GPTQ's
+            reference code does) or ``fp`` (the full-precision output).
+    """
+
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = True
+    ranges: str = "minmax"
+    awq_clips: bool = True
+    true_sequential: bool = True
+    propagate: str = "quantized"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percdamp <= 1:
+            raise ValueError(f"percdamp={self.percdamp!r} must be in [0, 1] (e.g. 0.01)")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size={self.block_size!r} must be a positive integer")
+        if self.ranges not in RANGES:
+            raise ValueError(f"ranges={self.ranges!r}: use one of {list(RANGES)}")
+        if self.propagate not in PROPAGATE:
+            raise ValueError(f"propagate={self.propagate!r}: use one of {list(PROPAGATE)}")
+
+    @property
+    def needs_g_idx(self) -> bool:
+        """Whether the result carries a column permutation of groups (``g_idx``)."""
+        return self.act_order and not self.static_groups

@@ -1,0 +1,16 @@
+"""Stage awq-gptq: GPTQ's rounding on the AWQ-scaled weights (scales
+folded, clips as group ranges), block by block (resumable).
+
+    python stages/awq_gptq.py quant=w3g64 gptq.act_order=true
+
+Body: :mod:`ptqflow.pipeline.gptq_search`.
+"""
+
+from _hydra import stage_main
+
+from ptqflow.pipeline import gptq_search
+
+main = stage_main(gptq_search.run_awq_gptq)
+
+if __name__ == "__main__":
+    main()

@@ -61,6 +61,8 @@ def test_stage_integers_are_the_papers(cfg_at, tiny_model_dir, tmp_path):
     the inputs it sees: q/k/v those of the plain model, o_proj those after the quantized
     q/k/v, block 1 those after the whole quantized block 0."""
     cfg = cfg_at(tmp_path, "quant.w_bit=3")
+    assert cfg["gptq"]["act_order"] and cfg["gptq"]["static_groups"]  # the defaults
+    mse_ranges = cfg["gptq"]["ranges"] == "mse"
     calib_data.run(cfg)
     gptq_search.run_gptq(cfg)
     stored = _stored(tmp_path)
@@ -81,7 +83,9 @@ def test_stage_integers_are_the_papers(cfg_at, tiny_model_dir, tmp_path):
             for full in quantize_first:
                 model.get_submodule(full).weight.copy_(_dequant(stored, full))
         weight = model.get_submodule(name).weight
-        want, _ = paper_gptq(weight, _inputs(model, ids, name), 3, 32, act_order=True)
+        want, _ = paper_gptq(
+            weight, _inputs(model, ids, name), 3, 32, act_order=True, mse=mse_ranges
+        )
         got = stored[f"{name}.q"].to(torch.int32)
         assert torch.equal(got, want), name
 

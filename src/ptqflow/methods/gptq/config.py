@@ -35,8 +35,8 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = True
-    ranges: str = "minmax"
-    awq_clips: bool = True
+    ranges: str = "mse"
+    awq_clips: bool = False
     true_sequential: bool = True
     propagate: str = "quantized"
 

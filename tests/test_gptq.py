@@ -200,3 +200,25 @@ def test_clips_with_permuted_groups_are_refused():
             static_groups=False,
             clip=torch.ones(4, 2),
         )
+
+
+def test_symmetric_mse_ranges_match_the_paper():
+    W, X = _case(9, 16, 64)
+    want, _ = paper_gptq(W, X, 4, 32, sym=True, act_order=True, mse=True)
+    got = gptq_round(W, _hessian(X), QuantSpec(4, 32, False), act_order=True, ranges="mse")
+    assert torch.equal(got.q, want) and got.zero is None
+
+
+def test_uncorrelated_inputs_make_gptq_round_to_nearest_with_clips():
+    """With H = I no column's error reaches another (U is diagonal), so GPTQ is RTN; with
+    clip values, RTN whose group range is the weight's clamped to them (the weights
+    themselves are not clamped: one past the clip value rounds to the nearest level)."""
+    W, _ = _case(4, 8, 64)
+    clip = W.abs().reshape(8, 2, 32).amax(dim=-1) * 0.7
+    got = gptq_round(W, torch.eye(64, dtype=torch.float64), QuantSpec(4, 32), clip=clip)
+    clamped = torch.max(torch.min(W.reshape(8, 2, 32), clip[..., None]), -clip[..., None])
+    for j in range(2):
+        scale, zero = _params32(clamped[:, j], 4, False)
+        w = W[:, 32 * j : 32 * (j + 1)].double()
+        want = _q(w, scale.double()[:, None], zero.double()[:, None], 4)
+        assert torch.equal(got.q[:, 32 * j : 32 * (j + 1)], want.to(torch.int32))

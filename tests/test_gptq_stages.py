@@ -8,8 +8,9 @@ import torch
 from conftest import compose, max_logit_diff, tiny_overrides, tree_bytes
 from safetensors.torch import load_file
 from test_gptq import paper_gptq
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ptqflow.evaluate import eval_windows, perplexity
 from ptqflow.pack import load_packed
 from ptqflow.pipeline import (
     calib_data,
@@ -19,6 +20,7 @@ from ptqflow.pipeline import (
     real_pack,
     scale_search,
 )
+from ptqflow.text import load_documents
 
 FAST_AWQ = ["search.scale.n_grid=8", "search.clip.n_grid=8", "search.clip.n_tokens=64"]
 
@@ -127,6 +129,20 @@ def test_eval_and_pack_use_the_stored_integers(cfg_at, outlier_model_dir, tmp_pa
     for method in ("gptq", "awq_gptq"):
         out = fake_quant_eval.run(cfg(f"eval.method={method}"))
         assert out["quant"] == "w3g32" and out["quantized_linears"] == 14
+    # eval-gptq scores the stored integers: the same nll as the model built from them here.
+    model = AutoModelForCausalLM.from_pretrained(outlier_model_dir, dtype=torch.float32)
+    stored = _stored(tmp_path)
+    with torch.no_grad():
+        for key in stored:
+            if key.endswith(".q"):
+                layer = key.removesuffix(".q")
+                model.get_submodule(layer).weight.copy_(_dequant(stored, layer))
+    ev = cfg()["eval"]
+    tokenizer = AutoTokenizer.from_pretrained(outlier_model_dir)
+    windows = eval_windows(load_documents(ev["source"]), tokenizer, ev["seqlen"], ev["n_windows"])
+    want = perplexity(model, windows, ev["batch_size"]).nll
+    got = fake_quant_eval.run(cfg("eval.method=gptq"))["nll"]
+    assert abs(got - want) < 1e-6 and got != fake_quant_eval.run(cfg("eval.method=rtn"))["nll"]
 
     # The packed checkpoint holds the stored integers: its logits are those of the model with
     # the integers dequantized with fp16 scales and the AWQ scales folded, everything else fp16.

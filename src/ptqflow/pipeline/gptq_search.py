@@ -1,7 +1,8 @@
 """Stages gptq and awq-gptq: GPTQ's rounding, block by block (resumable), on the plain weights
 or on the AWQ-scaled ones.
 
-Reads ``<artifacts>/calib/`` (and for awq-gptq the cached ``scales/`` and ``clips/``); writes
+Reads ``<artifacts>/calib/`` (and for awq-gptq the cached ``scales/``, and ``clips/`` with
+``gptq.awq_clips``); writes
 ``<artifacts>/gptq/`` or ``<artifacts>/awq_gptq/``: ``block_NNN.safetensors`` with the integers,
 scales and zero points of every quantized linear (:mod:`ptqflow.methods.gptq.block`),
 ``index.json`` and ``manifest.json``. The evaluation stages read these integers as they are.

@@ -9,8 +9,8 @@ from torch import nn
 
 from ptqflow import activation
 from ptqflow.activation import ActSpec
-from ptqflow.awq.scale import activation_max, candidate_scales, search_group, weight_max
-from ptqflow.config import ScaleSearchConfig
+from ptqflow.methods.awq.config import ScaleSearchConfig
+from ptqflow.methods.awq.scale import activation_max, candidate_scales, search_group, weight_max
 from ptqflow.models.adapters import ScaleGroup
 from ptqflow.quant import QuantSpec, fake_quantize, fake_quantize_linears
 
@@ -155,9 +155,9 @@ def test_w4a8_search_beats_rtn_and_packs(outlier_model_dir, texts, tmp_path):
     scored; static per-tensor scales evaluate but are refused by real-pack before any work."""
     from conftest import as_stored, compose, max_logit_diff, tiny_overrides
 
-    from ptqflow.awq.apply import apply_clips, apply_scales
-    from ptqflow.awq.clip import load_clips
-    from ptqflow.awq.scale import load_scales
+    from ptqflow.methods.awq.apply import apply_clips, apply_scales
+    from ptqflow.methods.awq.clip import load_clips
+    from ptqflow.methods.awq.scale import load_scales
     from ptqflow.models import load_model
     from ptqflow.pack import load_packed
     from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, real_pack, scale_search

@@ -6,9 +6,11 @@ import torch.nn.functional as F
 from reference_ppl import naive_rtn
 from torch import nn
 
-from ptqflow.awq.apply import clip_weight, fold_scales
-from ptqflow.awq.clip import clip_capture, search_block_clips, search_clip
-from ptqflow.awq.scale import (
+from ptqflow.blockwise import block_specs, stream_blocks
+from ptqflow.methods.awq.apply import clip_weight, fold_scales
+from ptqflow.methods.awq.clip import clip_capture, search_block_clips, search_clip
+from ptqflow.methods.awq.config import ClipSearchConfig, ScaleSearchConfig
+from ptqflow.methods.awq.scale import (
     candidate_scales,
     descend,
     scale_capture,
@@ -16,8 +18,6 @@ from ptqflow.awq.scale import (
     search_group,
     weight_mean,
 )
-from ptqflow.blockwise import block_specs, stream_blocks
-from ptqflow.config import ClipSearchConfig, ScaleSearchConfig
 from ptqflow.models import ScaleGroup, get_adapter, load_model, resolve_model
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec, fake_quantize

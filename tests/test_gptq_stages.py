@@ -150,8 +150,8 @@ def test_eval_and_pack_use_the_stored_integers(cfg_at, outlier_model_dir, tmp_pa
     packed = load_packed(tmp_path / "artifacts" / "packed")
     stored = _stored(tmp_path, "awq_gptq")
     model = AutoModelForCausalLM.from_pretrained(outlier_model_dir, dtype=torch.float32)
-    from ptqflow.awq.apply import apply_scales
-    from ptqflow.awq.scale import load_scales
+    from ptqflow.methods.awq.apply import apply_scales
+    from ptqflow.methods.awq.scale import load_scales
 
     apply_scales(model, load_scales(tmp_path / "artifacts" / "scales"))
     with torch.no_grad():

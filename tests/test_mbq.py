@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import compose
 
-from ptqflow.config import parse_balance, parse_search
 from ptqflow.gradient import GradientStats, balance_weights, modality_groups, modality_ratios
+from ptqflow.methods.awq.config import parse_balance, parse_search
 
 
 def stats(grad_abs: list[tuple[float, ...]], groups=("vision", "language")) -> GradientStats:
@@ -67,8 +67,8 @@ def test_balance_changes_the_scales_when_modalities_differ():
     error down (MBQ) picks other scales than weighing all tokens alike (AWQ)."""
     from torch import nn
 
-    from ptqflow.awq.scale import search_group
-    from ptqflow.config import ScaleSearchConfig
+    from ptqflow.methods.awq.config import ScaleSearchConfig
+    from ptqflow.methods.awq.scale import search_group
     from ptqflow.models import ScaleGroup
     from ptqflow.quant import QuantSpec
 

@@ -17,9 +17,9 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from ptqflow.awq.apply import apply_clips, apply_scales
-from ptqflow.awq.clip import load_clips
-from ptqflow.awq.scale import load_scales
+from ptqflow.methods.awq.apply import apply_clips, apply_scales
+from ptqflow.methods.awq.clip import load_clips
+from ptqflow.methods.awq.scale import load_scales
 from ptqflow.models import load_model
 from ptqflow.pack import QuantLinear, load_packed
 from ptqflow.pipeline import (

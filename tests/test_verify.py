@@ -84,7 +84,7 @@ def test_missing_scale_files_are_refused_before_the_model_loads(searched, no_mod
         ):
             stage()
     # The loader itself holds the index's promise, manifest or not.
-    from ptqflow.awq.scale import load_scales
+    from ptqflow.methods.awq.scale import load_scales
 
     with pytest.raises(FileNotFoundError, match="promises 2 blocks"):
         load_scales(art / "scales")

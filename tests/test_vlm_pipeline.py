@@ -10,9 +10,9 @@ import torch
 from conftest import VLM_KINDS, build_tiny_vlm, compose
 from safetensors import safe_open
 
-from ptqflow.awq.apply import apply_scales
-from ptqflow.awq.scale import load_scales
 from ptqflow.calib import load_blocks
+from ptqflow.methods.awq.apply import apply_scales
+from ptqflow.methods.awq.scale import load_scales
 from ptqflow.models import linear_shapes, load_config, load_model, resolve_model
 from ptqflow.multimodal import model_inputs
 from ptqflow.pipeline import (

@@ -26,10 +26,6 @@ T = TypeVar("T")
 EVAL_METHODS = ("fp", "rtn", "awq", "gptq", "awq_gptq", "packed")
 """What an evaluation stage can score (``eval.method``), in the report's order: one list,
 which the DAG table and the report read."""
-SEARCH_LOSSES = ("mse", "mae")
-SCALE_GRIDS = ("awq", "smoothquant")
-BALANCES = ("none", "mbq")
-TOKEN_WEIGHTS = ("none", "gradient")
 
 
 def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
@@ -52,7 +48,7 @@ def parse(cls: type[T], section: str, values: Mapping[str, Any] | None) -> T:
         raise ValueError(f"config section '{section}': {e}") from None
 
 
-def _positive(section_obj: Any, *names: str) -> None:
+def require_positive(section_obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(section_obj, name)
         if not isinstance(value, int) or value <= 0:
@@ -106,7 +102,7 @@ class CalibConfig:
     shots: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "n_samples", "seqlen", "shots")
+        require_positive(self, "n_samples", "seqlen", "shots")
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.method not in EVAL_METHODS:
             raise ValueError(f"method={self.method!r}: use one of {list(EVAL_METHODS)}")
-        _positive(self, "seqlen", "n_windows", "batch_size")
+        require_positive(self, "seqlen", "n_windows", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -160,11 +156,11 @@ class LmEvalConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "max_length", "wiki_docs", "title_items")
+        require_positive(self, "batch_size", "max_length", "wiki_docs", "title_items")
         if not self.tasks:
             raise ValueError("tasks is empty: name at least one task (e.g. [wiki_ppl])")
         if self.limit is not None:
-            _positive(self, "limit")
+            require_positive(self, "limit")
 
 
 @dataclass(frozen=True)
@@ -180,78 +176,6 @@ class TrackingConfig:
 class PathsConfig:
     artifacts: str = "artifacts"
     reports: str = "reports"
-
-
-@dataclass(frozen=True)
-class ScaleSearchConfig:
-    """AWQ scale search (:mod:`ptqflow.awq.scale`).
-
-    Attributes:
-        n_grid: grid points for alpha in ``[0, 1)``.
-        duo_scaling: AutoAWQ's ``x_mean^a / w_mean^(1-a)`` (True) or llm-awq's ``x_mean^a``
-            (False, the default: better on the embedded model at W4 and W3).
-        loss: ``mse`` or ``mae`` over the inspected module's output.
-        token_weight: ``none``, or ``gradient``: each token's error is weighted by the mean
-            squared loss gradient at its block's output (from the gradient stage), normalised
-            to mean 1 over the block's tokens, the per-token weight of a Fisher estimate of
-            the loss change.
-        grid: ``awq`` (the exponent of mean ``|x|``) or ``smoothquant`` (the migration
-            strength ``max|x|^a / max|W|^(1-a)``, for weight-activation configs).
-        coarse_every, coarse_step: coarse-to-fine search. A coarse pass scores every
-            ``coarse_step``-th grid point on every ``coarse_every``-th calibration sequence
-            (the sequences only where the inspected module is re-run: attention, MLP); then,
-            on all sequences, the best of it and its neighbours are scored, moving on until
-            every point within 2 of the best is scored. Both ``1``: every point on every
-            sequence (exhaustive, as AutoAWQ; the slow way).
-    """
-
-    n_grid: int = 20
-    duo_scaling: bool = False
-    loss: str = "mse"
-    token_weight: str = "none"
-    grid: str = "awq"
-    coarse_every: int = 4
-    coarse_step: int = 2
-
-    def __post_init__(self) -> None:
-        _positive(self, "n_grid", "coarse_every", "coarse_step")
-        if self.loss not in SEARCH_LOSSES:
-            raise ValueError(f"loss={self.loss!r}: use one of {list(SEARCH_LOSSES)}")
-        if self.grid not in SCALE_GRIDS:
-            raise ValueError(f"grid={self.grid!r}: use one of {list(SCALE_GRIDS)}")
-        if self.token_weight not in TOKEN_WEIGHTS:
-            raise ValueError(
-                f"token_weight={self.token_weight!r}: use one of {list(TOKEN_WEIGHTS)}"
-            )
-
-
-@dataclass(frozen=True)
-class ClipSearchConfig:
-    """AWQ clip search (:mod:`ptqflow.awq.clip`).
-
-    Attributes:
-        n_grid: shrink steps of ``1/n_grid``.
-        max_shrink: largest shrink tried (0.5: down to half the max).
-        n_tokens: calibration tokens used, taken at an even stride; ``0`` (default) uses every
-            token, which the Gram-matrix error makes about as cheap as a sub-sample.
-        skip: linear-name suffixes left unclipped (q/k: their errors are re-weighted by softmax).
-        apply_scales: search on the scaled model (AWQ); False searches the plain model, for a
-            clip-only ablation.
-    """
-
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    n_tokens: int = 0
-    skip: tuple[str, ...] = ("q_proj", "k_proj", "query_key_value")
-    apply_scales: bool = True
-
-    def __post_init__(self) -> None:
-        _positive(self, "n_grid")
-        if not 0 < self.max_shrink < 1:
-            raise ValueError(f"max_shrink={self.max_shrink!r} must be in (0, 1)")
-        if not isinstance(self.n_tokens, int) or self.n_tokens < 0:
-            raise ValueError(f"n_tokens={self.n_tokens!r} must be >= 0 (0 = every token)")
-        object.__setattr__(self, "skip", tuple(self.skip))
 
 
 @dataclass(frozen=True)
@@ -285,7 +209,7 @@ class BenchConfig:
             raise ValueError(f"m={self.m!r} must be a non-empty list of positive ints")
         if self.group_size not in (32, 64, 128):
             raise ValueError(f"group_size={self.group_size}; the kernels take 32, 64 or 128")
-        _positive(self, "decode_tokens", "repeats")
+        require_positive(self, "decode_tokens", "repeats")
 
 
 @dataclass(frozen=True)
@@ -306,7 +230,7 @@ class SensitivityConfig:
     candidates: tuple[str, ...] = ("skip", "w8pc", "w4g128", "w4g64", "w3g64", "w3g32", "w2g64")
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size")
+        require_positive(self, "batch_size")
         object.__setattr__(self, "candidates", tuple(self.candidates))
         if not self.candidates:
             raise ValueError("the candidate list is empty; name at least one config, e.g. w4g64")
@@ -353,50 +277,6 @@ class AutoRecipeConfig:
 def is_auto(recipe: Mapping[str, Any]) -> bool:
     """Whether a ``recipe`` section asks for the allocated recipe."""
     return (recipe or {}).get("name") == "auto"
-
-
-def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSearchConfig]:
-    """The ``search`` section: ``{scale: {...}, clip: {...}, balance: ..., distort: ...}``
-    (:func:`parse_balance`, :func:`parse_distort`)."""
-    values = dict(values or {})
-    unknown = sorted(set(values) - {"scale", "clip", "balance", "distort"})
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in config section 'search'; known: scale, clip, "
-            "balance, distort"
-        )
-    parse_distort(values)
-    scale = parse(ScaleSearchConfig, "search.scale", values.get("scale"))
-    if parse_balance(values) == "mbq" and scale.token_weight != "none":
-        raise ValueError(
-            "search.balance=mbq and search.scale.token_weight="
-            f"{scale.token_weight} both weigh the tokens; set one of them to none"
-        )
-    return (
-        scale,
-        parse(ClipSearchConfig, "search.clip", values.get("clip")),
-    )
-
-
-def parse_balance(values: Mapping[str, Any]) -> str:
-    """``search.balance``: ``none`` (every token alike, AWQ) or ``mbq`` (vision tokens weighed
-    against language tokens by the gradient ratio of their block, MBQ; vision-language models
-    only)."""
-    balance = dict(values or {}).get("balance", "none")
-    if balance not in BALANCES:
-        raise ValueError(f"search.balance={balance!r}: use one of {list(BALANCES)}")
-    return balance
-
-
-def parse_distort(values: Mapping[str, Any]) -> bool:
-    """``search.distort``: feed each block the output of the previous block as quantized
-    (MBQ's ``distort``) instead of its full-precision output."""
-    distort = dict(values or {}).get("distort", False)
-    try:
-        check_value("search.distort", distort, bool)
-    except TypeError as e:
-        raise ValueError(f"config section 'search': {e}") from None
-    return distort
 
 
 ACT_KEYS = {"a_bit": "a_bit", "a_granularity": "granularity"}  # quant key -> ActSpec field

@@ -38,9 +38,9 @@ from ptqflow.config import (
     parse_act,
     parse_quant,
     parse_recipe,
-    parse_search,
 )
 from ptqflow.formats import check_packable, get_format
+from ptqflow.methods.awq.config import parse_search
 from ptqflow.models import (
     linear_layers,
     linear_shapes,

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from ptqflow.awq.apply import apply_clips, apply_scales
-from ptqflow.awq.clip import clip_capture, search_block_clips
-from ptqflow.awq.scale import load_scales
 from ptqflow.blockwise import block_specs, quantized_copy
-from ptqflow.config import parse_act, parse_distort, parse_search
+from ptqflow.config import parse_act
+from ptqflow.methods.awq.apply import apply_clips, apply_scales
+from ptqflow.methods.awq.clip import clip_capture, search_block_clips
+from ptqflow.methods.awq.config import parse_distort, parse_search
+from ptqflow.methods.awq.scale import load_scales
 from ptqflow.models import linear_shapes
 from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import (

@@ -14,9 +14,9 @@ import json
 from copy import deepcopy
 from typing import Any
 
-from ptqflow.awq.apply import apply_scales
 from ptqflow.blockwise import BLOCK_CALL, block_specs
 from ptqflow.config import parse, parse_act
+from ptqflow.methods.awq.apply import apply_scales
 from ptqflow.methods.gptq.block import apply_rounded, block_record, from_record, quantize_block
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.pipeline.common import StageRun

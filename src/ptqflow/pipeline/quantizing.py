@@ -24,20 +24,19 @@ from ptqflow.artifacts import (
     to_json,
     write_manifest,
 )
-from ptqflow.awq.clip import load_clips
-from ptqflow.awq.scale import GroupScale, load_scales
 from ptqflow.blockwise import BlockResult, BlockStore, Calls, Capture, block_files, run_resumable
 from ptqflow.calib import CalibData
 from ptqflow.config import (
     AutoRecipeConfig,
     is_auto,
     parse,
-    parse_balance,
     parse_quant,
     parse_recipe,
-    parse_search,
 )
 from ptqflow.gradient import STATS_FILE, balance_weights, from_tensors, modality_ratios
+from ptqflow.methods.awq.clip import load_clips
+from ptqflow.methods.awq.config import parse_balance, parse_search
+from ptqflow.methods.awq.scale import GroupScale, load_scales
 from ptqflow.methods.gptq.block import load_rounded
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.methods.gptq.solve import Rounded

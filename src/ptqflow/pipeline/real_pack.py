@@ -15,9 +15,9 @@ import logging
 from typing import Any
 
 from ptqflow.artifacts import atomic_dir, write_manifest
-from ptqflow.awq.apply import apply_clips, apply_scales
 from ptqflow.config import parse, parse_act
 from ptqflow.formats import FORMATS, IntWeight, check_packable, get_format
+from ptqflow.methods.awq.apply import apply_clips, apply_scales
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.models import linear_shapes, load_model, load_tokenizer
 from ptqflow.pack import PackConfig, save_packed

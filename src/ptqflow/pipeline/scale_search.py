@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from ptqflow.artifacts import read_safetensors
-from ptqflow.awq.apply import fold_scales
-from ptqflow.awq.scale import block_record, from_record, scale_capture, search_block_scales
 from ptqflow.blockwise import block_specs, quantized_copy
-from ptqflow.config import parse_act, parse_distort, parse_search
+from ptqflow.config import parse_act
 from ptqflow.gradient import STATS_FILE
+from ptqflow.methods.awq.apply import fold_scales
+from ptqflow.methods.awq.config import parse_distort, parse_search
+from ptqflow.methods.awq.scale import block_record, from_record, scale_capture, search_block_scales
 from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import (
     check_balance,

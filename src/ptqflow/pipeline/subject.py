@@ -24,8 +24,8 @@ from ptqflow.artifacts import (
     read_manifest,
     to_json,
 )
-from ptqflow.awq.apply import apply_clips, apply_scales
 from ptqflow.config import EvalConfig, ModelConfig, parse_act, quant_label
+from ptqflow.methods.awq.apply import apply_clips, apply_scales
 from ptqflow.methods.gptq.block import apply_rounded
 from ptqflow.models import (
     ModelRef,

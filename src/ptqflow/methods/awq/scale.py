@@ -52,9 +52,9 @@ from torch import nn
 from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.artifacts import read_safetensors
-from ptqflow.awq.apply import fold_scales
 from ptqflow.blockwise import Call, Calls, block_files, first_output
-from ptqflow.config import ScaleSearchConfig
+from ptqflow.methods.awq.apply import fold_scales
+from ptqflow.methods.awq.config import ScaleSearchConfig
 from ptqflow.models.adapters import Adapter, ScaleGroup
 from ptqflow.numerics import fixed_sum
 from ptqflow.quant import QuantSpec, fake_quantize, group_width

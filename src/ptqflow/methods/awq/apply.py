@@ -15,7 +15,7 @@ from torch import nn
 from ptqflow.models.layers import ScaledActivation
 
 if TYPE_CHECKING:
-    from ptqflow.awq.scale import GroupScale
+    from ptqflow.methods.awq.scale import GroupScale
 
 
 @torch.no_grad()

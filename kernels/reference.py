@@ -22,8 +22,11 @@ Three layouts, all little-endian within a 32-bit word (bit 0 is the least signif
                                               (asymmetric only)
     weight_scale       fp16  [out, in/g]
     weight_shape       int64 [2]              (out, in)
-    W[o, k] = (q[o, k] - z[o, k // g]) * s[o, k // g]   (the file stores q and z as unsigned;
-                                                       its signed view is q - 2^(b-1))
+    weight_g_idx       int32 [in]             the group of each input column (GPTQ act-order
+                                              groups, config ``"actorder": "group"``; only then)
+    W[o, k] = (q[o, k] - z[o, G[k]]) * s[o, G[k]]   G[k] = k // g, or g_idx[k] where stored
+                                                   (the file stores q and z as unsigned; its
+                                                   signed view is q - 2^(b-1))
 
 **ptqflow bitstream** (any ``b`` in 2..8; our own, read back by our loader)::
 
@@ -105,15 +108,23 @@ def dequantize_awq(
 
 
 def dequantize_kn(
-    q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, group_size: int
+    q: torch.Tensor,
+    z: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(q - z) * s`` for ``q [in, out]``, ``z, s [in/g, out]``, in float32."""
+    """``(q - z) * s`` for ``q [in, out]``, ``z, s [in/g, out]``, in float32: row ``k`` in group
+    ``k // group_size``, or ``g_idx[k]`` when a group index ``[in]`` is given."""
     k = q.shape[0]
     if k % group_size or k // group_size != scales.shape[0]:
         raise ValueError(
             f"group_size={group_size} does not match in_features={k} and "
             f"{scales.shape[0]} scale rows"
         )
+    if g_idx is not None:
+        rows = g_idx.to(device=q.device, dtype=torch.int64)
+        return (q - z[rows]).float() * scales.float()[rows]
     z = z.repeat_interleave(group_size, dim=0)
     s = scales.float().repeat_interleave(group_size, dim=0)
     return (q - z).float() * s

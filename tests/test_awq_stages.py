@@ -9,6 +9,8 @@ import torch
 from conftest import compose, tiny_overrides, tree_bytes
 from safetensors.torch import load_file
 
+from ptqflow.methods.awq import clip as awq_clip
+from ptqflow.methods.awq import scale as awq_scale
 from ptqflow.pipeline import calib_data, clip_search, fake_quant_eval, scale_search
 
 AWQ = ["search.scale.n_grid=8", "search.clip.n_grid=8", "search.clip.n_tokens=64"]
@@ -70,7 +72,7 @@ def test_killed_scale_search_resumes_to_identical_bytes(awq_cfg, tmp_path, monke
 
     cfg = awq_cfg(killed)
     calib_data.run(cfg)
-    real = scale_search.search_block_scales
+    real = awq_scale.search_block_scales
     calls = []
 
     def dies_on_second_block(*args, **kwargs):
@@ -79,7 +81,7 @@ def test_killed_scale_search_resumes_to_identical_bytes(awq_cfg, tmp_path, monke
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scale_search, "search_block_scales", dies_on_second_block)
+    monkeypatch.setattr(awq_scale, "search_block_scales", dies_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         scale_search.run(cfg)
     partial = killed / "artifacts" / ".scales.partial"
@@ -137,8 +139,9 @@ def test_distort_feeds_quantized_blocks_and_resumes_to_identical_bytes(
     module = scale_search if stage == "scale" else clip_search
     if stage == "clip":
         scale_search.run(cfg)
+    searches = awq_scale if stage == "scale" else awq_clip  # where the block search lives
     name = f"search_block_{out}"
-    real, calls = getattr(module, name), []
+    real, calls = getattr(searches, name), []
 
     def dies_on_second_block(*args, **kwargs):
         calls.append(1)
@@ -146,7 +149,7 @@ def test_distort_feeds_quantized_blocks_and_resumes_to_identical_bytes(
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, name, dies_on_second_block)
+    monkeypatch.setattr(searches, name, dies_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         module.run(cfg)
     calls.clear()

@@ -182,6 +182,17 @@ def test_hessian_is_twice_the_mean_outer_product():
     torch.testing.assert_close(_hessian(X, 4), want, rtol=1e-5, atol=1e-5)
 
 
+def test_weighted_hessian_weighs_each_token():
+    """MBQ's per-token weights a_t: H = 2/n sum_t a_t x_t x_t^T."""
+    _, X = _case(5, 4, 64, n=240)
+    a = torch.rand(240) * 3
+    want = 2 * (X.double() * a.double()[:, None]).T @ X.double() / 240
+    h = Hessian(64)
+    h.add(X[:100], a[:100])
+    h.add(X[100:].reshape(2, 70, 64), a[100:].reshape(2, 70))
+    torch.testing.assert_close(h.value(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_singular_hessian_names_the_linear_and_the_fix():
     W = torch.randn(4, 8)
     h = -torch.eye(8, dtype=torch.float64)  # negative definite: no dampening rescues it

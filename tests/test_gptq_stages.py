@@ -11,6 +11,7 @@ from test_gptq import paper_gptq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ptqflow.evaluate import eval_windows, perplexity
+from ptqflow.methods.gptq import block as gptq_block
 from ptqflow.pack import load_packed
 from ptqflow.pipeline import (
     calib_data,
@@ -100,7 +101,7 @@ def test_killed_gptq_resumes_to_identical_bytes(cfg_at, tmp_path, monkeypatch):
 
     cfg = cfg_at(killed)
     calib_data.run(cfg)
-    real, calls = gptq_search.quantize_block, []
+    real, calls = gptq_block.quantize_block, []
 
     def dies_on_second_block(*args, **kwargs):
         calls.append(1)
@@ -108,7 +109,7 @@ def test_killed_gptq_resumes_to_identical_bytes(cfg_at, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gptq_search, "quantize_block", dies_on_second_block)
+    monkeypatch.setattr(gptq_block, "quantize_block", dies_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         gptq_search.run_gptq(cfg)
     calls.clear()

@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import compose
 
-from ptqflow.gradient import GradientStats, balance_weights, modality_groups, modality_ratios
+from ptqflow.gradient import GradientStats, modality_groups
 from ptqflow.methods.awq.config import parse_balance, parse_search
+from ptqflow.methods.mbq import balance_weights, modality_ratios
 
 
 def stats(grad_abs: list[tuple[float, ...]], groups=("vision", "language")) -> GradientStats:

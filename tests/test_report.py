@@ -405,3 +405,149 @@ def test_experiments_from_git_refs(tmp_path):
     assert row.perplexity == 14.5 and row.metrics["t.acc"] == 0.5
     md = (reports / "report.md").read_text()
     assert "| awq | w4g64 | exp:my-exp | — | 14.5000 | 50.0 ± 1.7 |" in md
+
+
+FR = "wiki-fr:eval"
+
+
+def text_params(text: str, model: str = "tiny", w_bit: int = 4, group: int = 64) -> dict:
+    """A sweep's params, evaluated on ``text``."""
+    params = sweep_params(w_bit, group)
+    params["model"]["name"] = model
+    params["eval"] = {**params["eval"], "source": text}
+    return params
+
+
+def test_generalization_section(tmp_path):
+    """French sweeps beside the DAG's English figures: perplexities, gap closed, the sentence."""
+    root, reports = tmp_path, tmp_path / "reports"
+    write(root / "params.yaml", "model:\n  name: tiny\neval:\n  source: wiki:eval\n")
+    english = {"fp": 10.0, "rtn": 20.0, "awq": 14.0, "gptq": 13.0, "awq_gptq": 12.0}
+    french = {"fp": 20.0, "rtn": 40.0, "awq": 28.0, "gptq": 30.0, "awq_gptq": 25.0}
+    for method, ppl in english.items():
+        quant = "fp" if method == "fp" else "w4g64"
+        write(reports / "eval" / f"{method}.json", {"quant": quant, "perplexity": ppl})
+        params = text_params(FR)
+        if method == "fp":
+            params = {"model": params["model"], "eval": params["eval"]}
+        write(
+            reports / "runs" / f"{method}-{quant}-{len(method):08x}.json",
+            {"quant": quant, "perplexity": french[method], "params": params},
+        )
+    c = collect(reports, root=root, bits_of=NO_BITS)
+    assert c.text == "wiki:eval" and c.model == "tiny"
+    assert {r.text for r in c.rows if r.source == "dvc"} == {"wiki:eval"}
+    assert {r.text for r in c.rows if r.source == "sweep"} == {FR}
+    assert all(r.name.endswith(f"@{FR}") for r in c.rows if r.source == "sweep")
+
+    write_report(reports, root=root, bits_of=NO_BITS)
+    md = (reports / "report.md").read_text()
+    section = md[md.index("## Generalization (evaluation text unlike the calibration text)") :]
+    section = section[: section.index("## Figures")]
+    table = [x for x in section.splitlines() if x.startswith("|")]
+    assert section.count("### ") == 1 and f"### On `{FR}` at w4g64, model tiny" in section
+    assert table[0] == (
+        f"| method | perplexity on `wiki:eval` | perplexity on `{FR}` | gap closed on `wiki:eval` "
+        f"| gap closed on `{FR}` | rows |"
+    )
+    key = next(r.key for r in c.rows if r.method == "awq" and r.source == "sweep")
+    cells = [[x.strip() for x in line.strip("|").split("|")] for line in table[2:]]
+    assert [x[:5] for x in cells] == [
+        ["FP", "10.0000", "20.0000", "100.0 %", "100.0 %"],
+        ["RTN", "20.0000", "40.0000", "0.0 %", "0.0 %"],
+        ["AWQ", "14.0000", "28.0000", "60.0 %", "60.0 %"],
+        ["GPTQ", "13.0000", "30.0000", "70.0 %", "50.0 %"],
+        ["AWQ + GPTQ", "12.0000", "25.0000", "80.0 %", "75.0 %"],
+    ]
+    assert cells[2][5] == f"`dvc/awq/w4g64`, `sweep/awq/w4g64/{key}@{FR}`"
+    sentences = [x for x in section.splitlines() if x.startswith("- ")]
+    assert sentences == [
+        f"- GPTQ closes 70.0 % of the RTN-to-FP gap on `wiki:eval` but 50.0 % on `{FR}`, and "
+        f"ranks 3 of 5 on `wiki:eval` but 4 of 5 on `{FR}` (by perplexity, lowest first).",
+        f"- AWQ + GPTQ closes 80.0 % of the RTN-to-FP gap on `wiki:eval` but 75.0 % on `{FR}`.",
+    ]
+    # Two texts: the results table and the plot data say which each perplexity is on.
+    assert "| method | quant | source | bits/weight | perplexity | eval text |" in md
+    assert f"| gptq | w4g64 ({key}) | sweep | — | 30.0000 | {FR} |" in md
+    assert "| gptq | w4g64 | dvc | — | 13.0000 | wiki:eval |" in md
+    quality = (reports / "plots" / "quality.csv").read_text().splitlines()
+    assert quality[0] == "name,source,method,quant,bits_per_weight,perplexity,text"
+    assert f"sweep/gptq/w4g64/{key}@{FR},sweep,gptq,w4g64,,30.0,{FR}" in quality
+    assert "Quality against size (perplexity on `wiki:eval` only):" in md
+
+
+def test_rows_of_two_texts_not_merged(tmp_path):
+    """One model's English and French perplexities are two rows (same key, no ``.2``), the
+    lm-eval figures join the English one, and nothing compares across texts."""
+    reports = tmp_path / "reports"
+    dag = {"model": {"name": "tiny"}, "eval": {"source": "wiki:eval"}}
+    write(reports / "eval" / "rtn.json", {"quant": "w4g64", "perplexity": 20.0})
+    write(reports / "eval" / "awq.json", {"quant": "w4g64", "perplexity": 14.0})
+    en, fr = text_params("wiki:eval"), text_params(FR)
+    lm = {**en, "eval": {}, "lm_eval": {"tasks": ["wiki_titles"]}}
+    runs = reports / "runs"
+    write(runs / "rtn-w4g64-11111111.json", {"quant": "w4g64", "perplexity": 21.0, "params": en})
+    write(runs / "rtn-w4g64-22222222.json", {"quant": "w4g64", "perplexity": 41.0, "params": fr})
+    tasks = {"wiki_titles": mc(0.45)}  # sorts before the perplexity files
+    write(
+        runs / "lm_eval-rtn-w4g64-33333333.json", {"quant": "w4g64", "tasks": tasks, "params": lm}
+    )
+    write(runs / "awq-w4g64-44444444.json", {"quant": "w4g64", "perplexity": 30.0, "params": fr})
+    other = text_params(FR, model="other")
+    write(runs / "awq-w4g64-55555555.json", {"quant": "w4g64", "perplexity": 50.0, "params": other})
+
+    c = collect(reports, bits_of=NO_BITS, dag=dag)
+    rtn = [r for r in c.rows if r.source == "sweep" and r.method == "rtn"]
+    assert [(r.text, r.perplexity, r.other_text) for r in rtn] == [
+        ("wiki:eval", 21.0, False),
+        (FR, 41.0, True),
+    ]
+    assert rtn[0].key == rtn[1].key and "." not in rtn[0].key
+    assert rtn[1].name == f"sweep/rtn/w4g64/{rtn[0].key}@{FR}"
+    assert rtn[0].metrics["wiki_titles.acc"] == 0.45 and rtn[1].metrics == {}
+    assert rtn[0].files == ["runs/lm_eval-rtn-w4g64-33333333.json", "runs/rtn-w4g64-11111111.json"]
+    assert len({r.name for r in c.rows}) == len(c.rows) == 6
+
+    write_report(reports, bits_of=NO_BITS, dag=dag)
+    md = (reports / "report.md").read_text()
+    assert [x for x in md.splitlines() if x.startswith("- perplexity at ")] == [
+        "- perplexity at w4g64 (dvc): AWQ 14.0000 against RTN 20.0000; AWQ is better (lower) "
+        "by 6.0000.",
+        f"- perplexity at w4g64 (sweep, tiny, on `{FR}`): AWQ 30.0000 against RTN 41.0000; "
+        "AWQ is better (lower) by 11.0000.",
+    ]
+    assert "`wiki_titles` at w4g64 (sweep, tiny)" not in md  # no AWQ accuracy there
+    section = md[md.index("## Generalization") : md.index("## Figures")]
+    other_table, tiny_table = section.split("### ")[1:]
+    assert other_table.startswith(f"On `{FR}` at w4g64, model other")
+    assert "| AWQ | — | 50.0000 | — | — |" in other_table  # no English row of that model
+    assert "Fewer than two methods have a perplexity on both texts" in other_table
+    assert tiny_table.startswith(f"On `{FR}` at w4g64, model tiny")
+    # The French RTN sweep beside the English sweep of its params, not the DVC row.
+    assert f"| RTN | 21.0000 | 41.0000 | — | — | `{rtn[0].name}`, `{rtn[1].name}` |" in tiny_table
+    assert "| AWQ | 14.0000 | 30.0000 | — | — | `dvc/awq/w4g64`" in tiny_table
+    assert f"No method's rank or share of the RTN-to-FP gap closed drops on `{FR}`." in tiny_table
+
+
+def test_one_text_changes_nothing(tmp_path):
+    """Every perplexity on the DAG's text: the report is the one of unknown texts, byte for
+    byte (no text column, no section, no ``@`` in names)."""
+    plain, texted = tmp_path / "plain", tmp_path / "texted"
+    results(plain / "reports")
+    results(texted / "reports")
+    sweep = texted / "reports" / "runs" / "rtn-w3g64-aaaaaaaa.json"
+    data = json.loads(sweep.read_text())
+    data["params"]["eval"]["source"] = "wiki:eval"
+    write(sweep, data)
+    write(texted / "params.yaml", "model:\n  name: tiny\neval:\n  source: wiki:eval\n")
+    write_report(plain / "reports", bits_of=NO_BITS)
+    write_report(texted / "reports", root=texted, bits_of=NO_BITS)
+    c = collect(texted / "reports", root=texted, bits_of=NO_BITS)
+    assert {r.text for r in c.rows if r.perplexity is not None and r.source != "pareto"} == {
+        "wiki:eval"
+    }
+    assert not any("@" in r.name for r in c.rows)
+    for name in ("report.md", "plots/quality.csv"):
+        assert (plain / "reports" / name).read_bytes() == (texted / "reports" / name).read_bytes()
+    md = (texted / "reports" / "report.md").read_text()
+    assert "Generalization" not in md and "eval text" not in md

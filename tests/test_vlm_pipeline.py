@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import VLM_KINDS, build_tiny_vlm, compose
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ptqflow.calib import load_blocks
 from ptqflow.methods.awq.apply import apply_scales
@@ -21,6 +22,7 @@ from ptqflow.pipeline import (
     check,
     clip_search,
     fake_quant_eval,
+    gptq_search,
     gradient,
     lm_evaluation,
     real_pack,
@@ -118,6 +120,19 @@ def test_dag_on_a_tiny_vlm(vlm_dir, tmp_path):
         # The coarse pass cut this family's calls to a quarter of the sequences and got the
         # same outputs there (else the search would have scored the whole grid on all).
         assert all("coarse_losses" in g for g in losses[0] if len(g["linears"]) > 1)
+
+    # GPTQ runs on the decoder (call order over every token, whatever the position ids), and
+    # MBQ's weights reach its Hessians: gptq.balance=none rounds differently
+    gptq_search.run_gptq(vlm_cfg(vlm_dir, tmp_path, "gptq.balance=mbq"))
+    scored = fake_quant_eval.run(vlm_cfg(vlm_dir, tmp_path, "eval.method=gptq", "gptq.balance=mbq"))
+    assert scored["quantized_linears"] == 14
+    gptq_search.run_gptq(vlm_cfg(vlm_dir, plain, "gptq.balance=none"))
+    integers = [
+        load_file(str(d / "artifacts" / "gptq" / "block_000.safetensors"))
+        for d in (tmp_path, plain)
+    ]
+    assert integers[0].keys() == integers[1].keys()
+    assert any(not torch.equal(integers[0][k], integers[1][k]) for k in integers[0])
 
     # folding the searched scales leaves the full-precision model's logits as they were
     ref = resolve_model(str(vlm_dir))

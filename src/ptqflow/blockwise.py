@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -241,6 +242,42 @@ class BlockStore:
         publish_dir(self.partial, self.out_dir)
 
 
+@dataclass(frozen=True)
+class BlockPass:
+    """One method's block-wise pass, as :func:`run_resumable` takes it: what to record of a
+    block's forward (``capture``), how to search a block (``search``), and for a pass whose
+    next block sees this one as quantized, that block (``distort``). A method builds it once;
+    the stages run it with a :class:`BlockStore` (resumable), the Python API with a
+    :class:`MemoryStore`."""
+
+    capture: Callable[[int, nn.Module], Capture]
+    search: Callable[[int, nn.Module, Calls], BlockResult]
+    distort: Callable[[int, nn.Module, BlockResult, bool], nn.Module] | None = None
+
+
+class MemoryStore:
+    """Per-block results of a block-wise pass kept in memory, for the Python API
+    (:mod:`ptqflow.api`): the part of :class:`BlockStore`'s interface :func:`run_resumable`
+    uses, with nothing written and nothing to resume from. Results are held as
+    :meth:`BlockStore.save` writes them (contiguous, on the CPU)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, BlockResult] = {}
+
+    def has(self, i: int) -> bool:
+        return i in self.blocks
+
+    def load(self, i: int) -> BlockResult:
+        return self.blocks[i]
+
+    def save(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        self.blocks[i] = ({k: v.contiguous().cpu() for k, v in tensors.items()}, dict(metadata))
+
+    def results(self) -> list[BlockResult]:
+        """Every block's result, in block order."""
+        return [self.blocks[i] for i in sorted(self.blocks)]
+
+
 def block_files(out_dir: str | Path, stage: str) -> list[Path]:
     """The per-block files of a finished block-wise output, in block order: exactly the
     ``block_NNN.safetensors`` its ``index.json`` promises.
@@ -277,7 +314,7 @@ def run_resumable(
     adapter: Adapter,
     inputs: Inputs,
     device: torch.device,
-    store: BlockStore,
+    store: BlockStore | MemoryStore,
     capture: Callable[[int, nn.Module], Capture],
     search: Callable[[int, nn.Module, Calls], BlockResult],
     desc: str,

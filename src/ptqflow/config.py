@@ -18,12 +18,13 @@ import torch
 from ptqflow.activation import ActSpec
 from ptqflow.dtypes import torch_dtype
 from ptqflow.fields import check_value, field_types
+from ptqflow.methods import METHODS
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import SKIP, Recipe
 
 T = TypeVar("T")
 
-EVAL_METHODS = ("fp", "rtn", "awq", "gptq", "awq_gptq", "packed")
+EVAL_METHODS = ("fp", *METHODS, "packed")
 """What an evaluation stage can score (``eval.method``), in the report's order: one list,
 which the DAG table and the report read."""
 

@@ -97,68 +97,6 @@ def modality_groups(vision: torch.Tensor) -> dict[str, torch.Tensor]:
     return {VISION: vision.bool(), LANGUAGE: ~vision.bool()}
 
 
-# The linears whose output gradients MBQ averages per layer. Their outputs at a vision position
-# reach the caption tokens through attention (v_proj) or the residual stream; a block's own
-# output at a vision position of the last layer reaches no scored token at all (its gradient
-# there is exactly zero), so the block output cannot serve.
-MBQ_LINEARS = (
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
-
-def modality_ratios(stats: GradientStats, prefix: str) -> torch.Tensor:
-    """MBQ's per-block balance from the caption loss: ``r_i = sum_l mean|dL/dy_l|`` over vision
-    tokens divided by the same over language tokens, ``l`` the ``MBQ_LINEARS`` of block ``i``
-    (``y_l`` their outputs), floored at the median over blocks so one block with a vanishing
-    vision gradient cannot drop the vision error from its search. Float32 ``[n_blocks]``.
-
-    Raises:
-        ValueError: the statistics are text-only (no vision and language token groups), or a
-            block has none of the ``MBQ_LINEARS``.
-        FloatingPointError: a block's ratio is NaN, infinite or zero, naming the block.
-    """
-    if VISION not in stats.groups or LANGUAGE not in stats.groups:
-        raise ValueError(
-            f"search.balance=mbq weighs vision tokens against language tokens, but the "
-            f"gradient statistics have token groups {list(stats.groups)} (a text-only "
-            "calibration set); use search.balance=none for a text model"
-        )
-    v, lang = stats.groups.index(VISION), stats.groups.index(LANGUAGE)
-    blocks: dict[int, list[torch.Tensor]] = {}
-    for name, d in stats.linears.items():
-        block, _, rel = name.removeprefix(prefix + ".").partition(".")
-        if name.startswith(prefix + ".") and rel in MBQ_LINEARS:
-            blocks.setdefault(int(block), []).append(d["grad_abs"].double())
-    if not blocks:
-        raise ValueError(f"the gradient statistics hold none of {MBQ_LINEARS} under {prefix}")
-    ratios = []
-    for i in range(max(blocks) + 1):
-        if i not in blocks:
-            raise ValueError(f"the gradient statistics hold none of {MBQ_LINEARS} in {prefix}.{i}")
-        g = torch.stack(blocks[i]).sum(0)
-        r = g[v] / g[lang]
-        if not torch.isfinite(r) or r <= 0:
-            raise FloatingPointError(
-                f"the vision/language gradient ratio of {prefix}.{i} is {r.item()} (mean "
-                f"|dL/dy| summed over {len(blocks[i])} linears: vision {g[v].item()}, language "
-                f"{g[lang].item()}): rerun the gradient stage in float32 on a calibration set "
-                "whose captions follow their images"
-            )
-        ratios.append(r)
-    r = torch.stack(ratios)
-    return torch.maximum(r, r.median()).float()
-
-
-def balance_weights(ratio: float, vision: torch.Tensor) -> torch.Tensor:
-    """Per-token loss weights ``[n, seq]`` of one block: 1 for language tokens, ``ratio`` for
-    vision tokens, so a search's loss is ``(language error + r * vision error) / tokens``."""
-    return torch.where(vision.bool(), torch.tensor(float(ratio)), torch.tensor(1.0))
-
-
 class _Accumulator:
     """Float64 sums on the compute device, filled by the hooks; non-finite gradients seen."""
 

@@ -4,7 +4,8 @@ The formats (:mod:`ptqflow.formats`, layouts in :mod:`ptqflow.kernels.reference`
 
 - ``awq``: AWQ GEMM, 4-bit, one group size for every quantized linear.
 - ``compressed-tensors``: ``pack-quantized``, 4 or 8 bits, per-layer specs allowed (one config
-  group per spec); what llm-compressor writes.
+  group per spec); what llm-compressor writes. The one format that holds GPTQ's act-order
+  group index (``weight_g_idx``, ``"actorder": "group"``); the others refuse it.
 - ``ptqflow``: our bitstream layout, 2..8 bits, per-layer specs; read back by :func:`load_packed`.
 
 Linears the recipe leaves alone, embeddings, norms and biases are stored in ``dtype`` (fp16 by
@@ -13,7 +14,9 @@ compressed-tensors). ``config.json`` and the tokenizer files are written so that
 4.5x and 5.x both read them. Loading builds the model on the meta device and puts a
 :class:`QuantLinear` wherever the checkpoint holds packed weights: it computes with the Triton
 W4A16 kernels on a GPU, PyTorch's int4 matmul on the CPU for decode (4-bit weights, group sizes
-that are multiples of 32; bf16 numerics) and dequantize + matmul (the reference) elsewhere.
+that are multiples of 32; bf16 numerics) and dequantize + matmul (the reference) elsewhere. A
+weight with a group index has its input rows stored sorted by group, so every one of those
+paths runs it after gathering the input columns in the same order.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ptqflow.dtypes import torch_dtype
 from ptqflow.formats import FORMATS, IntWeight, PackFormat, detect_format, get_format
 from ptqflow.kernels import cpu_int4, w4a16_matmul
 from ptqflow.kernels import reference as ref
+from ptqflow.methods import METHODS
 from ptqflow.models import auto_class
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
@@ -42,7 +46,7 @@ WEIGHTS = "model.safetensors"
 REPACK = "rerun real-pack (`dvc repro real-pack`) if ptqflow wrote it, or download it again"
 # On the CPU, calls of up to this many rows (decode) run the int4 kernel; more dequantize.
 CPU_KERNEL_ROWS = 8
-PACK_METHODS = ("awq", "rtn", "gptq", "awq_gptq")
+PACK_METHODS = tuple(METHODS)
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,20 @@ class QuantLinear(nn.Module):
     :meth:`use_cpu_kernel` re-packs a 4-bit weight for PyTorch's int4 CPU matmul
     (:mod:`ptqflow.kernels.cpu_int4`, layout ``cpu_int4``): what :func:`load_packed` does on
     the CPU.
+
+    A weight with a group index (:attr:`IntWeight.g_idx`, GPTQ's act-order groups) is stored
+    with its input rows sorted by group (:meth:`IntWeight.grouped`), which makes the groups
+    contiguous, as every kernel here assumes; ``order`` (int64 ``[in]``) keeps the sort and
+    :meth:`forward` gathers the input's columns by it first (``x[..., order] @ W[order]`` is
+    ``x @ W``), so the kernels run unchanged. Without a g_idx ``order`` is None.
     """
 
     def __init__(self, w: IntWeight, scale_dtype: torch.dtype, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = w.q.shape
         self.bits, self.group_size = w.bits, w.group_size
+        w, order = w.grouped()
+        self.register_buffer("order", order)
         # 4-bit in the AWQ GEMM layout (the kernels read it), other widths in the bitstream.
         self.layout = "awq" if w.bits == 4 and self.out_features % 8 == 0 else "ptqflow"
         packed = FORMATS[self.layout].pack(w, scale_dtype)
@@ -105,6 +117,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, layout={self.layout}"
+            + (", g_idx" if self.order is not None else "")
         )
 
     @torch.no_grad()
@@ -129,7 +142,26 @@ class QuantLinear(nn.Module):
         self.layout = "cpu_int4"
         return True
 
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """The exact weight ``W [in, out]`` (float32, the input's natural order) the integers
+        stand for; :meth:`forward` computes ``x @ W + bias`` (the int4 CPU kernel in bf16)."""
+        if self.layout == "cpu_int4":
+            q = cpu_int4.unpack(self.int4_weight, self.in_features, self.out_features)
+            w = ref.dequantize_kn(q, ref.unpack_awq(self.qzeros), self.scales, self.group_size)
+        elif self.layout == "awq":
+            w = ref.dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size)
+        else:
+            w = ref.dequantize_bits(
+                self.qweight, self.qzeros, self.scales, self.bits, self.group_size
+            )
+        if self.order is None:
+            return w
+        return w[torch.argsort(self.order)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order is not None:  # the rows are stored sorted by group: gather x the same way
+            x = x.index_select(-1, self.order.to(x.device))
         if self.layout == "cpu_int4":
             if x.numel() <= CPU_KERNEL_ROWS * self.in_features:
                 return cpu_int4.matmul(
@@ -169,8 +201,12 @@ def packed_state_dict(
     ``model`` already carries whatever transforms precede quantization (folded AWQ scales,
     clips); each linear named in ``plan`` with a spec is packed from ``integers`` (a method
     chose them: GPTQ), or else quantized here exactly as fake-quant does. A weight shared with
-    another module (tied embeddings) is stored once, under the first name.
+    another module (tied embeddings) is stored once, under the first name. Integers with a
+    group index (``g_idx``) are refused, before any packing, unless ``fmt.holds_g_idx``.
     """
+    ordered = sorted(n for n, w in (integers or {}).items() if w.g_idx is not None)
+    if ordered:  # refused before any packing by a format that cannot hold a g_idx
+        fmt.check_g_idx(ordered)
     out: dict[str, torch.Tensor] = {}
     for name, spec in plan.items():
         if spec is None:
@@ -223,7 +259,8 @@ def save_packed(
     config.architectures = [type(model).__name__]
     if "lm_head" in specs:  # a quantized head cannot share the embedding's tensor
         config.tie_word_embeddings = False
-    qc = fmt.quantization_config(specs, sorted(skipped), in_features)
+    ordered = [n for n, w in (integers or {}).items() if w.g_idx is not None and n in specs]
+    qc = fmt.quantization_config(specs, sorted(skipped), in_features, ordered)
     if act is not None:
         fmt.declare_activations(qc, act)
     config.quantization_config = qc
@@ -272,10 +309,18 @@ def _check_config(
     path: Path, fmt: PackFormat, qc: dict, name: str, tensors: dict[str, torch.Tensor]
 ) -> None:
     """Refuse a packed linear whose tensors disagree with what ``quantization_config`` says of
-    it (bit width, group size). This loader follows the tensors, but transformers, vLLM and
-    AutoAWQ build their layers from the config: they would misread such a checkpoint, or
-    fail on it with a shape error naming neither the layer nor the cause."""
+    it (bit width, group size, a group index or none). This loader follows the tensors, but
+    transformers, vLLM and AutoAWQ build their layers from the config: they would misread such
+    a checkpoint, or fail on it with a shape error naming neither the layer nor the cause."""
     found = fmt.implied(tensors)
+    ordered = fmt.declared_g_idx(qc, name)
+    if ordered is not None and ordered != found.g_idx:
+        said, has = ("an", "no") if ordered else ("no", "a")
+        raise ValueError(
+            f"checkpoint '{path}': its config.json declares {said} act-order group index "
+            f"for '{name}', but its tensors hold {has} g_idx; loaders that trust the config would "
+            f"group its columns wrongly: {REPACK}"
+        )
     bits, group = fmt.declared(qc, name)
     if group == -1:  # per-channel: one group spans the input
         group = found.in_features

@@ -134,19 +134,44 @@ def quantize(
     out_f, in_f = w.shape[0], w.shape[-1]
     wg = _grouped(w, spec.group_size)
     if spec.zero_point:
-        qmax = 2**spec.w_bit - 1
-        w_max = wg.amax(dim=1, keepdim=True)
-        w_min = wg.amin(dim=1, keepdim=True)
-        scale = (w_max - w_min).clamp(min=1e-5) / qmax
-        zero = torch.clamp(-torch.round(w_min / scale), 0, qmax)
-        q = torch.clamp(torch.round(wg / scale) + zero, 0, qmax)
-        zero_out = zero.to(torch.int32).reshape(out_f, -1)
+        lo, hi = wg.amin(dim=1, keepdim=True), wg.amax(dim=1, keepdim=True)
     else:
-        qmax, qmin = 2 ** (spec.w_bit - 1) - 1, -(2 ** (spec.w_bit - 1))
-        scale = wg.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / qmax
-        q = torch.clamp(torch.round(wg / scale), qmin, qmax)
-        zero_out = None
+        hi = wg.abs().amax(dim=1, keepdim=True)
+        lo = -hi
+    scale, zero = scale_zero(lo, hi, spec)
+    q = round_to(wg, scale, zero, spec)
+    zero_out = None if zero is None else zero.to(torch.int32).reshape(out_f, -1)
     return q.to(torch.int32).reshape(out_f, in_f), scale.reshape(out_f, -1), zero_out
+
+
+def int_range(spec: QuantSpec) -> tuple[int, int]:
+    """The integers a weight takes: ``0..2^b-1`` asymmetric, ``-2^(b-1)..2^(b-1)-1``
+    symmetric."""
+    if spec.zero_point:
+        return 0, 2**spec.w_bit - 1
+    return -(2 ** (spec.w_bit - 1)), 2 ** (spec.w_bit - 1) - 1
+
+
+def scale_zero(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A group's scale and zero point (None when symmetric) from its range ``[lo, hi]``
+    (symmetric: ``hi`` is ``max |w|``), in the dtype of ``lo`` and ``hi``; the module
+    docstring's formulas."""
+    _, qmax = int_range(spec)
+    if spec.zero_point:
+        scale = (hi - lo).clamp(min=1e-5) / qmax
+        return scale, torch.clamp(-torch.round(lo / scale), 0, qmax)
+    return hi.clamp(min=1e-5) / qmax, None
+
+
+def round_to(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """The integers of ``w`` on the grid ``scale``/``zero`` (float, in ``w``'s dtype)."""
+    lo, hi = int_range(spec)
+    q = torch.round(w / scale)
+    return torch.clamp(q if zero is None else q + zero, lo, hi)
 
 
 def dequantize(

@@ -1,7 +1,9 @@
 """Packed checkpoint formats, one object each (:class:`~ptqflow.formats.base.PackFormat`).
 
 A new format is one new module with a :class:`PackFormat` subclass, registered below.
-:func:`check_packable` holds a quantization plan against a format before any weight loads.
+:func:`check_packable` holds a quantization plan against a format before any weight loads;
+:meth:`PackFormat.check_g_idx` refuses GPTQ's act-order group index (``g_idx``) for a format
+that does not :attr:`~PackFormat.holds_g_idx` (only compressed-tensors does).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ with AWQ's interleaved nibble order, ``qzeros`` int32 ``[in/g, out/8]`` packed t
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from ptqflow.formats.base import IntWeight, PackFormat
@@ -25,6 +27,8 @@ class AwqGemm(PackFormat):
     one_group_size = True
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if w.g_idx is not None:
+            self.check_g_idx()
         return {
             "qweight": ref.pack_awq(w.q),
             "qzeros": ref.pack_awq(w.zeros),
@@ -39,8 +43,14 @@ class AwqGemm(PackFormat):
         return qc.get("bits"), qc.get("group_size")  # one setting for every packed linear
 
     def quantization_config(
-        self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
+        self,
+        specs: dict[str, QuantSpec],
+        skipped: list[str],
+        in_features: dict[str, int],
+        g_idx: Collection[str] = (),
     ) -> dict:
+        if g_idx:
+            self.check_g_idx(sorted(g_idx))
         (group,) = {s.group_size for s in specs.values()}
         return {
             "quant_method": "awq",

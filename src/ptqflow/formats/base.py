@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,12 @@ class IntWeight:
     """One linear's quantized weight in ``[in, out]`` orientation, all unsigned.
 
     ``q`` int32 ``[in, out]``, ``zeros`` int32 ``[in/g, out]``, ``scales`` float ``[in/g, out]``;
-    ``W = (q - zeros) * scales`` per group of ``group_size`` input rows. ``symmetric`` weights
-    have every zero at ``2^(bits-1)``; formats that know the difference store no zeros then.
+    ``W[k, n] = (q[k, n] - zeros[G[k], n]) * scales[G[k], n]`` with ``G[k] = k // group_size``
+    (contiguous groups), or ``G = g_idx`` when one is given: int32 ``[in]``, the group of each
+    input row, every group holding exactly ``group_size`` rows (GPTQ with ``act_order`` and no
+    static groups makes it: groups are runs of its column order). ``symmetric`` weights have
+    every zero at ``2^(bits-1)``; formats that know the difference store no zeros then. Only
+    formats that :attr:`PackFormat.holds_g_idx` pack a ``g_idx``.
     """
 
     q: torch.Tensor
@@ -26,6 +31,25 @@ class IntWeight:
     bits: int
     group_size: int
     symmetric: bool = False
+    g_idx: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.g_idx is None:
+            return
+        in_f, n_groups = self.q.shape[0], self.scales.shape[0]
+        g = self.g_idx
+        if g.dtype.is_floating_point or g.shape != (in_f,):
+            raise ValueError(
+                f"g_idx must be an integer tensor of shape ({in_f},) (one group per input "
+                f"row), got {g.dtype} {tuple(g.shape)}"
+            )
+        counts = torch.bincount(g.long().clamp(min=0), minlength=n_groups)
+        if int(g.min()) < 0 or int(g.max()) >= n_groups or bool((counts != self.group_size).any()):
+            raise ValueError(
+                f"g_idx must put exactly group_size={self.group_size} input rows in each of the "
+                f"{n_groups} groups (as GPTQ's act_order does); readers regroup the rows by it"
+            )
+        self.g_idx = g.to(torch.int32).contiguous()
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, spec: QuantSpec) -> IntWeight:
@@ -35,11 +59,18 @@ class IntWeight:
 
     @classmethod
     def from_integers(
-        cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        spec: QuantSpec,
+        g_idx: torch.Tensor | None = None,
     ) -> IntWeight:
         """From integers a method chose, laid out as :func:`ptqflow.quant.quantize` gives
-        them (``q [out, in]``, ``scale``/``zero [out, in/g]``, ``zero`` None when symmetric);
-        symmetric integers are shifted to unsigned with the zero at ``2^(b-1)``."""
+        them (``q [out, in]``, ``scale``/``zero [out, in/g]``, ``zero`` None when symmetric)
+        or, with ``g_idx [in]`` (GPTQ's :attr:`~ptqflow.methods.gptq.solve.Rounded.g_idx`),
+        column ``i`` in group ``g_idx[i]``; symmetric integers are shifted to unsigned with
+        the zero at ``2^(b-1)``."""
         if zero is None:
             half = 1 << (spec.w_bit - 1)
             q, zero = q + half, torch.full_like(scale, half, dtype=torch.int32)
@@ -51,19 +82,45 @@ class IntWeight:
             spec.w_bit,
             group,
             not spec.zero_point,
+            g_idx,
         )
 
     @classmethod
     def from_kn(
-        cls, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, symmetric=False
+        cls,
+        q: torch.Tensor,
+        zeros: torch.Tensor,
+        scales: torch.Tensor,
+        bits: int,
+        symmetric=False,
+        g_idx: torch.Tensor | None = None,
     ) -> IntWeight:
         """From unpacked ``[in, out]`` tensors; the group size follows from the shapes."""
         group = q.shape[0] // scales.shape[0]
-        return cls(q.contiguous(), zeros.contiguous(), scales.contiguous(), bits, group, symmetric)
+        return cls(
+            q.contiguous(), zeros.contiguous(), scales.contiguous(), bits, group, symmetric, g_idx
+        )
 
     def dequantize(self) -> torch.Tensor:
         """``W [in, out]`` in float32."""
-        return ref.dequantize_kn(self.q, self.zeros, self.scales, self.group_size)
+        return ref.dequantize_kn(self.q, self.zeros, self.scales, self.group_size, self.g_idx)
+
+    def grouped(self) -> tuple[IntWeight, torch.Tensor | None]:
+        """The same weight with its input rows reordered so the groups are contiguous, and the
+        order (int64 ``[in]``, None when already contiguous): ``x @ W`` equals
+        ``x[..., order] @ W'``. What lets kernels that assume contiguous groups run a g_idx."""
+        if self.g_idx is None:
+            return self, None
+        order = torch.argsort(self.g_idx, stable=True)
+        w = IntWeight(
+            self.q[order].contiguous(),
+            self.zeros,
+            self.scales,
+            self.bits,
+            self.group_size,
+            self.symmetric,
+        )
+        return w, order
 
 
 @dataclass(frozen=True)
@@ -73,6 +130,7 @@ class Layout:
     bits: int
     group_size: int  # the input features for per-channel weights
     in_features: int
+    g_idx: bool = False  # the groups follow a per-row group index
 
 
 class PackFormat:
@@ -92,6 +150,9 @@ class PackFormat:
         one_group_size: every quantized layer must share one (not per-channel) group size.
         holds_activations: it can declare dynamic per-token activation quantization (W8A8,
             W4A8), so a loader quantizes the inputs of the packed linears as fake-quant did.
+        holds_g_idx: it stores a per-input-row group index (:attr:`IntWeight.g_idx`, GPTQ's
+            act-order groups) and declares it, so a loader regroups the rows by it; every other
+            format refuses such a weight (:meth:`check_g_idx`).
     """
 
     name: str
@@ -103,6 +164,7 @@ class PackFormat:
     scale_dtypes: tuple[str, ...] = ("float16", "bfloat16")
     one_group_size: bool = False
     holds_activations: bool = False
+    holds_g_idx: bool = False
 
     def check_plan(self, specs: dict[str, QuantSpec]) -> None:
         """Raise on constraints across layers (:attr:`one_group_size`)."""
@@ -117,8 +179,31 @@ class PackFormat:
             )
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The tensors this format stores for one linear, keyed by suffix; scales in ``dtype``."""
+        """The tensors this format stores for one linear, keyed by suffix; scales in ``dtype``.
+        A format that does not :attr:`holds_g_idx` raises on a weight with one
+        (:meth:`check_g_idx`) rather than drop it."""
         raise NotImplementedError
+
+    def check_g_idx(self, names: Sequence[str] = ()) -> None:
+        """For weights that have a group index (``g_idx``; ``names``: their linears, where
+        known): raise, naming the formats that hold one and the GPTQ setting that avoids it,
+        unless this format :attr:`holds_g_idx`."""
+        if self.holds_g_idx:
+            return
+        from ptqflow.formats import FORMATS  # the registry imports this module
+
+        holders = [f.name for f in FORMATS.values() if f.holds_g_idx]
+        where = ""
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            where = f" ('{names[0]}'{more})"
+        raise ValueError(
+            "gptq.act_order=true with gptq.static_groups=false gives each input column a "
+            f"group index (g_idx){where}, and pack.format={self.name} stores only contiguous "
+            f"groups; use pack.format={' or '.join(holders)} (it stores the g_idx, and its "
+            "loaders regroup the columns by it), or set gptq.static_groups=true (the groups "
+            "keep their plain layout, with act_order's gain)"
+        )
 
     def stored_bytes(self, spec: QuantSpec, out_f: int, in_f: int, dtype: torch.dtype) -> int:
         """Bytes :meth:`pack` stores for an ``[out_f, in_f]`` linear at ``spec`` (bias aside):
@@ -149,9 +234,14 @@ class PackFormat:
         return Layout(qweight.shape[1] * 32 // scales.shape[1], in_f // scales.shape[0], in_f)
 
     def quantization_config(
-        self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
+        self,
+        specs: dict[str, QuantSpec],
+        skipped: list[str],
+        in_features: dict[str, int],
+        g_idx: Collection[str] = (),
     ) -> dict:
-        """The ``quantization_config`` block of ``config.json``."""
+        """The ``quantization_config`` block of ``config.json``; ``g_idx``: the linears whose
+        weights carry a group index (only a format that :attr:`holds_g_idx` gets any)."""
         raise NotImplementedError
 
     def matches(self, qc: dict) -> bool:
@@ -165,6 +255,11 @@ class PackFormat:
 
     def declared_activations(self, qc: dict) -> ActSpec | None:
         """The activation quantization a checkpoint's ``qc`` declares (None: weight-only)."""
+        return None
+
+    def declared_g_idx(self, qc: dict, name: str) -> bool | None:
+        """Whether a checkpoint's ``qc`` says the packed linear ``name`` has a group index
+        (None: it says nothing); held against the tensors (:attr:`Layout.g_idx`) on load."""
         return None
 
     def declared(self, qc: dict, name: str) -> tuple[int | None, int | None]:

@@ -8,6 +8,8 @@ of 32 values is one stream of ``32*b`` bits held in ``b`` consecutive int32 word
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from ptqflow.activation import ActSpec
@@ -26,6 +28,8 @@ class Bitstream(PackFormat):
     out_multiple = 32
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if w.g_idx is not None:
+            self.check_g_idx()
         return {
             "qweight": ref.pack_bits(w.q, w.bits),
             "qzeros": ref.pack_bits(w.zeros, w.bits),
@@ -39,8 +43,14 @@ class Bitstream(PackFormat):
         return IntWeight.from_kn(q, zeros, tensors["scales"], bits)
 
     def quantization_config(
-        self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
+        self,
+        specs: dict[str, QuantSpec],
+        skipped: list[str],
+        in_features: dict[str, int],
+        g_idx: Collection[str] = (),
     ) -> dict:
+        if g_idx:
+            self.check_g_idx(sorted(g_idx))
         return {
             "quant_method": "ptqflow",
             "format": "bitstream",

@@ -4,12 +4,24 @@ writes.
 Layout (bit for bit in :mod:`ptqflow.kernels.reference`): ``weight_packed`` int32
 ``[out, in*b/32]`` in natural order along ``in``, ``weight_scale`` ``[out, in/g]``,
 ``weight_zero_point`` int32 ``[out*b/32, in/g]`` packed along ``out`` (asymmetric only),
-``weight_shape`` int64 ``[2]``. One config group per distinct spec.
+``weight_shape`` int64 ``[2]``, and ``weight_g_idx`` int32 ``[in]`` (GPTQ's act-order groups
+only: the group of each input column, ``W[o, k] = (q[o, k] - z[o, g_idx[k]]) *
+s[o, g_idx[k]]``, every group ``g`` columns; its config group says ``"actorder": "group"``).
+One config group per distinct spec (and g_idx or not).
+
+``actorder: "group"`` is what llm-compressor wrote for GPTQ with ``actorder="group"``.
+compressed-tensors up to 0.18 reads it: a plain transformers ``from_pretrained`` (5.23) builds
+the compressed layers with ``weight_g_idx`` and decompresses by it (tests/test_pack_gidx.py),
+while transformers' ``CompressedTensorsConfig(dequantize=True)`` path passes the decompressor no
+``weight_g_idx`` and so groups the columns contiguously: wrong. compressed-tensors 0.19 and
+later removed ``actorder="group"`` and reject such a config, so they fail loudly on these
+checkpoints rather than misread them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 
@@ -23,9 +35,10 @@ class CompressedTensors(PackFormat):
     name = "compressed-tensors"
     bits = (4, 8)
     bits_text = "4- or 8-bit weights"
-    tensors = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+    tensors = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
     marker = "weight_packed"
     holds_activations = True
+    holds_g_idx = True
 
     def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         in_f, out_f = w.q.shape
@@ -36,6 +49,8 @@ class CompressedTensors(PackFormat):
         }
         if not w.symmetric:
             out["weight_zero_point"] = ref.pack_ct(w.zeros.t(), w.bits, dim=0)
+        if w.g_idx is not None:
+            out["weight_g_idx"] = w.g_idx.to(torch.int32).contiguous()
         return out
 
     def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
@@ -48,39 +63,45 @@ class CompressedTensors(PackFormat):
             zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32)
         else:
             zeros = ref.unpack_ct(tensors["weight_zero_point"], bits, out_f, dim=0).t()
-        return IntWeight.from_kn(q, zeros, scales, bits, symmetric)
+        return IntWeight.from_kn(q, zeros, scales, bits, symmetric, tensors.get("weight_g_idx"))
 
     def implied(self, tensors: dict[str, torch.Tensor]) -> Layout:
         in_f = int(tensors["weight_shape"][1])
         bits = tensors["weight_packed"].shape[1] * 32 // in_f
-        return Layout(bits, in_f // tensors["weight_scale"].shape[1], in_f)
+        group = in_f // tensors["weight_scale"].shape[1]
+        return Layout(bits, group, in_f, "weight_g_idx" in tensors)
 
     def declared(self, qc: dict, name: str) -> tuple[int | None, int | None]:
         """From the config group that targets ``name`` most specifically: by its name, else by
         a ``re:`` pattern matching it, else by the class ``Linear``."""
-        groups = list(qc.get("config_groups", {}).values())
-        rules = (
-            lambda t: t == name,
-            lambda t: t.startswith("re:") and re.match(t[3:], name) is not None,
-            lambda t: t == "Linear",
-        )
-        for targets in rules:
-            for group in groups:
-                if any(targets(t) for t in group.get("targets", [])):
-                    w = group.get("weights") or {}
-                    strategy = w.get("strategy")
-                    size = {"group": w.get("group_size"), "channel": -1}.get(strategy)
-                    return w.get("num_bits"), size
-        return None, None
+        w = _weights_for(qc, name)
+        if w is None:
+            return None, None
+        size = {"group": w.get("group_size"), "channel": -1}.get(w.get("strategy"))
+        return w.get("num_bits"), size
+
+    def declared_g_idx(self, qc: dict, name: str) -> bool | None:
+        """``actorder`` ``group`` (alias ``dynamic``, or ``true`` in old configs) of the config
+        group that targets ``name``: compressed-tensors then reads ``weight_g_idx``."""
+        w = _weights_for(qc, name)
+        if w is None:
+            return None
+        order = w.get("actorder")
+        return order is True or str(order).lower() in ("group", "dynamic")
 
     def quantization_config(
-        self, specs: dict[str, QuantSpec], skipped: list[str], in_features: dict[str, int]
+        self,
+        specs: dict[str, QuantSpec],
+        skipped: list[str],
+        in_features: dict[str, int],
+        g_idx: Collection[str] = (),
     ) -> dict:
-        groups: dict[QuantSpec, list[str]] = {}
+        groups: dict[tuple[QuantSpec, bool], list[str]] = {}
         for name, spec in specs.items():
-            groups.setdefault(spec, []).append(name)
+            groups.setdefault((spec, name in g_idx), []).append(name)
         config_groups = {}
-        for i, (spec, names) in enumerate(sorted(groups.items(), key=lambda kv: kv[0].tag)):
+        ordered = sorted(groups.items(), key=lambda kv: (kv[0][0].tag, kv[0][1]))
+        for i, ((spec, act_order), names) in enumerate(ordered):
             config_groups[f"group_{i}"] = {
                 "targets": sorted(names),
                 "weights": {
@@ -90,7 +111,7 @@ class CompressedTensors(PackFormat):
                     "strategy": "channel" if spec.per_channel else "group",
                     "group_size": None if spec.per_channel else spec.group_size,
                     "dynamic": False,
-                    "actorder": None,
+                    "actorder": "group" if act_order else None,
                     "observer": "minmax",
                     "observer_kwargs": {},
                     "block_structure": None,
@@ -144,3 +165,20 @@ class CompressedTensors(PackFormat):
         return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == (
             "pack-quantized"
         )
+
+
+def _weights_for(qc: dict, name: str) -> dict | None:
+    """The ``weights`` args of the config group that targets ``name`` most specifically: by its
+    name, else by a ``re:`` pattern matching it, else by the class ``Linear`` (None: no group
+    targets it)."""
+    groups = list(qc.get("config_groups", {}).values())
+    rules = (
+        lambda t: t == name,
+        lambda t: t.startswith("re:") and re.match(t[3:], name) is not None,
+        lambda t: t == "Linear",
+    )
+    for targets in rules:
+        for group in groups:
+            if any(targets(t) for t in group.get("targets", [])):
+                return group.get("weights") or {}
+    return None

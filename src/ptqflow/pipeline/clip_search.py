@@ -13,12 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
-
-from ptqflow.blockwise import block_specs, quantized_copy
 from ptqflow.config import parse_act
-from ptqflow.methods.awq.apply import apply_clips, apply_scales
-from ptqflow.methods.awq.clip import clip_capture, search_block_clips
+from ptqflow.methods.awq.apply import apply_scales
+from ptqflow.methods.awq.clip import clip_pass
 from ptqflow.methods.awq.config import parse_distort, parse_search
 from ptqflow.methods.awq.scale import load_scales
 from ptqflow.models import linear_shapes
@@ -47,7 +44,6 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     if clip_cfg.apply_scales:
         inputs["scales"] = read_upstream(scales_dir, "scale-search", inputs, cfg)["files"]
         scales = load_scales(scales_dir, linear_shapes(setup.hf_config))
-    prefix = setup.adapter.block_prefix
     weights = None
     if balanced := mbq_weights(setup, cfg, inputs, calib, run.root):
         weights, inputs["gradient"] = balanced
@@ -55,25 +51,10 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     def prepare(model):
         apply_scales(model, scales)
 
-    def capture(i, block):
-        return clip_capture(block_specs(setup.plan, f"{prefix}.{i}"), clip_cfg)
-
-    def search(i, block, calls):
-        specs = block_specs(setup.plan, f"{prefix}.{i}")
-        w = None if weights is None else weights[i].to(next(block.parameters()).device)
-        clips = search_block_clips(block, calls, specs, clip_cfg, w)
-        ratios = {n: clip_ratios(block.get_submodule(n).weight, c) for n, c in clips.items()}
-        return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {"ratios": json.dumps(ratios)}
-
     act = parse_act(cfg["quant"])
-
-    def distorted(i, block, result, resumed):
-        """Block ``i`` as quantized: scaled (``prepare``), clipped, weights and activations
-        quantized."""
-        here = f"{prefix}.{i}."
-        clips = {name.removeprefix(here): c for name, c in result[0].items()}
-        specs = block_specs(setup.plan, f"{prefix}.{i}")
-        return quantized_copy(block, specs, act, lambda copy: apply_clips(copy, clips))
+    blocks = clip_pass(
+        setup.adapter, setup.plan, clip_cfg, act, weights, parse_distort(cfg["search"])
+    )
 
     return run_blockwise(
         STAGE,
@@ -82,20 +63,10 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         setup,
         calib,
         inputs,
-        capture,
-        search,
+        blocks,
         prepare,
         block_summary,
-        distorted if parse_distort(cfg["search"]) else None,
     )
-
-
-def clip_ratios(weight: torch.Tensor, clip: torch.Tensor) -> list[float]:
-    """How much a clip cuts: its mean ratio to each group's largest weight magnitude, and the
-    fraction of groups it cuts at all."""
-    groups = weight.detach().float().abs().reshape(*clip.shape, -1).amax(-1)
-    ratio = (clip.float() / groups.clamp_min(torch.finfo(torch.float32).tiny)).clamp_max(1.0)
-    return [round(ratio.mean().item(), 6), round((ratio < 1).float().mean().item(), 6)]
 
 
 def block_summary(metadata: dict[str, str]) -> dict[str, float]:

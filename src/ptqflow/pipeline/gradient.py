@@ -32,10 +32,10 @@ from ptqflow.gradient import (
     VISION,
     collect,
     modality_groups,
-    modality_ratios,
     text_groups,
     to_tensors,
 )
+from ptqflow.methods.mbq import modality_ratios
 from ptqflow.models import load_model
 from ptqflow.pipeline.common import (
     StageRun,

@@ -24,22 +24,25 @@ from ptqflow.artifacts import (
     to_json,
     write_manifest,
 )
-from ptqflow.blockwise import BlockResult, BlockStore, Calls, Capture, block_files, run_resumable
+from ptqflow.blockwise import BlockPass, BlockStore, block_files, run_resumable
 from ptqflow.calib import CalibData
 from ptqflow.config import (
     AutoRecipeConfig,
     is_auto,
     parse,
+    parse_act,
     parse_quant,
     parse_recipe,
 )
-from ptqflow.gradient import STATS_FILE, balance_weights, from_tensors, modality_ratios
+from ptqflow.gradient import STATS_FILE, from_tensors
+from ptqflow.methods import search_stage, transforms
 from ptqflow.methods.awq.clip import load_clips
 from ptqflow.methods.awq.config import parse_balance, parse_search
 from ptqflow.methods.awq.scale import GroupScale, load_scales
 from ptqflow.methods.gptq.block import load_rounded
 from ptqflow.methods.gptq.config import GPTQConfig
-from ptqflow.methods.gptq.solve import Rounded
+from ptqflow.methods.mbq import balance_weights, modality_ratios
+from ptqflow.methods.result import MethodResult
 from ptqflow.models import (
     Adapter,
     linear_layers,
@@ -119,13 +122,22 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
 
 
 def check_balance(cfg: Mapping[str, Any], adapter: Adapter, model_type: str) -> None:
-    """Refuse ``search.balance=mbq`` for a text model: it weighs vision tokens against language
-    tokens, and a text model has no vision tokens."""
-    if parse_balance(cfg["search"]) == "mbq" and not adapter.multimodal:
-        raise ValueError(
-            "search.balance=mbq weighs vision tokens against language tokens, but "
-            f"'{model_type}' is a text model; use search.balance=none"
-        )
+    """Refuse ``search.balance=mbq`` or ``gptq.balance=mbq`` for a text model: MBQ weighs
+    vision tokens against language tokens, and a text model has no vision tokens."""
+    for key, balance in balances(cfg).items():
+        if balance == "mbq" and not adapter.multimodal:
+            raise ValueError(
+                f"{key}=mbq weighs vision tokens against language tokens, but "
+                f"'{model_type}' is a text model; use {key}=none"
+            )
+
+
+def balances(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The MBQ switch of each method that scores a loss, by its key."""
+    return {
+        "search.balance": parse_balance(cfg["search"]),
+        "gptq.balance": parse(GPTQConfig, "gptq", cfg["gptq"]).balance,
+    }
 
 
 def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[CalibData, str]:
@@ -134,24 +146,29 @@ def load_calib(setup: QuantSetup, cfg: Mapping[str, Any]) -> tuple[CalibData, st
 
 
 def mbq_weights(
-    setup: QuantSetup, cfg: Mapping[str, Any], inputs: Mapping[str, Any], calib: CalibData, root
+    setup: QuantSetup,
+    cfg: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    calib: CalibData,
+    root,
+    key: str = "search.balance",
 ) -> tuple[torch.Tensor, dict[str, str]] | None:
-    """MBQ's per-token loss weights ``[n_blocks, n, seq]`` for ``search.balance=mbq`` (None for
-    ``none``): in block ``i``, 1 for language tokens and the block's vision/language gradient
-    ratio (:func:`ptqflow.gradient.modality_ratios`) for vision tokens; and the fingerprint of
-    the gradient artifact they come from (refused unless made from the same model and
-    calibration data).
+    """MBQ's per-token loss weights ``[n_blocks, n, seq]`` when the method's switch ``key``
+    (:func:`balances`) is ``mbq`` (None for ``none``): in block ``i``, 1 for language tokens
+    and the block's vision/language gradient ratio (:func:`ptqflow.methods.mbq.modality_ratios`)
+    for vision tokens; and the fingerprint of the gradient artifact they come from (refused
+    unless made from the same model and calibration data).
 
     Raises:
         ValueError: the calibration data are text (no vision tokens to weigh).
     """
-    if parse_balance(cfg["search"]) != "mbq":
+    if balances(cfg)[key] != "mbq":
         return None
     if not isinstance(calib, ImageTextBatch):
         raise ValueError(
-            "search.balance=mbq weighs vision tokens against language tokens, but the "
+            f"{key}=mbq weighs vision tokens against language tokens, but the "
             "calibration data are text; calibrate on image-text pairs (calib=scenes, or an "
-            "image-text calib.source) or use search.balance=none"
+            f"image-text calib.source) or use {key}=none"
         )
     grad_dir = setup.artifacts / "gradient"
     keep = {k: inputs[k] for k in ("model", "calib_tokens")}
@@ -196,28 +213,46 @@ def awq_inputs(
     return scales, clips, fingerprints
 
 
-GPTQ_STAGES = {"gptq": "gptq", "awq_gptq": "awq-gptq"}  # method -> the stage that rounds it
+def check_weight_only(cfg: dict[str, Any]) -> None:
+    """Refuse a weight-activation config: GPTQ here rounds weights only."""
+    if parse_act(cfg["quant"]) is not None:
+        raise ValueError(
+            "GPTQ rounds weights only, but quant sets a_bit (a weight-activation config); "
+            "use a weight-only quant config (e.g. quant=w4g64) or the awq stages for W8A8/W4A8"
+        )
 
 
-def gptq_results(
-    cfg: Mapping[str, Any], setup: QuantSetup, method: str
-) -> tuple[list[GroupScale], dict[str, Rounded], dict[str, Any]]:
-    """For ``method`` ``gptq`` or ``awq_gptq``: the AWQ scales to fold first (none for
-    ``gptq``), the integers GPTQ chose for every quantized linear, and the fingerprints of
-    what they come from; each refused unless made for the current model, calibration, recipe
-    and params."""
-    stage = GPTQ_STAGES[method]
-    gptq_cfg = parse(GPTQConfig, "gptq", cfg["gptq"])
-    inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
+def load_method(
+    cfg: Mapping[str, Any],
+    setup: QuantSetup,
+    method: str,
+    use_scales: bool = True,
+    use_clips: bool = True,
+) -> MethodResult:
+    """What ``method`` (:data:`ptqflow.methods.METHODS`) hands on for this model: the cached
+    AWQ scales and clips of its transform (either may be switched off for ablations of ``awq``)
+    and, for a searched rounding, the integers its stage chose for every quantized linear; each
+    refused unless made for the current model, calibration, recipe and params.
+
+    On AWQ-scaled weights GPTQ's integers already hold the clips (as group ranges, with
+    ``gptq.awq_clips``), so only the scales are folded before they are used."""
+    result = MethodResult(method)
+    stage = search_stage(method)
+    gptq_cfg = parse(GPTQConfig, "gptq", cfg["gptq"]) if stage else None
+    if "awq" in {s.name for s in transforms(method)}:
+        clips = gptq_cfg.awq_clips if gptq_cfg else use_clips
+        scales, clips_found, result.fingerprints = awq_inputs(cfg, setup, use_scales, clips)
+        result.scales = scales
+        result.clips = {} if stage else clips_found
+    if stage is None:
+        return result
+    check_weight_only(cfg)
+    inputs = {"model": setup.fingerprint, **setup.recipe_inputs, **result.fingerprints}
     inputs["calib_tokens"] = calib_tokens(setup.artifacts, setup.fingerprint, cfg)
-    scales, found = [], {}
-    if method == "awq_gptq":
-        scales, _, found = awq_inputs(cfg, setup, True, gptq_cfg.awq_clips)
-        inputs.update(found)
     out_dir = setup.artifacts / Path(BY_NAME[stage].outs[0]).name
-    found[method] = read_upstream(out_dir, stage, inputs, cfg)["files"]
-    rounded = load_rounded(out_dir, stage, setup.plan, linear_shapes(setup.hf_config))
-    return scales, rounded, found
+    result.fingerprints[method] = read_upstream(out_dir, stage, inputs, cfg)["files"]
+    result.rounded = load_rounded(out_dir, stage, setup.plan, linear_shapes(setup.hf_config))
+    return result
 
 
 def run_blockwise(
@@ -227,17 +262,15 @@ def run_blockwise(
     setup: QuantSetup,
     calib: CalibData,
     inputs: dict[str, str],
-    capture: Callable[[int, torch.nn.Module], Capture],
-    search: Callable[[int, torch.nn.Module, Calls], BlockResult],
+    blocks: BlockPass,
     prepare: Callable[[torch.nn.Module], None] | None = None,
     summary: Callable[[dict[str, str]], dict[str, float]] | None = None,
-    distort: Callable[[int, torch.nn.Module, BlockResult, bool], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """The body both block-wise searches share: load the model (``prepare`` it), stream its
-    blocks through ``capture``/``search`` with resume (:func:`ptqflow.blockwise.run_resumable`),
+    """The body the block-wise search stages share: load the model (``prepare`` it), stream
+    its blocks through a method's pass with resume (:func:`ptqflow.blockwise.run_resumable`),
     then write index and manifest and move the results to ``stage.outs[0]``'s directory under
     ``paths.artifacts``. ``summary`` turns a saved block's metadata into the figures MLflow
-    records for it (one step per block); ``distort``: see :func:`ptqflow.blockwise.run_resumable`.
+    records for it (one step per block).
     """
     params = stage_params(stage, cfg)
     code = stage_code(stage, run.root)
@@ -255,7 +288,15 @@ def run_blockwise(
         t0 = time.perf_counter()
         forward = model_inputs(setup.hf_config, calib)
         seconds = run_resumable(
-            model, setup.adapter, forward, device, store, capture, search, stage.name, distort
+            model,
+            setup.adapter,
+            forward,
+            device,
+            store,
+            blocks.capture,
+            blocks.search,
+            stage.name,
+            blocks.distort,
         )
         total = time.perf_counter() - t0
 

@@ -16,14 +16,14 @@ from typing import Any
 
 from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.config import parse, parse_act
-from ptqflow.formats import FORMATS, IntWeight, check_packable, get_format
-from ptqflow.methods.awq.apply import apply_clips, apply_scales
+from ptqflow.formats import FORMATS, check_packable, get_format
+from ptqflow.methods import rounding
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.models import linear_shapes, load_model, load_tokenizer
 from ptqflow.pack import PackConfig, save_packed
 from ptqflow.pipeline.common import StageRun, quant_tag, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
-from ptqflow.pipeline.quantizing import GPTQ_STAGES, awq_inputs, gptq_results, quant_setup
+from ptqflow.pipeline.quantizing import load_method, quant_setup
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["real-pack"]
@@ -31,16 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def check_contiguous(cfg: dict[str, Any], pack: PackConfig) -> None:
-    """Refuse GPTQ results whose groups follow a column permutation (``g_idx``) for a format
-    that stores only contiguous groups, before any work."""
-    if not parse(GPTQConfig, "gptq", cfg["gptq"]).needs_g_idx:
-        return
-    raise ValueError(
-        "gptq.act_order=true with gptq.static_groups=false gives each column a group index "
-        f"(g_idx), and pack.format={pack.format} stores contiguous groups, as every format "
-        f"here does ({', '.join(FORMATS)}); set gptq.static_groups=true (the groups keep "
-        "their plain layout, with act_order's gain)"
-    )
+    """Before any work: refuse GPTQ results whose groups follow a column permutation
+    (``g_idx``: ``gptq.act_order`` without ``static_groups``) for a format that stores only
+    contiguous groups, naming the formats that hold a g_idx and the GPTQ setting that avoids
+    one (:meth:`ptqflow.formats.PackFormat.check_g_idx`)."""
+    if parse(GPTQConfig, "gptq", cfg["gptq"]).needs_g_idx:
+        FORMATS[pack.format].check_g_idx()
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -49,24 +45,17 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     setup = quant_setup(cfg, run)
     act = parse_act(cfg["quant"])
     check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config), act)
-    scales, clips, inputs, integers = [], {}, {}, None
-    if pack.method == "awq":
-        scales, clips, inputs = awq_inputs(cfg, setup)
-    elif pack.method in GPTQ_STAGES:
+    if rounding(pack.method).name == "gptq":
         check_contiguous(cfg, pack)
-        scales, rounded, inputs = gptq_results(cfg, setup, pack.method)
-        integers = {
-            n: IntWeight.from_integers(r.q, r.scale, r.zero, setup.plan[n])
-            for n, r in rounded.items()
-        }
+    result = load_method(cfg, setup, pack.method)
+    inputs, integers = dict(result.fingerprints), result.integers(setup.plan)
     inputs.update(model=setup.fingerprint, **setup.recipe_inputs)
     out_dir = setup.artifacts / "packed"
     run_name = f"pack-{pack.method}-{quant_tag(cfg)}-{pack.format}"
     device = str(setup.model_cfg.torch_device())
     with tracked(STAGE, cfg, run, run_name, inputs, device) as mlrun:
         model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
-        apply_scales(model, scales)
-        apply_clips(model, clips)
+        result.transform(model)
         with atomic_dir(out_dir) as tmp:
             tokenizer = load_tokenizer(setup.ref)
             stats = save_packed(model, tokenizer, setup.plan, pack, tmp, act, integers)

@@ -18,12 +18,10 @@ from typing import Any
 import torch
 
 from ptqflow.artifacts import read_safetensors
-from ptqflow.blockwise import block_specs, quantized_copy
 from ptqflow.config import parse_act
 from ptqflow.gradient import STATS_FILE
-from ptqflow.methods.awq.apply import fold_scales
 from ptqflow.methods.awq.config import parse_distort, parse_search
-from ptqflow.methods.awq.scale import block_record, from_record, scale_capture, search_block_scales
+from ptqflow.methods.awq.scale import scale_pass
 from ptqflow.pipeline.common import StageRun, read_upstream
 from ptqflow.pipeline.quantizing import (
     check_balance,
@@ -46,35 +44,15 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     act = parse_act(cfg["quant"])
     calib, calib_sha = load_calib(setup, cfg)
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}
-    prefix = setup.adapter.block_prefix
     weights = None
     if scale_cfg.token_weight == "gradient":
         weights, inputs["gradient"] = token_weights(setup, cfg, inputs, run)
     elif balanced := mbq_weights(setup, cfg, inputs, calib, run.root):
         weights, inputs["gradient"] = balanced
 
-    def capture(i, block):
-        return scale_capture(setup.adapter, block)
-
-    def search(i, block, calls):
-        specs = block_specs(setup.plan, f"{prefix}.{i}")
-        w = None if weights is None else weights[i].to(next(block.parameters()).device)
-        results = search_block_scales(block, setup.adapter, calls, specs, scale_cfg, w, act)
-        return block_record([r.under(f"{prefix}.{i}") for r in results])
-
-    def distorted(i, block, result, resumed):
-        """Block ``i`` as quantized: its scales folded (a block searched now already has
-        them), its weights and activations quantized."""
-        here = f"{prefix}.{i}."
-
-        def fold(copy):
-            for g in from_record(*result):
-                rel = [n.removeprefix(here) for n in g.linears]
-                fold_scales(copy, g.prev.removeprefix(here), rel, g.scales)
-
-        specs = block_specs(setup.plan, f"{prefix}.{i}")
-        return quantized_copy(block, specs, act, fold if resumed else None)
-
+    blocks = scale_pass(
+        setup.adapter, setup.plan, scale_cfg, act, weights, parse_distort(cfg["search"])
+    )
     return run_blockwise(
         STAGE,
         cfg,
@@ -82,10 +60,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         setup,
         calib,
         inputs,
-        capture,
-        search,
+        blocks,
         summary=block_summary,
-        distort=distorted if parse_distort(cfg["search"]) else None,
     )
 
 

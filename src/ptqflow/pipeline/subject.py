@@ -25,8 +25,6 @@ from ptqflow.artifacts import (
     to_json,
 )
 from ptqflow.config import EvalConfig, ModelConfig, parse_act, quant_label
-from ptqflow.methods.awq.apply import apply_clips, apply_scales
-from ptqflow.methods.gptq.block import apply_rounded
 from ptqflow.models import (
     ModelRef,
     linear_layers,
@@ -35,14 +33,7 @@ from ptqflow.models import (
 )
 from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
 from ptqflow.pipeline.common import StageRun, open_stage, quant_tag
-from ptqflow.pipeline.quantizing import (
-    GPTQ_STAGES,
-    awq_inputs,
-    gptq_results,
-    load_calib,
-    quant_setup,
-)
-from ptqflow.quant import fake_quantize_linears
+from ptqflow.pipeline.quantizing import load_calib, load_method, quant_setup
 
 
 @dataclass
@@ -141,33 +132,23 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
 
     setup = quant_setup(cfg, run)
     tag = quant_tag(cfg)
-    scales, clips, inputs = [], {}, {"model": setup.fingerprint, **setup.recipe_inputs}
+    inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
     act, calib = parse_act(cfg["quant"]), None
     if act is not None and act.static:
         calib, inputs["calib_tokens"] = load_calib(setup, cfg)
-    rounded = None
-    if ev.method in GPTQ_STAGES:
-        scales, rounded, found = gptq_results(cfg, setup, ev.method)
-        inputs.update(found)
-    if ev.method == "awq":
-        if not (ev.scales or ev.clips):
-            raise ValueError(
-                "eval.method=awq with eval.scales=false and eval.clips=false is plain RTN; "
-                "use eval.method=rtn"
-            )
-        scales, clips, found = awq_inputs(cfg, setup, ev.scales, ev.clips)
-        inputs.update(found)
-        if not (ev.scales and ev.clips):
-            tag += "-scales-only" if ev.scales else "-clips-only"
+    if ev.method == "awq" and not (ev.scales or ev.clips):
+        raise ValueError(
+            "eval.method=awq with eval.scales=false and eval.clips=false is plain RTN; "
+            "use eval.method=rtn"
+        )
+    result = load_method(cfg, setup, ev.method, ev.scales, ev.clips)
+    inputs.update(result.fingerprints)
+    if ev.method == "awq" and not (ev.scales and ev.clips):
+        tag += "-scales-only" if ev.scales else "-clips-only"
 
     def build_fake():
         model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
-        apply_scales(model, scales)
-        apply_clips(model, clips)
-        if rounded is not None:  # the integers GPTQ chose, as they are
-            done = apply_rounded(model, rounded)
-        else:
-            done = fake_quantize_linears(model, setup.plan)
+        done = result.fake_quantize(model, setup.plan)
         model = model.to(setup.model_cfg.torch_device())
         quantize_activations(model, done, act, calib)
         return model, done

@@ -20,6 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ptqflow.config import EVAL_METHODS
+from ptqflow.methods import METHODS as QUANT_METHODS
+from ptqflow.methods import (
+    method_outs,
+    method_params,
+    rounding,
+    search_outs,
+    search_stage,
+    transforms,
+)
 
 
 @dataclass(frozen=True)
@@ -100,38 +109,44 @@ EVAL_PROTOCOL = (
 EVAL = "stages/fake_quant_eval.py"
 LM_EVAL = "stages/lm_evaluation.py"
 METHODS = EVAL_METHODS
-# GPTQ's params; awq_clips only matters on AWQ-scaled weights.
-GPTQ_PARAMS = tuple(
-    f"gptq.{k}"
-    for k in (
-        "percdamp",
-        "block_size",
-        "act_order",
-        "static_groups",
-        "ranges",
-        "true_sequential",
-        "propagate",
-    )
-)
-AWQ = ("artifacts/calib", "artifacts/recipe", "artifacts/scales", "artifacts/clips")
+BASE = ("artifacts/calib", "artifacts/recipe")
+QUANT_PARAMS = ("model", "calib", "quant", "recipe")
+# Per-method switches of the evaluation alone (the two halves of AWQ, for ablations).
+EVAL_SWITCHES = {"awq": ("eval.scales", "eval.clips")}
 # What builds each evaluated model: its params and upstream outputs (both eval stages share it).
 # rtn and awq read the calibration blocks for static activation scales (quant.a_granularity).
 SUBJECT_PARAMS = {
     "fp": ("model",),
-    "rtn": ("model", "calib", "quant", "recipe"),
-    "awq": ("model", "calib", "quant", "recipe", "search", "eval.scales", "eval.clips"),
-    "gptq": ("model", "calib", "quant", "recipe", *GPTQ_PARAMS),
-    "awq_gptq": ("model", "calib", "quant", "recipe", "search", "gptq"),
+    **{m: (*QUANT_PARAMS, *method_params(m), *EVAL_SWITCHES.get(m, ())) for m in QUANT_METHODS},
     "packed": ("model",),
 }
 SUBJECT_DEPS = {
     "fp": (),
-    "rtn": ("artifacts/calib", "artifacts/recipe"),
-    "awq": AWQ,
-    "gptq": ("artifacts/calib", "artifacts/recipe", "artifacts/gptq"),
-    "awq_gptq": (*AWQ, "artifacts/awq_gptq"),
+    **{m: (*BASE, *method_outs(m)) for m in QUANT_METHODS},
     "packed": ("artifacts/packed",),
 }
+
+
+def _union(of) -> tuple[str, ...]:
+    """Every method's ``of(method)``, each key once, in method order (a key inside a section
+    that is listed whole left out)."""
+    keys = dict.fromkeys(k for m in QUANT_METHODS for k in of(m))
+    return tuple(k for k in keys if k.split(".")[0] == k or k.split(".")[0] not in keys)
+
+
+def _search(method: str) -> Stage:
+    """The stage that searches ``method``'s integers: ``stages/<method>.py``."""
+    return Stage(
+        search_stage(method),
+        f"stages/{method}.py",
+        params=(*QUANT_PARAMS, *method_params(method), "paths.artifacts"),
+        deps=(
+            *BASE,
+            *rounding(method).search_reads,
+            *(o for s in transforms(method) for o in s.outs),
+        ),
+        outs=(search_outs(method),),
+    )
 
 
 def _eval(method: str) -> Stage:
@@ -236,28 +251,14 @@ _WORK: tuple[Stage, ...] = (
         outs=("artifacts/clips",),
     ),
     _eval("awq"),
-    Stage(
-        "gptq",
-        "stages/gptq.py",
-        params=("model", "calib", "quant", "recipe", *GPTQ_PARAMS, "paths.artifacts"),
-        deps=("artifacts/calib", "artifacts/recipe"),
-        outs=("artifacts/gptq",),
-    ),
-    _eval("gptq"),
-    Stage(
-        "awq-gptq",
-        "stages/awq_gptq.py",
-        params=("model", "calib", "quant", "recipe", "search", "gptq", "paths.artifacts"),
-        deps=AWQ,
-        outs=("artifacts/awq_gptq",),
-    ),
-    _eval("awq_gptq"),
+    *(s for m in QUANT_METHODS if search_stage(m) for s in (_search(m), _eval(m))),
     Stage(
         "real-pack",
         "stages/real_pack.py",
-        # pack.method picks what it reads: the AWQ results, or a GPTQ stage's integers.
-        params=("model", "calib", "quant", "recipe", "search", "gptq", "pack", "paths.artifacts"),
-        deps=(*AWQ, "artifacts/gptq", "artifacts/awq_gptq"),
+        # pack.method picks what it reads (one method's results); DVC's deps are static, so
+        # it depends on every method's.
+        params=(*QUANT_PARAMS, *_union(method_params), "pack", "paths.artifacts"),
+        deps=(*BASE, *_union(method_outs)),
         outs=("artifacts/packed",),
     ),
     _eval("packed"),
@@ -273,7 +274,8 @@ _WORK: tuple[Stage, ...] = (
     Stage(
         "report",
         "stages/report.py",
-        params=("paths.artifacts", "paths.reports"),
+        # eval.source: the text the DVC rows were scored on; model.name pairs them with sweeps
+        params=("paths.artifacts", "paths.reports", "eval.source", "model.name"),
         deps=(
             *(f"reports/eval/{m}.json" for m in METHODS),
             *(f"reports/lm_eval/{m}.json" for m in METHODS),

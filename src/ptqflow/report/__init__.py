@@ -17,10 +17,15 @@ directory); nothing is required:
 A file in an older schema (a required key missing, not a JSON object, not JSON) is skipped with
 a :class:`ReportWarning` naming it, and listed in the report; nothing here raises on content.
 The perplexity and lm-eval records of one model (same source, method and quant config, and for
-sweeps the same params but the evaluation's) are merged into one row. A record without bits per
-weight gets 16 for fp, or, when its params name the model and a recipe other than ``auto``, the
-size its evaluation stage records today (:mod:`ptqflow.report.bits`); else none, and its row
-stays off the size axis.
+sweeps the same params but the evaluation's) are merged into one row. A perplexity belongs to
+the text it was measured on (``eval.source``: a record's params say it; the DVC eval files take
+the DAG's, ``<root>/params.yaml``): rows of two texts are never merged nor compared, the results
+table shows each row's text when there are several, and the Generalization section sets each
+method's perplexity on another text (``wiki-fr:eval``) beside its perplexity on the DAG's.
+
+A record without bits per weight gets 16 for fp, or, when its params name the model and a recipe
+other than ``auto``, the size its evaluation stage records today (:mod:`ptqflow.report.bits`);
+else none, and its row stays off the size axis.
 
 :func:`write_report` writes ``R/report.md``, ``R/figures/{pareto_report,alphas,speedup}.png``
 (each when it has data; otherwise any old copy is removed and the report says so) and
@@ -35,6 +40,7 @@ One module per job: :mod:`~ptqflow.report.records` (the rows and other records),
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +67,13 @@ def write_report(
     artifacts: Path | None = None,
     root: Path | None = None,
     bits_of: BitsOf | None = None,
+    dag: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Read everything (:func:`collect`) and write ``report.md``, the figures and the plot
-    CSVs under ``reports``. Returns a summary: rows, counts, skipped files, figures drawn."""
+    """Read everything (:func:`collect`; ``dag``, the DAG's params, defaults to
+    ``<root>/params.yaml``) and write ``report.md``, the figures and the plot CSVs under
+    ``reports``. Returns a summary: rows, counts, skipped files, figures drawn."""
     reports = Path(reports)
-    c = collect(reports, artifacts, root, bits_of)
+    c = collect(reports, artifacts, root, bits_of, dag)
     figures, plots = reports / "figures", reports / "plots"
     drawn = draw_figures(c, figures)
     atomic_write_text(plots / "quality.csv", quality_csv(c.rows))

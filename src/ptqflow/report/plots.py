@@ -47,10 +47,11 @@ def _style(row: Row) -> tuple[str, str, str]:
 
 def plot_quality(rows: list[Row], path: Path) -> bool:
     """Perplexity (log) against bits per weight, fp as dashed lines; beside it the first
-    multiple-choice task's accuracy with stderr bars when any row has it. False (nothing
-    drawn) when no row has both a size and a perplexity."""
+    multiple-choice task's accuracy with stderr bars when any row has it. Perplexities on a
+    text other than the main one stay out (two texts' perplexities do not compare). False
+    (nothing drawn) when no row has both a size and a perplexity."""
     sized = [r for r in rows if r.bits_per_weight is not None]
-    ppl_rows = [r for r in sized if r.perplexity is not None]
+    ppl_rows = [r for r in sized if r.perplexity is not None and not r.other_text]
     if not ppl_rows:
         return False
     from matplotlib.ticker import LogFormatter

@@ -7,7 +7,9 @@
 - ``<artifacts>/scales/block_NNN.safetensors``, the scale search's alphas (:func:`read_alphas`);
 - ``R/bench*.json``, the kernel timings (:func:`read_bench`).
 
-:func:`collect` runs them all. A file that cannot be read is skipped with a
+:func:`collect` runs them all. A perplexity record's text (``eval.source``) comes from its
+params; the DVC eval files hold none, and take the DAG's (:func:`read_dag`, ``params.yaml``).
+A file that cannot be read is skipped with a
 :class:`~ptqflow.report.records.ReportWarning` and listed; nothing here raises on content. A
 record without bits per weight gets them from its params through a
 :data:`~ptqflow.report.bits.BitsOf` (by default :class:`~ptqflow.report.bits.ModelBits`).
@@ -27,7 +29,15 @@ from typing import Any
 
 from ptqflow.artifacts import params_hash
 from ptqflow.report.bits import BitsOf, ModelBits
-from ptqflow.report.records import Alpha, Bench, Collected, ReportWarning, Row, merge_rows
+from ptqflow.report.records import (
+    Alpha,
+    Bench,
+    Collected,
+    ReportWarning,
+    Row,
+    main_text,
+    merge_rows,
+)
 
 # Params sections that say how a model was evaluated, not which model it is: records that
 # differ only there (a perplexity sweep and an lm-eval sweep of one config) share a row.
@@ -116,6 +126,13 @@ def _record(
     return row, params if isinstance(params, dict) else None
 
 
+def _get(params: Mapping[str, Any] | None, section: str, key: str) -> str | None:
+    """``params[section][key]`` when it is a string, else None."""
+    part = params.get(section) if isinstance(params, Mapping) else None
+    value = part.get(key) if isinstance(part, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
 def _finish(
     row: Row,
     source: str,
@@ -123,12 +140,14 @@ def _finish(
     key: str,
     params: Mapping[str, Any] | None,
     bits_of: BitsOf,
+    text: str | None = None,
 ) -> Row:
+    """Name the row and fill what its params say: its model, its perplexity's text (the
+    params' ``eval.source``, else ``text``), its size when it records none."""
     row.source, row.method, row.key = source, method, key
-    if params is not None:
-        model = params.get("model")
-        if isinstance(model, Mapping) and isinstance(model.get("name"), str):
-            row.model = model["name"]
+    row.model = _get(params, "model", "name")
+    if row.perplexity is not None:
+        row.text = _get(params, "eval", "source") or text
     if row.bits_per_weight is None:
         row.bits_per_weight = 16.0 if method == "fp" else None
         if row.bits_per_weight is None and params is not None:
@@ -136,8 +155,11 @@ def _finish(
     return row
 
 
-def read_dvc(reports: Path, skipped: list, bits_of: BitsOf) -> tuple[list[Row], int]:
-    """Rows of ``R/eval/*.json`` and ``R/lm_eval/*.json`` (source ``dvc``) and the files read."""
+def read_dvc(
+    reports: Path, skipped: list, bits_of: BitsOf, text: str | None = None
+) -> tuple[list[Row], int]:
+    """Rows of ``R/eval/*.json`` and ``R/lm_eval/*.json`` (source ``dvc``) and the files read;
+    ``text``: the DAG's ``eval.source``, the text of their perplexities."""
     rows, n = [], 0
     for sub, kind in (("eval", "ppl"), ("lm_eval", "lm")):
         for path in sorted((reports / sub).glob("*.json")):
@@ -147,7 +169,7 @@ def read_dvc(reports: Path, skipped: list, bits_of: BitsOf) -> tuple[list[Row], 
                 _record(kind, data, f"{sub}/{path.name}", path, skipped) if ok else (None, None)
             )
             if row is not None:
-                rows.append(_finish(row, "dvc", path.stem, "", params, bits_of))
+                rows.append(_finish(row, "dvc", path.stem, "", params, bits_of, text))
     return rows, n
 
 
@@ -345,20 +367,39 @@ def read_bench(reports: Path, skipped: list) -> list[Bench]:
     return out
 
 
+def read_dag(root: Path | None) -> dict[str, Any] | None:
+    """The DAG's params, ``<root>/params.yaml``, or None (no root, no file, not a mapping)."""
+    import yaml
+
+    path = Path(root) / "params.yaml" if root is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return params if isinstance(params, dict) else None
+
+
 def collect(
     reports: Path,
     artifacts: Path | None = None,
     root: Path | None = None,
     bits_of: BitsOf | None = None,
+    dag: Mapping[str, Any] | None = None,
 ) -> Collected:
     """Read everything the report shows (see the module doc); experiments only with ``root``
     (the project root, a git work tree), alphas only with ``artifacts``. ``bits_of`` derives
-    a size from a record's params (default :class:`ModelBits`)."""
+    a size from a record's params (default :class:`ModelBits`). ``dag``: the DAG's params,
+    whose ``eval.source`` and ``model.name`` the DVC rows were made with (default
+    :func:`read_dag` of ``root``); its ``eval.source`` is the report's main text."""
     reports = Path(reports)
     model_bits = ModelBits()
     bits_of = bits_of or model_bits
+    dag = read_dag(root) if dag is None else dag
+    text, model = _get(dag, "eval", "source"), _get(dag, "model", "name")
     skipped: list[tuple[str, str]] = []
-    dvc, n_dvc = read_dvc(reports, skipped, bits_of)
+    dvc, n_dvc = read_dvc(reports, skipped, bits_of, text)
     exps, n_exps = read_experiments(Path(root), skipped, bits_of) if root else ([], 0)
     sweeps, n_sweeps = read_sweeps(reports, skipped, bits_of)
     pareto, n_points = read_pareto(reports, skipped)
@@ -373,5 +414,7 @@ def collect(
         "bench files": len(bench),
     }
     notes = [f"no size for `{what}`: {why}" for what, why in sorted(model_bits.notes.items())]
-    rows = merge_rows(dvc + exps + sweeps + pareto)
-    return Collected(rows, counts, sorted(skipped), notes, alphas, bench)
+    records = dvc + exps + sweeps + pareto
+    text = main_text(records, text)
+    rows = merge_rows(records, text)
+    return Collected(rows, counts, sorted(skipped), notes, alphas, bench, text, model)

@@ -3,6 +3,10 @@ from its perplexity and lm-eval files, :func:`merge_rows`, in the report's order
 :func:`sort_rows`), the scale search's :class:`Alpha` values, the kernel :class:`Bench` files,
 and :class:`Collected`, all of it. Kept apart from the readers that fill them so that the
 Markdown, the CSV tables and the figures depend on these and nothing else.
+
+A perplexity is a figure of the text it was measured on (``eval.source``, :attr:`Row.text`):
+rows of different texts are never merged, and a row on a text other than the report's main one
+(the DAG's ``eval.source``) says so in its name (``.../<key>@wiki-fr:eval``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class Row:
         metrics: lm-eval figures by ``<task>.<metric>`` (``wiki_titles.acc``, ...).
         files: where the figures came from (relative to the reports directory when inside it).
         model: the model's name from the record's params, when it has them.
+        text: the text its perplexity was measured on (``eval.source``: ``wiki:eval``,
+            ``wiki-fr:eval``), or None when unknown or when it has no perplexity.
+        other_text: whether ``text`` is a text other than the report's main one (set by
+            :func:`merge_rows`); such a row's name ends in ``@<text>``.
     """
 
     source: str
@@ -45,11 +53,15 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     model: str | None = None
+    text: str | None = None
+    other_text: bool = False
 
     @property
     def name(self) -> str:
-        """A unique, stable name: ``source/method/quant[/key]``."""
-        return "/".join(p for p in (self.source, self.method, self.quant, self.key) if p)
+        """A unique, stable name: ``source/method/quant[/key][@text]``, the text only when it is
+        not the report's main one."""
+        name = "/".join(p for p in (self.source, self.method, self.quant, self.key) if p)
+        return f"{name}@{self.text}" if self.other_text else name
 
     def as_dict(self) -> dict[str, Any]:
         """The row flat: its fields, each lm-eval figure by ``<task>.<metric>``, ``file``."""
@@ -60,6 +72,7 @@ class Row:
             "quant": self.quant,
             "bits_per_weight": self.bits_per_weight,
             "perplexity": self.perplexity,
+            "text": self.text,
             **self.metrics,
             "file": ", ".join(self.files),
         }
@@ -103,6 +116,10 @@ class Collected:
         notes: why a size could not be derived, per model source.
         alphas: the scale search's alphas, by block then group.
         bench: the kernel benchmark files.
+        text: the main evaluation text: the DAG's ``eval.source`` (else the most common text
+            of the rows); None when no row's text is known.
+        model: the DAG's model name (``model.name``), the model of the ``dvc`` rows; None
+            when unknown.
     """
 
     rows: list[Row]
@@ -111,44 +128,94 @@ class Collected:
     notes: list[str]
     alphas: list[Alpha]
     bench: list[Bench]
+    text: str | None = None
+    model: str | None = None
 
 
-def merge_rows(rows: list[Row]) -> list[Row]:
+def main_text(rows: list[Row], text: str | None = None) -> str | None:
+    """The report's main evaluation text: ``text`` (the DAG's) when given, else the text most
+    rows were measured on (the first in sorted order on a tie), else None."""
+    if text is not None:
+        return text
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.text is not None:
+            counts[r.text] = counts.get(r.text, 0) + 1
+    return min(counts, key=lambda t: (-counts[t], t)) if counts else None
+
+
+def texts(rows: list[Row]) -> list[str]:
+    """The evaluation texts any row's perplexity was measured on, sorted."""
+    return sorted({r.text for r in rows if r.text is not None})
+
+
+def merge_rows(rows: list[Row], text: str | None = None) -> list[Row]:
     """Merge records of one (source, method, quant, key) into one row; a record whose figures
-    a row already holds (a second perplexity, the same lm-eval figure) opens another row with
-    ``.2``, ``.3``... appended to its key."""
-    slots: dict[tuple[str, str, str, str], list[Row]] = {}
-    out: list[Row] = []
+    a row already holds (a second perplexity, the same lm-eval figure) or measured on another
+    text opens another row, with ``.2``, ``.3``... appended to its key when a row of that name
+    exists already. ``text``: the main evaluation text (:func:`main_text`); a record without a
+    text (lm-eval figures) joins a row of the main text before a row of another.
+
+    The perplexity records are placed first, so that lm-eval figures find the row of their
+    model's main text wherever their files sort; each row's files, size and model are then
+    taken in the records' own order."""
+    main = main_text(rows, text)
     for row in rows:
+        row.other_text = row.text is not None and row.text != main
+    slots: dict[tuple[str, str, str, str], list[Row]] = {}
+    members: dict[int, list[int]] = {}  # id of a row opened -> the records merged into it
+    out: list[Row] = []
+    first = [i for i, r in enumerate(rows) if r.perplexity is not None]
+    order = first + [i for i, r in enumerate(rows) if r.perplexity is None]
+    for i in order:
+        row = rows[i]
         group = slots.setdefault((row.source, row.method, row.quant, row.key), [])
-        for have in group:
-            clash = have.perplexity is not None and row.perplexity is not None
-            if not clash and not set(have.metrics) & set(row.metrics):
-                have.perplexity = have.perplexity if row.perplexity is None else row.perplexity
-                have.metrics.update(row.metrics)
-                have.files.extend(row.files)
-                if have.bits_per_weight is None:
-                    have.bits_per_weight = row.bits_per_weight
-                if have.model is None:
-                    have.model = row.model
-                break
-        else:
-            if group:
-                row.key = f"{row.key}.{len(group) + 1}" if row.key else str(len(group) + 1)
-            group.append(row)
-            out.append(row)
+        fits = [
+            have
+            for have in group
+            if not (have.perplexity is not None and row.perplexity is not None)
+            and not set(have.metrics) & set(row.metrics)
+            and (have.text is None or row.text is None or have.text == row.text)
+        ]
+        if fits:
+            # a record here has no perplexity (those come first, and two clash): no text
+            have = next((h for h in fits if not h.other_text), fits[0])
+            have.metrics.update(row.metrics)
+            members[id(have)].append(i)
+            continue
+        shown = row.text if row.other_text else None
+        same = [h for h in group if (h.text if h.other_text else None) == shown]
+        key = row.key
+        if same:
+            key = f"{key}.{len(same) + 1}" if key else str(len(same) + 1)
+        fresh = {"key": key, "metrics": dict(row.metrics), "files": [], "model": None}
+        row = Row(**{**row.__dict__, **fresh, "bits_per_weight": None})
+        group.append(row)
+        members[id(row)] = [i]
+        out.append(row)
+    for row in out:
+        for i in sorted(members[id(row)]):
+            rec = rows[i]
+            row.files.extend(rec.files)
+            if row.bits_per_weight is None:
+                row.bits_per_weight = rec.bits_per_weight
+            if row.model is None:
+                row.model = rec.model
     return sort_rows(out)
 
 
 def sort_rows(rows: list[Row]) -> list[Row]:
     """By source (dvc, experiments, sweeps, Pareto), method (fp, rtn, awq, packed), size,
-    quant, key."""
+    quant, key, then text (the main one first)."""
 
     def order(r: Row) -> tuple:
         kind = r.source.split(":")[0]
         method = METHODS.index(r.method) if r.method in METHODS else len(METHODS)
         bits = r.bits_per_weight if r.bits_per_weight is not None else math.inf
-        return (_SOURCE_RANK.get(kind, 9), r.source, method, r.method, bits, r.quant, r.key)
+        return (
+            *(_SOURCE_RANK.get(kind, 9), r.source, method, r.method, bits, r.quant, r.key),
+            *(r.other_text, r.text or ""),
+        )
 
     return sorted(rows, key=order)
 

@@ -11,15 +11,18 @@ The result of one block is a :class:`BlockClips` (``{linear path: max_val [out, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ptqflow.activation import ActSpec
 from ptqflow.artifacts import read_safetensors
-from ptqflow.blockwise import Calls, block_files
-from ptqflow.methods.awq.apply import clip_weight
+from ptqflow.blockwise import BlockPass, Calls, block_files, block_specs, quantized_copy
+from ptqflow.methods.awq.apply import apply_clips, clip_weight
 from ptqflow.methods.awq.config import ClipSearchConfig
+from ptqflow.models.adapters import Adapter
 from ptqflow.quant import QuantSpec, fake_quantize
 
 BlockClips = dict[str, torch.Tensor]
@@ -118,3 +121,46 @@ def load_clips(
                     )
             clips[name] = v
     return clips
+
+
+def clip_pass(
+    adapter: Adapter,
+    plan: dict[str, QuantSpec | None],
+    cfg: ClipSearchConfig,
+    act: ActSpec | None = None,
+    weights: torch.Tensor | None = None,
+    distort: bool = False,
+) -> BlockPass:
+    """The clip search over a model's blocks (on the model as it is: scaled for AWQ), each
+    block's clips saved with full paths and, as metadata, how much they cut
+    (:func:`clip_ratios`). ``weights``: per-token loss weights ``[n_blocks, n, seq]``, or
+    None; ``distort``: the next block sees this one as quantized (clipped, weights and
+    activations quantized)."""
+    prefix = adapter.block_prefix
+
+    def capture(i, block):
+        return clip_capture(block_specs(plan, f"{prefix}.{i}"), cfg)
+
+    def search(i, block, calls):
+        specs = block_specs(plan, f"{prefix}.{i}")
+        w = None if weights is None else weights[i].to(next(block.parameters()).device)
+        clips = search_block_clips(block, calls, specs, cfg, w)
+        ratios = {n: clip_ratios(block.get_submodule(n).weight, c) for n, c in clips.items()}
+        return {f"{prefix}.{i}.{n}": v for n, v in clips.items()}, {"ratios": json.dumps(ratios)}
+
+    def distorted(i, block, result, resumed):
+        """Block ``i`` as quantized: clipped, weights and activations quantized."""
+        here = f"{prefix}.{i}."
+        clips = {name.removeprefix(here): c for name, c in result[0].items()}
+        specs = block_specs(plan, f"{prefix}.{i}")
+        return quantized_copy(block, specs, act, lambda copy: apply_clips(copy, clips))
+
+    return BlockPass(capture, search, distorted if distort else None)
+
+
+def clip_ratios(weight: torch.Tensor, clip: torch.Tensor) -> list[float]:
+    """How much a clip cuts: its mean ratio to each group's largest weight magnitude, and the
+    fraction of groups it cuts at all."""
+    groups = weight.detach().float().abs().reshape(*clip.shape, -1).amax(-1)
+    ratio = (clip.float() / groups.clamp_min(torch.finfo(torch.float32).tiny)).clamp_max(1.0)
+    return [round(ratio.mean().item(), 6), round((ratio < 1).float().mean().item(), 6)]

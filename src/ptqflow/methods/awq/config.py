@@ -9,10 +9,10 @@ from typing import Any
 
 from ptqflow.config import parse, require_positive
 from ptqflow.fields import check_value
+from ptqflow.methods.mbq import BALANCES
 
 SEARCH_LOSSES = ("mse", "mae")
 SCALE_GRIDS = ("awq", "smoothquant")
-BALANCES = ("none", "mbq")
 TOKEN_WEIGHTS = ("none", "gradient")
 
 

@@ -52,7 +52,15 @@ from torch import nn
 from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.artifacts import read_safetensors
-from ptqflow.blockwise import Call, Calls, block_files, first_output
+from ptqflow.blockwise import (
+    BlockPass,
+    Call,
+    Calls,
+    block_files,
+    block_specs,
+    first_output,
+    quantized_copy,
+)
 from ptqflow.methods.awq.apply import fold_scales
 from ptqflow.methods.awq.config import ScaleSearchConfig
 from ptqflow.models.adapters import Adapter, ScaleGroup
@@ -422,3 +430,42 @@ def load_scales(
                     )
             found.append(g)
     return found
+
+
+def scale_pass(
+    adapter: Adapter,
+    plan: dict[str, QuantSpec | None],
+    cfg: ScaleSearchConfig,
+    act: ActSpec | None = None,
+    weights: torch.Tensor | None = None,
+    distort: bool = False,
+) -> BlockPass:
+    """The scale search over a model's blocks: each block's groups searched (folding the
+    chosen scales into the block), its result saved with full paths. ``weights``: per-token
+    loss weights ``[n_blocks, n, seq]``, or None; ``distort``: the next block sees this one as
+    quantized (scales folded, weights and activations quantized)."""
+    prefix = adapter.block_prefix
+
+    def capture(i, block):
+        return scale_capture(adapter, block)
+
+    def search(i, block, calls):
+        specs = block_specs(plan, f"{prefix}.{i}")
+        w = None if weights is None else weights[i].to(next(block.parameters()).device)
+        results = search_block_scales(block, adapter, calls, specs, cfg, w, act)
+        return block_record([r.under(f"{prefix}.{i}") for r in results])
+
+    def distorted(i, block, result, resumed):
+        """Block ``i`` as quantized: its scales folded (a block searched now already has
+        them), its weights and activations quantized."""
+        here = f"{prefix}.{i}."
+
+        def fold(copy):
+            for g in from_record(*result):
+                rel = [n.removeprefix(here) for n in g.linears]
+                fold_scales(copy, g.prev.removeprefix(here), rel, g.scales)
+
+        specs = block_specs(plan, f"{prefix}.{i}")
+        return quantized_copy(block, specs, act, fold if resumed else None)
+
+    return BlockPass(capture, search, distorted if distort else None)

@@ -24,10 +24,18 @@ import torch
 from torch import nn
 
 from ptqflow.artifacts import read_safetensors
-from ptqflow.blockwise import BlockResult, block_files, first_output
+from ptqflow.blockwise import (
+    BLOCK_CALL,
+    BlockPass,
+    BlockResult,
+    block_files,
+    block_specs,
+    first_output,
+)
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.methods.gptq.solve import Hessian, Rounded, gptq_round
-from ptqflow.quant import QuantSpec
+from ptqflow.models.adapters import Adapter
+from ptqflow.quant import QuantSpec, int_range
 
 
 class _Stop(Exception):
@@ -38,61 +46,56 @@ class _Stop(Exception):
 def call_groups(
     block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]
 ) -> list[list[str]]:
-    """The linears ``names`` in the order the block's forward calls them (on the first
-    sequence of ``x``), consecutive calls on the same input tensor grouped."""
-    calls: list[tuple[str, torch.Tensor]] = []  # the inputs stay alive, so no address repeats
-    handles = []
-    for name in names:
-
-        def hook(module, args, name=name):
-            calls.append((name, args[0]))
-
-        handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        block(x[:1], **_first(kwargs, x.shape[0]))
-    finally:
-        for h in handles:
-            h.remove()
+    """The linears ``names`` in the order the block's forward calls them (over every token of
+    ``x``, so any input layout works), consecutive calls on the same input tensor grouped."""
     groups: list[list[str]] = []
-    last = None
-    for name, t in calls:
+    last: list = [None, None]  # the last input (kept alive, so its address is not reused), key
+
+    def hook(name, args):
         if any(name in g for g in groups):
-            continue
-        key = (t.data_ptr(), tuple(t.shape))
-        if groups and key == last:
+            return
+        key = (args[0].data_ptr(), tuple(args[0].shape))
+        if groups and key == last[1]:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last = key
+        last[:] = [args[0], key]
+
+    handles = [
+        block.get_submodule(n).register_forward_pre_hook(
+            lambda module, args, name=n: hook(name, args)
+        )
+        for n in names
+    ]
+    try:
+        first_output(block(x, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
     missing = sorted(set(names) - {n for g in groups for n in g})
     if missing:
         raise ValueError(f"the block's forward never calls the linear(s) {missing}")
     return groups
 
 
-def _first(value, n: int):
-    """``value`` with every tensor whose leading size is the batch ``n`` cut to its first row
-    (in dicts and tuples too)."""
-    if isinstance(value, torch.Tensor):
-        return value[:1] if value.dim() and value.shape[0] == n else value
-    if isinstance(value, tuple):
-        return tuple(_first(v, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _first(v, n) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
-def group_hessian(block: nn.Module, x: torch.Tensor, kwargs: dict, names: list[str]) -> Hessian:
-    """The Hessian of the input the linears ``names`` share, over every token of ``x``; the
-    forward stops once they have all been called."""
+def group_hessian(
+    block: nn.Module,
+    x: torch.Tensor,
+    kwargs: dict,
+    names: list[str],
+    weights: torch.Tensor | None = None,
+) -> Hessian:
+    """The Hessian of the input the linears ``names`` share, over every token of ``x``
+    (weighted per token by ``weights [n, seq]``, if given); the forward stops once they have
+    all been called."""
     first = block.get_submodule(names[0])
     h = Hessian(first.in_features, x.device)
     seen: set[str] = set()
     handles = []
 
     def pre(module, args):
-        h.add(args[0])
+        h.add(args[0], weights)
 
     def done(name):
         def hook(module, args, out):
@@ -122,18 +125,26 @@ def quantize_block(
     specs: Mapping[str, QuantSpec | None],
     cfg: GPTQConfig,
     clips: Mapping[str, torch.Tensor] | None = None,
+    groups: list[list[str]] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, Rounded]:
     """GPTQ on every linear of ``specs`` (paths relative to the block) with a spec; see the
     module docstring. ``clips`` (AWQ's clip values) bound the group ranges of the linears
-    they name."""
+    they name. ``groups``: the linears' call order (:func:`call_groups`), when known (every
+    block of a model with the same linears has the same). ``weights [n, seq]``: per-token
+    weights of the objective (MBQ), or None."""
     work = deepcopy(block)
     names = [n for n, spec in specs.items() if spec is not None]
-    groups = call_groups(work, x, kwargs, names)
+    groups = groups or call_groups(work, x, kwargs, names)
     if not cfg.true_sequential:
-        hessians = {n: group_hessian(work, x, kwargs, g) for g in groups for n in g}
+        hessians = {g[0]: group_hessian(work, x, kwargs, g, weights) for g in groups}
     results: dict[str, Rounded] = {}
     for group in groups:
-        h = group_hessian(work, x, kwargs, group) if cfg.true_sequential else hessians[group[0]]
+        h = (
+            group_hessian(work, x, kwargs, group, weights)
+            if cfg.true_sequential
+            else hessians[group[0]]
+        )
         value = h.value()
         by_spec: dict[QuantSpec, list[str]] = {}
         for name in group:  # linears of one input and one spec are rounded as one matrix
@@ -169,6 +180,57 @@ def quantize_block(
     return {n: results[n] for n in names}
 
 
+def gptq_pass(
+    adapter: Adapter,
+    plan: Mapping[str, QuantSpec | None],
+    cfg: GPTQConfig,
+    clips: Mapping[str, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
+) -> BlockPass:
+    """GPTQ over a model's blocks (as it is: AWQ-scaled for AWQ + GPTQ), each block's result
+    saved with full paths (:func:`block_record`). ``clips`` (full paths): AWQ's clip values
+    as group ranges; ``weights``: per-token weights ``[n_blocks, n, seq]`` (MBQ), or None.
+    With ``cfg.propagate == "quantized"`` the next block sees this one with its GPTQ weights.
+    The call order of a block's linears is found once per set of linears."""
+    prefix = adapter.block_prefix
+    clips = clips or {}
+    orders: dict[tuple[str, ...], list[list[str]]] = {}
+
+    def capture(i, block):
+        return [BLOCK_CALL]
+
+    def search(i, block, calls):
+        here = f"{prefix}.{i}"
+        specs = block_specs(dict(plan), here)
+        block_clips = {
+            n.removeprefix(here + "."): c for n, c in clips.items() if n.startswith(here + ".")
+        }
+        x, kwargs = calls[BLOCK_CALL].args[0], calls[BLOCK_CALL].kwargs
+        names = tuple(n for n, spec in specs.items() if spec is not None)
+        if names not in orders:
+            orders[names] = call_groups(block, x, kwargs, list(names))
+        results = quantize_block(
+            block,
+            x,
+            kwargs,
+            specs,
+            cfg,
+            clips=block_clips or None,
+            groups=orders[names],
+            weights=None if weights is None else weights[i].to(x.device),
+        )
+        return block_record(results, here)
+
+    def distorted(i, block, result, resumed):
+        """Block ``i`` with its GPTQ weights: the next block's input."""
+        here = f"{prefix}.{i}."
+        copy = deepcopy(block)
+        apply_rounded(copy, {n.removeprefix(here): r for n, r in from_record(result[0]).items()})
+        return copy
+
+    return BlockPass(capture, search, distorted if cfg.propagate == "quantized" else None)
+
+
 def _clip_rows(clip: torch.Tensor | None, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """A linear's clip values, or no bound (``inf``) for a linear the clip search skipped."""
     if clip is not None:
@@ -191,7 +253,7 @@ def block_record(results: Mapping[str, Rounded], prefix: str) -> BlockResult:
         if r.zero is not None:
             tensors[f"{key}.zero"] = r.zero.to(torch.uint8)
         if r.g_idx is not None:
-            tensors[f"{key}.g_idx"] = r.g_idx
+            tensors[f"{key}.g_idx"] = r.g_idx.clone()  # rows of one matrix share it
         losses[key] = r.loss
     return tensors, {"losses": json.dumps(losses, sort_keys=True)}
 
@@ -241,11 +303,7 @@ def load_rounded(
         spec = specs[name]
         out_f, in_f = shapes[name]
         groups = in_f // spec.group_for(in_f)
-        lo, hi = (
-            (0, 2**spec.w_bit - 1)
-            if spec.zero_point
-            else (-(2 ** (spec.w_bit - 1)), 2 ** (spec.w_bit - 1) - 1)
-        )
+        lo, hi = int_range(spec)
         ok = (
             tuple(r.q.shape) == (out_f, in_f)
             and tuple(r.scale.shape) == (out_f, groups)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ptqflow.methods.gptq.solve import RANGES
+from ptqflow.methods.mbq import BALANCES
 
 PROPAGATE = ("quantized", "fp")
 
@@ -20,7 +21,7 @@ class GPTQConfig:
         act_order: quantize columns by descending ``diag H``.
         static_groups: with ``act_order``, group parameters from the weight before any update
             in the plain layout (every packed format holds it); False: groups of the permuted
-            order, recorded in a ``g_idx``.
+            order, recorded in a ``g_idx`` (packed only by compressed-tensors).
         ranges: each group's range: ``minmax``, or ``mse`` (GPTQ's shrink search).
         awq_clips: on AWQ-scaled weights (the ``awq-gptq`` stage), bound each group's range by
             the clip-search values.
@@ -29,6 +30,8 @@ class GPTQConfig:
             came).
         propagate: what the next block sees: ``quantized`` (this block as quantized, as GPTQ's
             reference code does) or ``fp`` (the full-precision output).
+        balance: ``none``, or ``mbq`` (vision-language models): each token's term of ``H``
+            weighted as MBQ weighs its error (:mod:`ptqflow.methods.mbq`).
     """
 
     percdamp: float = 0.01
@@ -39,6 +42,7 @@ class GPTQConfig:
     awq_clips: bool = False
     true_sequential: bool = True
     propagate: str = "quantized"
+    balance: str = "none"
 
     def __post_init__(self) -> None:
         if not 0 <= self.percdamp <= 1:
@@ -47,6 +51,8 @@ class GPTQConfig:
             raise ValueError(f"block_size={self.block_size!r} must be a positive integer")
         if self.ranges not in RANGES:
             raise ValueError(f"ranges={self.ranges!r}: use one of {list(RANGES)}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance={self.balance!r}: use one of {list(BALANCES)}")
         if self.propagate not in PROPAGATE:
             raise ValueError(f"propagate={self.propagate!r}: use one of {list(PROPAGATE)}")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqflow.quant import QuantSpec
+from ptqflow.quant import QuantSpec, round_to, scale_zero
 
 
 class SingularHessianError(ValueError):
@@ -40,7 +40,9 @@ class SingularHessianError(ValueError):
 
 
 class Hessian:
-    """``H = 2/n sum_t x_t x_t^T`` of one linear's inputs, accumulated batch by batch.
+    """``H = 2/n sum_t x_t x_t^T`` of one linear's inputs, accumulated batch by batch; with
+    per-token weights ``a_t`` (MBQ), ``2/n sum_t a_t x_t x_t^T``, the Hessian of the weighted
+    objective ``sum_t a_t ||(W - W_hat) x_t||^2``.
 
     Accumulated as a float64 sum of per-batch float32 Gram products (a product's summation
     order is fixed by its shapes, not by the thread count), then scaled once.
@@ -51,13 +53,11 @@ class Hessian:
         self.n = 0
 
     def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """Add the tokens ``x [..., in]`` (optionally weighted per token, ``weights [...]``)."""
+        """Add the tokens ``x [..., in]``, each weighted by ``weights [...]`` if given."""
         x2 = x.reshape(-1, x.shape[-1]).float()
-        if weights is not None:
-            w = weights.reshape(-1, 1).float().to(x2.device)
-            self.sum += ((x2 * w).T @ x2).double()
-        else:
-            self.sum += (x2.T @ x2).double()
+        if weights is not None:  # sqrt(a_t) x_t, so the product stays a Gram matrix
+            x2 = x2 * weights.reshape(-1, 1).float().sqrt().to(x2.device)
+        self.sum += (x2.T @ x2).double()
         self.n += x2.shape[0]
 
     def value(self) -> torch.Tensor:
@@ -77,7 +77,8 @@ class Rounded:
         scale: float32 ``[out, n_groups]``.
         zero: int32 ``[out, n_groups]``, or None (symmetric).
         g_idx: int32 ``[in]``: the group of each input column, or None when groups are the
-            plain contiguous runs (``column // group_size``).
+            plain contiguous runs (``column // group_size``; also the one group of a
+            per-channel spec).
         row_loss: the objective per row, ``sum_j (w_j - q(w_j))^2 / U[j, j]^2 / 2``, float64
             ``[out]`` (None when read back from a checkpoint).
     """
@@ -132,16 +133,16 @@ def _params(
     else:
         hi = w32.abs().amax(dim=1, keepdim=True)
         lo = -hi
-    if clip is not None:
+    if clip is not None:  # the range of the weights clamped to [-c, c]
         c = clip.float().view(-1, 1)
-        lo, hi = torch.maximum(lo, -c), torch.minimum(hi, c)
+        lo, hi = torch.minimum(torch.maximum(lo, -c), c), torch.minimum(torch.maximum(hi, -c), c)
     if ranges != "mse":
-        return _scale_zero(lo, hi, spec)
-    best_scale, best_zero = _scale_zero(lo, hi, spec)
+        return scale_zero(lo, hi, spec)
+    best_scale, best_zero = scale_zero(lo, hi, spec)
     best = torch.full_like(hi, float("inf"))
     for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
         p = 1 - i / MSE_GRID
-        scale, zero = _scale_zero(lo * p, hi * p, spec)
+        scale, zero = scale_zero(lo * p, hi * p, spec)
         err = (_fake(w32, scale, zero, spec) - w32).abs().pow(MSE_NORM).sum(dim=1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
@@ -154,24 +155,8 @@ def _params(
 MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4  # GPTQ's range search
 
 
-def _scale_zero(
-    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if spec.zero_point:
-        qmax = 2**spec.w_bit - 1
-        scale = (hi - lo).clamp(min=1e-5) / qmax
-        return scale, torch.clamp(-torch.round(lo / scale), 0, qmax)
-    return hi.clamp(min=1e-5) / (2 ** (spec.w_bit - 1) - 1), None
-
-
-def _quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec):
-    if zero is not None:
-        return torch.clamp(torch.round(w / scale) + zero, 0, 2**spec.w_bit - 1)
-    return torch.clamp(torch.round(w / scale), -(2 ** (spec.w_bit - 1)), 2 ** (spec.w_bit - 1) - 1)
-
-
 def _fake(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec):
-    q = _quant(w, scale, zero, spec)
+    q = round_to(w, scale, zero, spec)
     return (q - zero if zero is not None else q) * scale
 
 
@@ -182,6 +167,12 @@ def inverse_factor(h: torch.Tensor, percdamp: float, name: str = "") -> torch.Te
         SingularHessianError: the dampened ``H`` is still not positive definite, naming the
             linear and the fix.
     """
+    if not torch.isfinite(h).all():
+        raise SingularHessianError(
+            f"the Hessian of linear '{name or '?'}' holds NaN or inf: its calibration inputs "
+            "overflow; run the model in float32 (model.dtype=float32) or check the "
+            "calibration data"
+        )
     h = h.clone()
     h.diagonal().add_(percdamp * h.diagonal().mean())
     try:
@@ -284,7 +275,7 @@ def gptq_round(
             s = scales[:, j]
             z = zeros[:, j] if spec.zero_point else None
             x = w1[:, i]
-            q = _quant(x, s, z, spec)
+            q = round_to(x, s, z, spec)
             x_hat = (q - z if z is not None else q) * s
             d = u1[i, i]
             e = (x - x_hat) / d
@@ -298,7 +289,7 @@ def gptq_round(
     if perm is not None:
         inv = torch.argsort(perm)
         q_out = q_out[:, inv]
-        if not static_groups:
+        if not fixed:
             g_idx = run_group[inv].to(torch.int32)
     return Rounded(
         q=q_out.to(torch.int32),

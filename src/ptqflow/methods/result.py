@@ -1,0 +1,60 @@
+"""What a method hands on, whatever its steps: one object the fake-quant evaluator, the packer
+and the Python API all consume, so none of them recomputes a searched method's integers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqflow.formats import IntWeight
+from ptqflow.methods.awq.apply import apply_clips, apply_scales
+from ptqflow.methods.awq.scale import GroupScale
+from ptqflow.methods.gptq.block import apply_rounded
+from ptqflow.methods.gptq.solve import Rounded
+from ptqflow.quant import QuantSpec, fake_quantize_linears
+
+
+@dataclass
+class MethodResult:
+    """A method's result for one model.
+
+    Attributes:
+        method: its name (:data:`ptqflow.methods.METHODS`).
+        scales: equivalence scales to fold into the weights first (AWQ), in search order.
+        clips: weight ranges to clamp to (``{linear: max |w| [out, n_groups]}``).
+        rounded: the integers a searched rounding chose for every quantized linear, with their
+            scales and zero points; None: round the transformed weights to nearest.
+        fingerprints: the hashes of the artifacts it was read from (empty in memory).
+    """
+
+    method: str
+    scales: list[GroupScale] = field(default_factory=list)
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)
+    rounded: dict[str, Rounded] | None = None
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+
+    def transform(self, model: nn.Module) -> None:
+        """Fold the scales and clamp the clips into ``model`` (full precision still)."""
+        apply_scales(model, self.scales)
+        apply_clips(model, self.clips)
+
+    def fake_quantize(self, model: nn.Module, plan: dict[str, QuantSpec | None]) -> list[str]:
+        """Transform ``model`` and give every linear ``plan`` quantizes its quantized weight
+        (the chosen integers dequantized, or round to nearest); returns their names."""
+        self.transform(model)
+        if self.rounded is not None:
+            return apply_rounded(model, self.rounded)
+        return fake_quantize_linears(model, plan)
+
+    def integers(self, plan: dict[str, QuantSpec | None]) -> dict[str, IntWeight] | None:
+        """The chosen integers as the packed formats take them (None: round to nearest, which
+        the packer computes from the transformed weights)."""
+        if self.rounded is None:
+            return None
+        return {
+            n: IntWeight.from_integers(r.q, r.scale, r.zero, plan[n], r.g_idx)
+            for n, r in self.rounded.items()
+        }

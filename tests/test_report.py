@@ -188,7 +188,11 @@ def test_empty_reports(tmp_path, with_runs):
         (reports / "runs").mkdir()
     write(reports / "figures" / "alphas.png", "stale")  # an old figure without data any more
     summary = report_stage.run(
-        {"paths": {"artifacts": str(tmp_path / "artifacts"), "reports": str(reports)}},
+        {
+            "paths": {"artifacts": str(tmp_path / "artifacts"), "reports": str(reports)},
+            "eval": {"source": "wiki:eval"},
+            "model": {"name": "tiny"},
+        },
         StageRun(tmp_path),  # not a git repo: no experiments, no error
     )
     assert summary["rows"] == 0 and summary["figures"] == []

@@ -165,7 +165,8 @@ def test_w4a8_search_beats_rtn_and_packs(outlier_model_dir, texts, tmp_path):
     from ptqflow.pipeline.quantizing import quant_setup
 
     def cfg(*extra):
-        return compose([*tiny_overrides(outlier_model_dir, texts, tmp_path), *WA, *extra])
+        overrides = tiny_overrides(outlier_model_dir, texts, tmp_path)
+        return compose([*overrides, *WA, "pack.method=awq", *extra])
 
     calib_data.run(cfg())
     scale_search.run(cfg())

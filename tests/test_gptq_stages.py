@@ -172,10 +172,31 @@ def test_eval_and_pack_use_the_stored_integers(cfg_at, outlier_model_dir, tmp_pa
     assert max_logit_diff(model, packed, ids) / scale < 1e-3
 
 
+def test_gptq_rounds_the_weights_of_a_weight_activation_config(cfg_at, tmp_path):
+    """W8A8: GPTQ chooses the int8 weights (per channel, symmetric), the activations are
+    quantized per token as for RTN and AWQ, and the packed checkpoint scores what the
+    fake-quant model scored."""
+
+    def cfg(*extra):
+        w8a8 = ("quant=w8a8", "quant.group_size=-1", "pack=compressed_tensors", "pack.method=gptq")
+        return cfg_at(tmp_path, *w8a8, *extra)
+
+    calib_data.run(cfg())
+    gptq_search.run_gptq(cfg())
+    stored = _stored(tmp_path)
+    q = {k: v for k, v in stored.items() if k.endswith(".q")}
+    assert q and all(v.dtype == torch.int8 and v.abs().max() <= 127 for v in q.values())
+    assert all(stored[k.removesuffix(".q") + ".scale"].shape[1] == 1 for k in q)
+    fake = fake_quant_eval.run(cfg("eval.method=gptq"))
+    assert fake["quant"] == "w8pc-sym-a8"
+    real_pack.run(cfg())
+    packed = fake_quant_eval.run(cfg("eval.method=packed"))
+    assert packed["perplexity"] == pytest.approx(fake["perplexity"], rel=1e-3)
+    assert fake["nll"] != fake_quant_eval.run(cfg("eval.method=rtn"))["nll"]
+
+
 def test_bad_gptq_input_is_refused_before_work(cfg_at, tmp_path):
     calib_data.run(cfg_at(tmp_path))
-    with pytest.raises(ValueError, match="a_bit"):
-        gptq_search.run_gptq(cfg_at(tmp_path, "quant=w4a8", "quant.group_size=32"))
     with pytest.raises(FileNotFoundError, match="scale-search"):
         gptq_search.run_awq_gptq(cfg_at(tmp_path))
     with pytest.raises(ValueError, match="percdamp=2.0"):

@@ -94,7 +94,12 @@ def test_rtn_pack_matches_fake_quant_and_is_deterministic(tiny_cfg, tmp_path):
 
 
 def test_awq_pack_in_every_format(tiny_cfg, tmp_path):
-    awq = ["search.scale.n_grid=4", "search.clip.n_grid=4", "search.clip.n_tokens=64"]
+    awq = [
+        "pack.method=awq",
+        "search.scale.n_grid=4",
+        "search.clip.n_grid=4",
+        "search.clip.n_tokens=64",
+    ]
     calib_data.run(tiny_cfg(*awq))
     scale_search.run(tiny_cfg(*awq))
     clip_search.run(tiny_cfg(*awq))

@@ -286,6 +286,7 @@ def test_gradient_to_packed_checkpoint_under_a_budget(tiny_cfg, tmp_path):
         "recipe=auto",
         "recipe.budget=4.5",
         "pack=ptqflow",
+        "pack.method=awq",
         "search.scale.n_grid=4",
         "search.clip.n_grid=4",
     ]

@@ -71,6 +71,7 @@ def vlm_cfg(model_dir, work, *extra):
             "search.clip.n_tokens=64",
             "search.balance=mbq",
             "pack=ptqflow",
+            "pack.method=awq",
             f"paths.artifacts={work / 'artifacts'}",
             f"paths.reports={work / 'reports'}",
             "tracking=none",

@@ -572,11 +572,6 @@ def quantize(
     recipe_ = _recipe(recipe, weights)
     search_ = _search(search)
     gptq_ = _gptq(gptq)
-    if rounding == "gptq" and act is not None:
-        raise ValueError(
-            "GPTQ rounds weights only, but quant sets a_bit (a weight-activation config); "
-            "use a weight-only quant config (e.g. quant='w4g64') or methods='awq' for W8A8/W4A8"
-        )
     clips_used = on_awq and (rounding == "rtn" or gptq_.awq_clips)
     if clips_used and not search_.clip.apply_scales:
         raise ValueError(

@@ -22,7 +22,6 @@ from ptqflow.pipeline.common import StageRun
 from ptqflow.pipeline.quantizing import (
     awq_inputs,
     check_balance,
-    check_weight_only,
     load_calib,
     mbq_weights,
     quant_setup,
@@ -37,7 +36,6 @@ def run_stage(method: str, cfg: dict[str, Any], run: StageRun | None = None) -> 
     stage = BY_NAME[search_stage(method)]
     on_awq = "awq" in {s.name for s in transforms(method)}
     gptq_cfg = parse(GPTQConfig, "gptq", cfg["gptq"])
-    check_weight_only(cfg)
     setup = quant_setup(cfg, run)
     calib, calib_sha = load_calib(setup, cfg)
     inputs = {"model": setup.fingerprint, "calib_tokens": calib_sha, **setup.recipe_inputs}

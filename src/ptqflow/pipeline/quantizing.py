@@ -30,7 +30,6 @@ from ptqflow.config import (
     AutoRecipeConfig,
     is_auto,
     parse,
-    parse_act,
     parse_quant,
     parse_recipe,
 )
@@ -213,15 +212,6 @@ def awq_inputs(
     return scales, clips, fingerprints
 
 
-def check_weight_only(cfg: dict[str, Any]) -> None:
-    """Refuse a weight-activation config: GPTQ here rounds weights only."""
-    if parse_act(cfg["quant"]) is not None:
-        raise ValueError(
-            "GPTQ rounds weights only, but quant sets a_bit (a weight-activation config); "
-            "use a weight-only quant config (e.g. quant=w4g64) or the awq stages for W8A8/W4A8"
-        )
-
-
 def load_method(
     cfg: Mapping[str, Any],
     setup: QuantSetup,
@@ -246,7 +236,6 @@ def load_method(
         result.clips = {} if stage else clips_found
     if stage is None:
         return result
-    check_weight_only(cfg)
     inputs = {"model": setup.fingerprint, **setup.recipe_inputs, **result.fingerprints}
     inputs["calib_tokens"] = calib_tokens(setup.artifacts, setup.fingerprint, cfg)
     out_dir = setup.artifacts / Path(BY_NAME[stage].outs[0]).name

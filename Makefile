@@ -34,9 +34,9 @@ run: install
 	$(BIN)/dvc repro
 	PYTHONPATH=src $(BIN)/python -m ptqflow.pipeline.restore
 
-# `dvc exp show` with the columns that matter (15 of its 261): the configs and their perplexity
+# `dvc exp show` with the columns that matter (23): the configs and their perplexity
 # and multiple-choice accuracy. `make exps EXPS_FLAGS=--md` for Markdown.
-EXPS_KEEP := ^(Experiment|Created|quant\.w_bit|quant\.group_size|recipe\.name|recipe\.budget|pack\.format|reports/eval/(fp|rtn|awq|packed)\.json:perplexity|reports/lm_eval/(rtn|awq)\.json:tasks\.wiki_titles\.acc(_norm)?|reports/eval/awq\.json:bits_per_weight)$$
+EXPS_KEEP := ^(Experiment|Created|quant\.w_bit|quant\.group_size|recipe\.name|recipe\.budget|pack\.method|pack\.format|reports/eval/(fp|rtn|awq|gptq|awq_gptq|packed)\.json:perplexity|reports/lm_eval/(rtn|awq|gptq|awq_gptq)\.json:tasks\.wiki_titles\.acc(_norm)?|reports/eval/awq\.json:bits_per_weight)$$
 exps: install
 	$(BIN)/dvc exp show --no-pager $(EXPS_FLAGS) --drop '.*' --keep '$(EXPS_KEEP)'
 

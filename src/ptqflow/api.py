@@ -158,10 +158,7 @@ class _Integers(Mapping[str, IntWeight]):
         rounded = self._q.result.rounded
         if rounded is not None:
             r = rounded[name]
-            # Linears rounded together (q, k, v) share one g_idx tensor; a checkpoint stores
-            # one per linear (safetensors refuses tensors that share memory).
-            g_idx = None if r.g_idx is None else r.g_idx.clone()
-            return IntWeight.from_integers(r.q, r.scale, r.zero, spec, g_idx)
+            return IntWeight.from_integers(r.q, r.scale, r.zero, spec, r.g_idx)
         q, scale, zero = self._q._rtn[name]
         zero = None if zero is None else zero.to(torch.int32)
         return IntWeight.from_integers(q.to(torch.int32), scale, zero, spec)

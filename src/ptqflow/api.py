@@ -716,10 +716,6 @@ def save(
     model, plan = quantized.model, quantized.plan
     shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if n in plan}
     check_packable(fmt, plan, shapes, quantized.act)
-    rounded = quantized.result.rounded or {}
-    ordered = sorted(n for n, r in rounded.items() if r.g_idx is not None)
-    if ordered:
-        fmt.check_g_idx(ordered)
     tokenizer = tokenizer if tokenizer is not None else quantized.tokenizer
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise ValueError(f"tokenizer: a {type(tokenizer).__name__} has no save_pretrained")

@@ -237,3 +237,28 @@ def test_scale_search_matches_the_oracle(llama, bits, group, duo):
             torch.testing.assert_close(
                 p, want[name], rtol=1e-5, atol=0, msg=lambda m, name=name: f"{name}: {m}"
             )
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_one_linear_alone_matches_the_oracle(llama, bits):
+    """The sensitivity estimate's AWQ (one linear alone, its output error from ``H``) picks the
+    oracle's alpha and scale when the inspected module is that linear."""
+    from ptqflow.methods.alone import Settings, awq_scale
+    from ptqflow.quant import QuantSpec
+
+    model, _, feats = llama
+    group = 32
+    for i, layer in enumerate(model.model.layers):
+        for key, linear in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj)):
+            where = f"block {i}, {key}"
+            x = feats[i][key]
+            losses = grid_losses(linear, [linear], x, ((x,), {}), bits, group, False)
+            best = min(range(N_GRID), key=losses.__getitem__)
+            assert sorted(losses)[1] - losses[best] > 1e-4 * losses[best], (where, losses)
+            x2 = x.reshape(-1, x.shape[-1]).double()
+            h = 2 * x2.T @ x2 / len(x2)
+            s = awq_scale(
+                linear.weight.detach(), h, x2.abs().mean(0), QuantSpec(bits, group), Settings()
+            )
+            want = awq_scales(x, [linear.weight], best / N_GRID, group, False)
+            torch.testing.assert_close(s.float(), want, rtol=1e-5, atol=0, msg=where)

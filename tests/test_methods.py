@@ -44,3 +44,51 @@ def test_every_method_has_its_stages_in_the_dag():
     assert {"artifacts/scales", "artifacts/clips"} <= set(BY_NAME["awq-gptq"].deps)
     assert "search" in BY_NAME["awq-gptq"].params and "gptq" in BY_NAME["awq-gptq"].params
     assert "search" not in BY_NAME["gptq"].params
+
+
+def test_every_step_can_quantize_one_linear_alone():
+    """The sensitivity stage estimates with any method: each step has its one-linear form."""
+    from ptqflow.methods import ROUNDING, STEPS
+    from ptqflow.methods.alone import ROUNDINGS, TRANSFORMS
+
+    for name, step in STEPS.items():
+        table = ROUNDINGS if step.kind == ROUNDING else TRANSFORMS
+        assert name in table, (name, step.kind)
+    assert set(ROUNDINGS) | set(TRANSFORMS) == set(STEPS)
+
+
+def test_awq_then_gptq_alone_rounds_the_scaled_weights_against_the_scaled_inputs():
+    """AWQ + GPTQ on one linear is GPTQ on ``W diag(s)`` with the Hessian of ``x / s`` (built
+    here from the scaled tokens), mapped back by ``1 / s``."""
+    import torch
+
+    from ptqflow.methods.alone import Settings, awq_scale, method_error
+    from ptqflow.methods.gptq.solve import gptq_round
+    from ptqflow.quant import QuantSpec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g, dtype=torch.float64)
+    x[:, [3, 40]] *= 20  # outlier channels: AWQ scales them
+    w = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    h, x_mean, spec = 2 * x.T @ x / len(x), x.abs().mean(0), QuantSpec(3, 32)
+    s = awq_scale(w, h, x_mean, spec, Settings())
+    assert not torch.equal(s, torch.ones_like(s))
+    xs = x / s
+    cfg = Settings().gptq
+    want = (
+        gptq_round(
+            w * s,
+            2 * xs.T @ xs / len(xs),
+            spec,
+            percdamp=cfg.percdamp,
+            act_order=cfg.act_order,
+            static_groups=cfg.static_groups,
+            ranges=cfg.ranges,
+        )
+        .dequantize()
+        .double()
+        / s
+        - w
+    )
+    got = method_error("awq_gptq", w, h, x_mean, spec, Settings())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

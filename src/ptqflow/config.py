@@ -224,11 +224,17 @@ class SensitivityConfig:
         seed: seeds the targets drawn from the model for the Fisher pass.
         candidates: quant config tags estimated for every decoder linear (``skip`` = full
             precision); a tag whose group size does not divide a layer is not offered to it.
+        method: the method whose error each candidate is estimated with (one of
+            :data:`ptqflow.methods.METHODS`; :mod:`ptqflow.methods.alone`): the one that will
+            quantize the model, so that ``recipe=auto`` spends bits where that method needs them.
+        first_order: keep the gradient term of the estimate (False: the curvature term alone).
     """
 
     batch_size: int = 1
     seed: int = 0
     candidates: tuple[str, ...] = ("skip", "w8pc", "w4g128", "w4g64", "w3g64", "w3g32", "w2g64")
+    method: str = "awq_gptq"
+    first_order: bool = True
 
     def __post_init__(self) -> None:
         require_positive(self, "batch_size")
@@ -240,6 +246,8 @@ class SensitivityConfig:
                 raise ValueError(f"candidate {tag!r} is listed twice")
             if tag != SKIP:
                 QuantSpec.from_tag(tag)  # a bad tag fails here, naming the syntax
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: use one of {list(METHODS)}")
 
     @property
     def specs(self) -> dict[str, QuantSpec | None]:

@@ -196,7 +196,16 @@ _WORK: tuple[Stage, ...] = (
     Stage(
         "sensitivity",
         "stages/sensitivity.py",
-        params=("model", "calib", "sensitivity", "paths.artifacts", "paths.reports"),
+        params=(
+            "model",
+            "calib",
+            "sensitivity",
+            "gptq",
+            "search.scale.n_grid",
+            "search.scale.duo_scaling",
+            "paths.artifacts",
+            "paths.reports",
+        ),
         deps=("artifacts/calib", "artifacts/gradient"),
         outs=("artifacts/sensitivity",),
         plots=("reports/figures/sensitivity.png",),

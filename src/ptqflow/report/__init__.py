@@ -8,7 +8,7 @@ directory); nothing is required:
 - ``R/lm_eval/<method>.json``: lm-eval figures of the DVC lm-eval stages (``quant``, ``tasks``);
 - ``R/runs/*.json``: one file per Hydra sweep job, ``<method>-<tag>-<hash>.json`` (perplexity)
   or ``lm_eval-<method>-<tag>-<hash>.json`` (lm-eval), each with the ``params`` it ran with;
-- ``R/pareto/pareto.json``: the mixed-precision Pareto study (AWQ points);
+- ``R/pareto/pareto.json``: the mixed-precision Pareto study (points of one method each);
 - DVC experiments: ``reports/eval`` and ``reports/lm_eval`` (``paths.reports`` of the committed
   ``params.yaml``) at the commit of each experiment ref under ``refs/exps``;
 - ``<artifacts>/scales/block_NNN.safetensors``: the alpha the scale search chose per group;

@@ -201,8 +201,8 @@ def read_sweeps(reports: Path, skipped: list, bits_of: BitsOf) -> tuple[list[Row
 
 
 def read_pareto(reports: Path, skipped: list) -> tuple[list[Row], int]:
-    """Rows of the Pareto study's points (source ``pareto``, method ``awq``, the point's name
-    as quant) and the points read."""
+    """Rows of the Pareto study's points (source ``pareto``, the point's method, ``awq`` when it
+    names none; the point's name as quant) and the points read."""
     path = reports / "pareto" / "pareto.json"
     if not path.is_file():
         return [], 0
@@ -221,7 +221,8 @@ def read_pareto(reports: Path, skipped: list) -> tuple[list[Row], int]:
             shown = f"pareto/pareto.json#{name}"
             _skip(skipped, f"{path}#{name}", shown, "no 'bits_per_weight' or 'perplexity'")
             continue
-        rows.append(Row("pareto", "awq", name, "", bits, ppl, files=["pareto/pareto.json"]))
+        method = point.get("method", "awq")  # the first points were all AWQ's
+        rows.append(Row("pareto", method, name, "", bits, ppl, files=["pareto/pareto.json"]))
     return rows, len(points)
 
 

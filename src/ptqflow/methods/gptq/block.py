@@ -33,7 +33,7 @@ from ptqflow.blockwise import (
     first_output,
 )
 from ptqflow.methods.gptq.config import GPTQConfig
-from ptqflow.methods.gptq.solve import Hessian, Rounded, gptq_round
+from ptqflow.methods.gptq.solve import Hessian, Rounded
 from ptqflow.models.adapters import Adapter
 from ptqflow.quant import QuantSpec, int_range
 
@@ -159,17 +159,8 @@ def quantize_block(
                         for n, m in zip(stacked, layers, strict=True)
                     ]
                 )
-            rounded = gptq_round(
-                torch.cat([m.weight for m in layers]),
-                value,
-                spec,
-                percdamp=cfg.percdamp,
-                block_size=cfg.block_size,
-                act_order=cfg.act_order,
-                static_groups=cfg.static_groups,
-                ranges=cfg.ranges,
-                clip=clip,
-                name=", ".join(stacked),
+            rounded = cfg.round(
+                torch.cat([m.weight for m in layers]), value, spec, clip, ", ".join(stacked)
             )
             start = 0
             for name, layer in zip(stacked, layers, strict=True):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ptqflow.methods.gptq.solve import RANGES
+import torch
+
+from ptqflow.methods.gptq.solve import RANGES, Rounded, gptq_round
 from ptqflow.methods.mbq import BALANCES
 
 PROPAGATE = ("quantized", "fp")
@@ -60,3 +62,25 @@ class GPTQConfig:
     def needs_g_idx(self) -> bool:
         """Whether the result carries a column permutation of groups (``g_idx``)."""
         return self.act_order and not self.static_groups
+
+    def round(
+        self,
+        weight: torch.Tensor,
+        h: torch.Tensor,
+        spec,
+        clip: torch.Tensor | None = None,
+        name: str = "",
+    ) -> Rounded:
+        """:func:`~ptqflow.methods.gptq.solve.gptq_round` with these settings."""
+        return gptq_round(
+            weight,
+            h,
+            spec,
+            percdamp=self.percdamp,
+            block_size=self.block_size,
+            act_order=self.act_order,
+            static_groups=self.static_groups,
+            ranges=self.ranges,
+            clip=clip,
+            name=name,
+        )

@@ -227,14 +227,15 @@ class SensitivityConfig:
         method: the method whose error each candidate is estimated with (one of
             :data:`ptqflow.methods.METHODS`; :mod:`ptqflow.methods.alone`): the one that will
             quantize the model, so that ``recipe=auto`` spends bits where that method needs them.
-        first_order: keep the gradient term of the estimate (False: the curvature term alone).
+        first_order: add the gradient term to the estimate (False, the default: the curvature
+            term alone, which never rewards a larger error; see :mod:`ptqflow.sensitivity`).
     """
 
     batch_size: int = 1
     seed: int = 0
     candidates: tuple[str, ...] = ("skip", "w8pc", "w4g128", "w4g64", "w3g64", "w3g32", "w2g64")
     method: str = "awq_gptq"
-    first_order: bool = True
+    first_order: bool = False
 
     def __post_init__(self) -> None:
         require_positive(self, "batch_size")

@@ -23,10 +23,13 @@ error is smaller; a diagonal estimate would rank it below round to nearest.
 
 ``D`` is the error of the method named by ``sensitivity.method`` on that linear alone
 (:mod:`ptqflow.methods.alone`): round to nearest, AWQ-scaled round to nearest, GPTQ, or AWQ then
-GPTQ. The first-order term is kept: the FP model here need not sit at a minimum of its loss
-(the embedded default is a de-quantized Q4_1 GGUF), and on SmolLM2 it predicts the layers whose
-re-quantization lowers the perplexity. The estimate is in nats per predicted token, so it reads
-directly as ``log(ppl_q / ppl_fp)``, and may be negative.
+GPTQ. The first-order term is optional (``first_order``). The FP model here need not sit at a
+minimum of its loss (the embedded default is a de-quantized Q4_1 GGUF), and on SmolLM2 the term
+predicts the single layers whose re-quantization lowers the perplexity; but an allocation that
+minimises a sum of estimates picks out exactly the candidates whose gradient term happens to be
+most negative, 2-bit ones among them, and loses to uniform 4-bit at its size. Without it the
+estimate never rewards a larger error. The estimate is in nats per predicted token, so it reads
+directly as ``log(ppl_q / ppl_fp)``; with the first-order term it may be negative.
 ``skip`` (full precision) costs 0. A candidate whose group size does not divide a layer's
 input features is not offered to that layer.
 """

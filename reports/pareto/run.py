@@ -38,6 +38,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from ptqflow.config import parse_quant
 from ptqflow.formats import get_format
 from ptqflow.methods import search_stage, steps
 from ptqflow.models import linear_shapes, load_config, resolve_model
@@ -207,7 +208,7 @@ def main(method: str, selected: list[str], extra: list[str], suffix: str, table)
     out = ROOT / "reports" / "pareto" / "pareto.json"
     old = json.loads(out.read_text()) if out.is_file() else {}
     rows = {**old.get("points", {}), **rows}
-    tag = QuantSpec(**cfg["quant"]).tag
+    tag = parse_quant(cfg["quant"]).tag
     own = next((n for n in todo if n.endswith(f"uniform-{tag}")), None)
     if cfg["recipe"]["name"] == "default" and own:
         # params.yaml's own config: the main pipeline's figure, not a second search

@@ -234,20 +234,20 @@ def plot(rows: dict, path: Path) -> None:
     series: dict[str, list] = {}
     for n, r in rows.items():
         kind = "auto" if "-auto-" in f"-{n}" else "uniform" if "-uniform-" in f"-{n}" else None
-        if kind is None:
-            continue
+        if kind is None or "sensitivity.first_order=true" in r.get("overrides", []):
+            continue  # the tokw points and the first-order ablation stay off the plot
         label = f"{kind} {r.get('method', 'awq')}"
         if r.get("estimate") == "rtn-diagonal":
             label += " (RTN estimate)"
-        series.setdefault(label, []).append((r["bits_per_weight"], r["perplexity"], n))
+        budget = f"-{n}".split(f"-{kind}-", 1)[1].removesuffix("-so")
+        budget = "mid" if budget.startswith("mid-") else budget
+        series.setdefault(label, []).append((r["bits_per_weight"], r["perplexity"], budget))
     for label, pts in sorted(series.items()):
         pts.sort()
         marker = "s" if label.startswith("auto") else "o"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
-        for x, y, n in pts:
-            ax.annotate(
-                n.rsplit("-", 1)[1], (x, y), fontsize=6, textcoords="offset points", xytext=(4, 4)
-            )
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=6, textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel(f"bits per weight of the decoder linears (pack.format={FORMAT})")
     ax.set_ylabel("wiki perplexity")
     ax.set_yscale("log")

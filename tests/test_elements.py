@@ -140,3 +140,12 @@ def test_fp8_activations_per_token_are_torchs_cast():
     assert torch.equal(fake_quantize_act(x, spec), (x / s).to(torch.float8_e4m3fn).float() * s)
     with pytest.raises(ValueError, match="set a_bit=8"):
         ActSpec(4, "token", "fp8")
+
+
+@pytest.mark.parametrize(
+    ("tag", "bits"),
+    [("fp8pc", 8 + 16 / 64), ("fp8t", 8 + 16 / (32 * 64)), ("nvfp4", 4 + 8 / 16 + 32 / (32 * 64)),
+     ("mxfp4", 4 + 8 / 32), ("fp8b16x32", 8 + 16 / (16 * 32)), ("w4g32", 4 + (16 + 4) / 32)],
+)
+def test_nominal_size_counts_values_and_scales(tag, bits):
+    assert QuantSpec.from_tag(tag).nominal_bytes(32, 64) * 8 == bits * 32 * 64

@@ -195,6 +195,23 @@ class QuantSpec:
             return cls(ELEMENTS[ftype].bits, group, False, ftype, st or "float", int(rows or 1))
         return cls(int(bits), group, sym is None, "int", st or "float", int(rows or 1))
 
+    def n_scales(self, out_features: int, in_features: int) -> int:
+        """How many distinct scales a ``[out, in]`` weight has."""
+        if self.per_tensor:
+            return 1
+        return out_features // self.group_rows * (in_features // self.group_for(in_features))
+
+    def nominal_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of the values and the scales (float scales at 2 bytes, e8m0/e4m3 at 1, plus
+        NVFP4's fp32 per-tensor scale; integer zero points at the values' width): the size of
+        a layer at this spec where no packed format measures it."""
+        values = out_features * in_features * self.w_bit
+        per_scale = 16 if self.scale_type == "float" else 8
+        if self.zero_point:
+            per_scale += self.w_bit
+        extra = 32 if self.scale_type == "e4m3" else 0
+        return (values + self.n_scales(out_features, in_features) * per_scale + extra + 7) // 8
+
     def group_for(self, in_features: int) -> int:
         """The effective group size for a layer with ``in_features`` inputs."""
         return group_width(self.group_size, in_features)

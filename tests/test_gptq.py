@@ -291,12 +291,15 @@ def test_specs_sharing_scales_across_rows_are_refused():
 
 
 @pytest.mark.parametrize("tag", ["w4g32", "w4g32-sym", "fp8g32", "mxfp4", "fp8_e5m2g32"])
-def test_saved_results_read_back_exactly(tag):
+def test_saved_results_read_back_exactly(tag, tmp_path):
+    from ptqflow.artifacts import read_safetensors, save_safetensors
     from ptqflow.methods.gptq.block import block_record, from_record
 
     W, X = _case(9, 16, 64)
     r = gptq_round(W * (1000 if "e5m2" in tag else 1), _hessian(X), QuantSpec.from_tag(tag))
-    tensors, _ = block_record({"mlp.up_proj": r}, "model.layers.0")
-    back = from_record(tensors)["model.layers.0.mlp.up_proj"]
+    tensors, meta = block_record({"mlp.up_proj": r}, "model.layers.0")
+    save_safetensors(tensors, tmp_path / "block.safetensors", meta)
+    read, _ = read_safetensors(tmp_path / "block.safetensors", "gptq")  # checks NaN/inf too
+    back = from_record(read)["model.layers.0.mlp.up_proj"]
     assert torch.equal(back.q, r.q) and torch.equal(back.scale, r.scale)
     assert tensors["model.layers.0.mlp.up_proj.q"].element_size() == 1

@@ -7,7 +7,6 @@ import pytest
 import yaml
 from conftest import ROOT, compose
 
-from ptqflow.activation import ActSpec
 from ptqflow.config import (
     AutoRecipeConfig,
     CalibConfig,

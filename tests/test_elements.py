@@ -18,11 +18,15 @@ E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 def _values(seed: int, n: int = 20000) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    spread = torch.randn(n, generator=g) * torch.exp2(torch.randint(-12, 12, (n,), generator=g).float())
+    spread = torch.randn(n, generator=g) * torch.exp2(
+        torch.randint(-12, 12, (n,), generator=g).float()
+    )
     return spread.float()
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("fp8", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("fp8", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)]
+)
 def test_fp8_rounding_is_torchs_cast(name, dtype):
     elem = ELEMENTS[name]
     x = _values(0)
@@ -54,6 +58,10 @@ def test_fp4_rounding_is_nearest_value_ties_to_even_mantissa():
         code = codes[0] if len(codes) == 1 else next(c for c in codes if c % 2 == 0)
         expected.append(math.copysign(E2M1[code], v))
     assert torch.equal(ELEMENTS["fp4"].round(x), torch.tensor(expected))
+
+
+def _nearest_e2m1(a: float) -> float:
+    return min(E2M1, key=lambda e: abs(a - e))
 
 
 def _blocks(w, rows, cols):
@@ -101,16 +109,28 @@ def test_nvfp4_follows_the_two_level_formula():
         local = (w[r, c].abs().max() / 6 * g).to(torch.float8_e4m3fn).float()
         s = local / g
         vals = [
-            math.copysign(min(E2M1, key=lambda e, a=abs(v) / s.item(): abs(a - e)), v)
-            for v in w[r, c].flatten().tolist()
+            math.copysign(_nearest_e2m1(abs(v) / s.item()), v) for v in w[r, c].flatten().tolist()
         ]
         expected[r, c] = torch.tensor(vals).view(1, 16) * s
     torch.testing.assert_close(fake_quantize(w, spec), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
-    "tag", ["w4g64", "w8pc", "w4g128-sym", "w8t", "fp8pc", "fp8t", "fp8b128x128", "fp8_e5m2g32",
-            "nvfp4", "mxfp4", "mxfp8", "fp4g32"],
+    "tag",
+    [
+        "w4g64",
+        "w8pc",
+        "w4g128-sym",
+        "w8t",
+        "fp8pc",
+        "fp8t",
+        "fp8b128x128",
+        "fp8_e5m2g32",
+        "nvfp4",
+        "mxfp4",
+        "mxfp8",
+        "fp4g32",
+    ],
 )
 def test_tags_round_trip(tag):
     assert QuantSpec.from_tag(tag).tag == tag
@@ -123,8 +143,16 @@ def test_tags_round_trip(tag):
         ({"type": "fp8", "w_bit": 8}, "set zero_point=false"),
         ({"type": "fp16"}, "use one of: int"),
         ({"scale_type": "e8m0"}, "integers take scale_type=float"),
-        ({"type": "fp4", "w_bit": 4, "zero_point": False, "scale_type": "e4m3", "group_size": -1},
-         "NVFP4 uses 16"),
+        (
+            {
+                "type": "fp4",
+                "w_bit": 4,
+                "zero_point": False,
+                "scale_type": "e4m3",
+                "group_size": -1,
+            },
+            "NVFP4 uses 16",
+        ),
         ({"group_rows": 128, "group_size": -1}, "positive group_size"),
     ],
 )
@@ -144,8 +172,14 @@ def test_fp8_activations_per_token_are_torchs_cast():
 
 @pytest.mark.parametrize(
     ("tag", "bits"),
-    [("fp8pc", 8 + 16 / 64), ("fp8t", 8 + 16 / (32 * 64)), ("nvfp4", 4 + 8 / 16 + 32 / (32 * 64)),
-     ("mxfp4", 4 + 8 / 32), ("fp8b16x32", 8 + 16 / (16 * 32)), ("w4g32", 4 + (16 + 4) / 32)],
+    [
+        ("fp8pc", 8 + 16 / 64),
+        ("fp8t", 8 + 16 / (32 * 64)),
+        ("nvfp4", 4 + 8 / 16 + 32 / (32 * 64)),
+        ("mxfp4", 4 + 8 / 32),
+        ("fp8b16x32", 8 + 16 / (16 * 32)),
+        ("w4g32", 4 + (16 + 4) / 32),
+    ],
 )
 def test_nominal_size_counts_values_and_scales(tag, bits):
     assert QuantSpec.from_tag(tag).nominal_bytes(32, 64) * 8 == bits * 32 * 64

@@ -254,8 +254,9 @@ def _fp_round(v, kind):
     dist = (a[:, None] - E2M1[None]).abs()
     best = dist.min(dim=1, keepdim=True).values
     ties = dist == best
-    code = torch.where(ties.sum(1) > 1, (ties & (torch.arange(8) % 2 == 0)).double().argmax(1),
-                       dist.argmin(1))
+    code = torch.where(
+        ties.sum(1) > 1, (ties & (torch.arange(8) % 2 == 0)).double().argmax(1), dist.argmin(1)
+    )
     return torch.copysign(E2M1[code], v)
 
 

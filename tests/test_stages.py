@@ -74,7 +74,9 @@ def test_eval_float_formats(tiny_cfg):
 
 def test_blocks_that_do_not_divide_a_layer_are_refused_before_loading(tiny_cfg):
     with pytest.raises(ValueError, match=r"group_rows=48 does not divide out_features=64"):
-        fake_quant_eval.run(tiny_cfg("quant=fp8_block", "quant.group_size=32", "quant.group_rows=48"))
+        fake_quant_eval.run(
+            tiny_cfg("quant=fp8_block", "quant.group_size=32", "quant.group_rows=48")
+        )
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,9 @@ SCALE_TYPES: dict[str, ScaleType] = {
     for s in (
         ScaleType("float", "a float32 scale per group (stored at pack.dtype where a format says)"),
         ScaleType("e8m0", "a power of two per group (OCP MX)", True),
-        ScaleType("e4m3", "an FP8 e4m3 scale per group under one fp32 scale per tensor (NVFP4)", True),
+        ScaleType(
+            "e4m3", "an FP8 e4m3 scale per group under one fp32 scale per tensor (NVFP4)", True
+        ),
     )
 }
 

@@ -249,7 +249,9 @@ def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         raise ValueError(f"group_rows={rows} does not divide out_features={out_f}")
     if rows == 1:
         return w.float().reshape(-1, g)
-    return w.float().reshape(out_f // rows, rows, in_f // g, g).transpose(1, 2).reshape(-1, rows * g)
+    return (
+        w.float().reshape(out_f // rows, rows, in_f // g, g).transpose(1, 2).reshape(-1, rows * g)
+    )
 
 
 def _ungrouped(t: torch.Tensor, spec: QuantSpec, out_f: int, in_f: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ import pytest
 import yaml
 from conftest import ROOT, compose
 
-from ptqflow.activation import ActSpec
 from ptqflow.config import (
     AutoRecipeConfig,
     CalibConfig,
@@ -50,15 +49,24 @@ def test_default_config_parses():
     assert parse_recipe(cfg["recipe"], quant).name == "default"
 
 
-WA_PRESETS = {"w8a8": "w8pc-sym-a8", "w4a8": "w4pc-a8"}  # weight-activation: name -> tag
+# presets whose name is not their tag: name -> the whole section's tag
+LABELS = {
+    "w8a8": "w8pc-sym-a8",
+    "w4a8": "w4pc-a8",
+    "fp8_dynamic": "fp8pc-afp8",
+    "fp8_static": "fp8t-afp8t",
+    "fp8_block": "fp8b128x128-afp8",
+    "fp8_weight": "fp8pc",
+    "nvfp4a16": "nvfp4",
+    "mxfp4a16": "mxfp4",
+}
 
 
 @pytest.mark.parametrize("name", presets("quant"))
 def test_quant_presets(name):
     values = compose([f"quant={name}"])["quant"]
-    if name in WA_PRESETS:
-        assert quant_label(values) == WA_PRESETS[name]
-        assert parse_act(values) == ActSpec(8, "token")
+    if name in LABELS:
+        assert quant_label(values) == LABELS[name]
     else:
         assert parse_quant(values).tag.replace("-", "_").startswith(name.split("_")[0])
         assert parse_act(values) is None and quant_label(values) == parse_quant(values).tag
@@ -70,6 +78,8 @@ def test_quant_presets(name):
         ({"a_bit": 3}, "a_bit=3 is out of range"),
         ({"a_bit": 8, "a_granularity": "channel"}, "a_granularity='channel'"),
         ({"a_granularity": "tensor"}, "a_bit is null"),
+        ({"a_type": "fp8"}, "a_type='fp8' is set but a_bit is null"),
+        ({"a_bit": 8, "a_type": "fp4"}, "a_type=fp4 (FP4 E2M1) is not an activation type yet"),
         ({"a_bit": "8"}, "a_bit='8' is a str"),
     ],
 )
@@ -163,6 +173,9 @@ def test_model_device_is_validated():
 def test_an_unknown_quant_key_lists_the_activation_keys_too():
     from ptqflow.config import parse_quant
 
-    expected = "known: ['a_bit', 'a_granularity', 'group_size', 'w_bit', 'zero_point']"
+    expected = (
+        "known: ['a_bit', 'a_granularity', 'a_type', 'group_rows', 'group_size', 'scale_type', "
+        "'type', 'w_bit', 'zero_point']"
+    )
     with pytest.raises(ValueError, match=re.escape(expected)):
         parse_quant({"w_bit": 4, "group_size": 64, "zero_point": True, "a_bits": 8})

@@ -233,3 +233,74 @@ def test_uncorrelated_inputs_make_gptq_round_to_nearest_with_clips():
         w = W[:, 32 * j : 32 * (j + 1)].double()
         want = _q(w, scale.double()[:, None], zero.double()[:, None], 4)
         assert torch.equal(got.q[:, 32 * j : 32 * (j + 1)], want.to(torch.int32))
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+
+
+def _fp_params(w, kind):
+    """FP8 E4M3: scale = max|w| / 448 (float32); MXFP4: 2^(floor(log2 max|w|) - 2)."""
+    amax = w.float().abs().amax(dim=1)
+    if kind == "fp8":
+        return amax.clamp(min=torch.finfo(torch.float32).tiny) / 448
+    return torch.exp2(torch.floor(torch.log2(amax)) - 2)
+
+
+def _fp_round(v, kind):
+    """The nearest value of the type, ties to the even code, saturating (v float64)."""
+    if kind == "fp8":
+        return v.float().clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    a = v.float().double().abs().clamp(max=6)
+    dist = (a[:, None] - E2M1[None]).abs()
+    best = dist.min(dim=1, keepdim=True).values
+    ties = dist == best
+    code = torch.where(
+        ties.sum(1) > 1, (ties & (torch.arange(8) % 2 == 0)).double().argmax(1), dist.argmin(1)
+    )
+    return torch.copysign(E2M1[code], v)
+
+
+def paper_gptq_float(W, X, kind, group, damp=0.01):
+    """Algorithm 1 in column order with a float value type in place of the integers."""
+    W = W.double().clone()
+    H = 2 * X.double().T @ X.double() / X.shape[0]
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(W.shape[1], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H)).T
+    Q = torch.zeros_like(W)
+    for k in range(W.shape[1]):
+        if k % group == 0:
+            s = _fp_params(W[:, k : k + group], kind).double()
+        Q[:, k] = _fp_round(W[:, k] / s, kind)
+        e = (W[:, k] - Q[:, k] * s) / U[k, k]
+        W[:, k + 1 :] -= torch.outer(e, U[k, k + 1 :])
+    return Q.float()
+
+
+@pytest.mark.parametrize(("tag", "kind", "group"), [("fp8g32", "fp8", 32), ("mxfp4", "fp4", 32)])
+def test_float_types_match_the_paper(tag, kind, group):
+    W, X = _case(21, 16, 96)
+    got = gptq_round(W, _hessian(X), QuantSpec.from_tag(tag), block_size=32)
+    assert got.zero is None and got.q.dtype == torch.float32
+    assert torch.equal(got.q, paper_gptq_float(W, X, kind, group))
+
+
+def test_specs_sharing_scales_across_rows_are_refused():
+    W, X = _case(5, 16, 64)
+    for tag in ("fp8t", "nvfp4", "fp8b8x32"):
+        with pytest.raises(ValueError, match="use method rtn or awq"):
+            gptq_round(W, _hessian(X), QuantSpec.from_tag(tag))
+
+
+@pytest.mark.parametrize("tag", ["w4g32", "w4g32-sym", "fp8g32", "mxfp4", "fp8_e5m2g32"])
+def test_saved_results_read_back_exactly(tag, tmp_path):
+    from ptqflow.artifacts import read_safetensors, save_safetensors
+    from ptqflow.methods.gptq.block import block_record, from_record
+
+    W, X = _case(9, 16, 64)
+    r = gptq_round(W * (1000 if "e5m2" in tag else 1), _hessian(X), QuantSpec.from_tag(tag))
+    tensors, meta = block_record({"mlp.up_proj": r}, "model.layers.0")
+    save_safetensors(tensors, tmp_path / "block.safetensors", meta)
+    read, _ = read_safetensors(tmp_path / "block.safetensors", "gptq")  # checks NaN/inf too
+    back = from_record(read)["model.layers.0.mlp.up_proj"]
+    assert torch.equal(back.q, r.q) and torch.equal(back.scale, r.scale)
+    assert tensors["model.layers.0.mlp.up_proj.q"].element_size() == 1

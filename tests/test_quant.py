@@ -68,7 +68,7 @@ def test_fake_quantize_keeps_dtype():
     [
         ({"w_bit": 1}, "w_bit=1 is out of range"),
         ({"w_bit": 9}, "w_bit=9 is out of range"),
-        ({"group_size": 0}, "group_size=0 is invalid"),
+        ({"group_rows": 0}, "group_rows=0 must be a positive integer"),
         ({"group_size": -2}, "group_size=-2 is invalid"),
     ],
 )

@@ -60,6 +60,25 @@ def test_eval_fp_and_rtn(tiny_cfg, tmp_path):
     ]
 
 
+def test_eval_float_formats(tiny_cfg):
+    fp = fake_quant_eval.run(tiny_cfg("eval.method=fp"))
+    fp8 = fake_quant_eval.run(tiny_cfg("quant=fp8_dynamic", "quant.group_size=-1"))
+    nvfp4 = fake_quant_eval.run(tiny_cfg("quant=nvfp4a16", "quant.group_size=16"))
+    assert (fp8["quant"], nvfp4["quant"]) == ("fp8pc-afp8", "nvfp4")
+    assert fp8["quantized_linears"] == 14
+    # values and scales as stored: 8 bits + an fp16 scale per row of 64 inputs; NVFP4 4 bits +
+    # an e4m3 scale per 16 + one fp32 scale per linear (under 4.6 either way)
+    assert 8.2 < fp8["bits_per_weight"] < 8.3 and 4.5 < nvfp4["bits_per_weight"] < 4.6
+    assert abs(fp8["nll"] - fp["nll"]) < abs(nvfp4["nll"] - fp["nll"])
+
+
+def test_blocks_that_do_not_divide_a_layer_are_refused_before_loading(tiny_cfg):
+    with pytest.raises(ValueError, match=r"group_rows=48 does not divide out_features=64"):
+        fake_quant_eval.run(
+            tiny_cfg("quant=fp8_block", "quant.group_size=32", "quant.group_rows=48")
+        )
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

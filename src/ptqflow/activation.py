@@ -6,6 +6,10 @@ zero point), ``qmax = 2^(b-1) - 1``::
     scale = max|x| / qmax          (clamped at 1e-5)
     x_hat = clamp(round(x / scale), -qmax - 1, qmax) * scale
 
+``type="fp8"`` (FP8 E4M3, FP8_DYNAMIC's activations) takes ``scale = max|x| / 448`` and
+``x_hat = e4m3(x / scale) * scale`` (:mod:`ptqflow.elements`: the nearest e4m3 value, ties to
+even, saturating).
+
 ``granularity="token"``: one scale per token (row of ``x``), computed from the tensor at run
 time (dynamic), what int8 GEMM kernels with per-token activation scales do.
 ``granularity="tensor"``: one scale for the whole input of a linear, fixed in advance from
@@ -26,10 +30,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ptqflow.elements import ELEMENTS, element
 from ptqflow.multimodal import batches
 
 MIN_A_BITS, MAX_A_BITS = 4, 8  # activation bits (weights: ptqflow.quant.MIN_BITS..MAX_BITS)
 GRANULARITIES = ("token", "tensor")
+ACT_TYPES = ("int", "fp8")  # value types an activation takes
 
 
 @dataclass(frozen=True)
@@ -37,15 +43,28 @@ class ActSpec:
     """How the inputs of the quantized linears are quantized.
 
     Attributes:
-        a_bit: bits per activation, 4..8.
+        a_bit: bits per activation, 4..8 (``fp8``: 8).
         granularity: ``token`` (dynamic, one scale per token) or ``tensor`` (static, one
             calibrated scale per linear).
+        type: ``int`` (symmetric integers) or ``fp8`` (FP8 E4M3).
     """
 
     a_bit: int = 8
     granularity: str = "token"
+    type: str = "int"
 
     def __post_init__(self) -> None:
+        elem = element(self.type, "a_type")
+        if self.type not in ACT_TYPES:
+            raise ValueError(
+                f"a_type={self.type} ({elem.text}) is not an activation type yet; use one of "
+                f"{', '.join(ACT_TYPES)}"
+            )
+        if elem.is_float and self.a_bit != elem.bits:
+            raise ValueError(
+                f"a_type={self.type} ({elem.text}) has {elem.bits} bits, but a_bit="
+                f"{self.a_bit!r}; set a_bit={elem.bits}"
+            )
         if not isinstance(self.a_bit, int) or not MIN_A_BITS <= self.a_bit <= MAX_A_BITS:
             raise ValueError(
                 f"a_bit={self.a_bit!r} is out of range: activation quantization supports "
@@ -58,8 +77,13 @@ class ActSpec:
             )
 
     @property
-    def qmax(self) -> int:
-        return 2 ** (self.a_bit - 1) - 1
+    def is_float(self) -> bool:
+        return self.type != "int"
+
+    @property
+    def qmax(self) -> float:
+        """The largest magnitude a value takes: ``2^(b-1) - 1``, or the float type's max."""
+        return ELEMENTS[self.type].max if self.is_float else 2 ** (self.a_bit - 1) - 1
 
     @property
     def static(self) -> bool:
@@ -67,8 +91,8 @@ class ActSpec:
 
     @property
     def tag(self) -> str:
-        """``a8`` (per token) or ``a8t`` (static per tensor)."""
-        return f"a{self.a_bit}" + ("t" if self.static else "")
+        """``a8`` (per token) or ``a8t`` (static per tensor); ``afp8``, ``afp8t``."""
+        return f"a{self.type if self.is_float else self.a_bit}" + ("t" if self.static else "")
 
 
 def absmax_scale(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
@@ -87,7 +111,10 @@ def fake_quantize(
     if scale is None:
         scale = absmax_scale(x, spec)
     scale = scale.to(x.device, torch.float32)
-    q = torch.clamp(torch.round(x.float() / scale), -spec.qmax - 1, spec.qmax)
+    if spec.is_float:
+        q = ELEMENTS[spec.type].round(x.float() / scale)
+    else:
+        q = torch.clamp(torch.round(x.float() / scale), -spec.qmax - 1, spec.qmax)
     return (q * scale).to(x.dtype)
 
 

@@ -128,7 +128,8 @@ def read_safetensors(
     tensors, metadata = load_safetensors(path, damaged(stage), keep)
     rerun = f"rerun it (`dvc repro {stage}`)"
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        wide = t.float() if t.is_floating_point() and t.element_size() == 1 else t  # float8
+        if t.is_floating_point() and not bool(torch.isfinite(wide).all()):
             raise ValueError(f"{path}: tensor '{key}' holds NaN or inf values; {rerun}")
         if positive and not bool((t > 0).all()):
             raise ValueError(f"{path}: tensor '{key}' holds values <= 0; {rerun}")

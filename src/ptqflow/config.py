@@ -289,7 +289,8 @@ def is_auto(recipe: Mapping[str, Any]) -> bool:
     return (recipe or {}).get("name") == "auto"
 
 
-ACT_KEYS = {"a_bit": "a_bit", "a_granularity": "granularity"}  # quant key -> ActSpec field
+# quant key -> ActSpec field
+ACT_KEYS = {"a_bit": "a_bit", "a_granularity": "granularity", "a_type": "type"}
 
 
 def parse_quant(values: Mapping[str, Any]) -> QuantSpec:
@@ -305,15 +306,17 @@ def parse_quant(values: Mapping[str, Any]) -> QuantSpec:
 
 def parse_act(values: Mapping[str, Any]) -> ActSpec | None:
     """The activation half of the ``quant`` section: ``a_bit`` (``null``: weight-only, the
-    activations stay in the model dtype) and ``a_granularity`` (``token`` or ``tensor``)."""
+    activations stay in the model dtype), ``a_granularity`` (``token`` or ``tensor``) and
+    ``a_type`` (``int`` or ``fp8``)."""
     values = dict(values or {})
     act = {ACT_KEYS[k]: v for k, v in values.items() if k in ACT_KEYS}
     if act.get("a_bit") is None:
-        if act.get("granularity", "token") != "token":
-            raise ValueError(
-                f"config section 'quant': a_granularity={act['granularity']!r} is set but "
-                "a_bit is null (weight-only); set quant.a_bit=8 to quantize activations"
-            )
+        for key, default in (("granularity", "token"), ("type", "int")):
+            if act.get(key, default) != default:
+                raise ValueError(
+                    f"config section 'quant': a_{key}={act[key]!r} is set but a_bit is null "
+                    "(weight-only); set quant.a_bit=8 to quantize activations"
+                )
         return None
     return parse(ActSpec, "quant", act)
 

@@ -1,4 +1,5 @@
-"""Weight quantization primitives: group-wise and per-channel round-to-nearest (RTN).
+"""Weight quantization primitives: round-to-nearest (RTN) onto integers or minifloats, with one
+scale per group, output channel, 2-D block or tensor.
 
 Everything here is pure PyTorch and works on a weight laid out as ``nn.Linear`` stores it,
 ``[out_features, in_features]``. Groups run along the input dimension: group ``j`` of row ``o``
@@ -19,25 +20,41 @@ Symmetric, ``qmax = 2^(b-1) - 1``, ``qmin = -2^(b-1)``::
 
 ``round`` is ``torch.round`` (half to even). Statistics (min, max, scale) are computed in
 float32 whatever the weight dtype, so results do not depend on the storage dtype.
+
+Minifloats (``type=fp8``, ``fp8_e5m2``, ``fp4``; :mod:`ptqflow.elements`) are symmetric: the
+scale comes from ``max |w|`` of the group as its :class:`~ptqflow.elements.ScaleType` says,
+``q = round_type(w / scale)`` (the nearest value of the type, saturating) and
+``w_hat = q * scale``; ``q`` is then a float32 tensor holding the type's values.
+
+Where the scale is shared: ``group_size > 0`` runs of input channels in each row (with
+``group_rows > 1``: blocks of ``group_rows x group_size``, DeepSeek-V3's 128x128), ``-1`` one
+per output channel, ``0`` one per tensor. Scales are returned expanded to ``[out, in/g]`` (a
+block's or the tensor's scale repeated on each of its rows), so every consumer reads one layout.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 
+from ptqflow.elements import ELEMENTS, SCALE_TYPES, Element, ScaleType, element, scale_type
 from ptqflow.fields import check_value
 
 MIN_BITS, MAX_BITS = 2, 8
 PER_CHANNEL = -1  # the group_size that means one group spanning the whole input row
+PER_TENSOR = 0  # the group_size that means one scale for the whole weight
+
+# Short names for the float specs people know by name: (type, group_size, scale_type).
+NAMED = {"nvfp4": ("fp4", 16, "e4m3"), "mxfp4": ("fp4", 32, "e8m0"), "mxfp8": ("fp8", 32, "e8m0")}
 
 
 def group_width(group_size: int, in_features: int) -> int:
     """The input channels one scale covers: ``group_size``, or the whole row when it is
-    :data:`PER_CHANNEL`."""
-    return in_features if group_size == PER_CHANNEL else group_size
+    :data:`PER_CHANNEL` or :data:`PER_TENSOR`."""
+    return in_features if group_size in (PER_CHANNEL, PER_TENSOR) else group_size
 
 
 @dataclass(frozen=True)
@@ -45,27 +62,77 @@ class QuantSpec:
     """How one linear's weight is quantized.
 
     Attributes:
-        w_bit: bits per weight, 2..8.
-        group_size: input channels sharing one scale/zero; ``-1`` means per output channel.
-        zero_point: asymmetric with an integer zero point (True) or symmetric (False).
+        w_bit: bits per weight, 2..8 for integers; a float type's own width (fp8: 8, fp4: 4).
+        group_size: input channels sharing one scale/zero; ``-1`` one per output channel,
+            ``0`` one per tensor.
+        zero_point: asymmetric with an integer zero point (True) or symmetric (False); float
+            types are symmetric.
+        type: the value type, ``int`` or a float (:data:`ptqflow.elements.ELEMENTS`).
+        scale_type: how the scales are stored (:data:`ptqflow.elements.SCALE_TYPES`):
+            ``float``, ``e8m0`` (MX) or ``e4m3`` (NVFP4, with a per-tensor fp32 scale).
+        group_rows: output rows sharing a scale with each group (``group_size`` > 0): 1, or
+            e.g. 128 for 128x128 blocks.
     """
 
     w_bit: int = 4
     group_size: int = 64
     zero_point: bool = True
+    type: str = "int"
+    scale_type: str = "float"
+    group_rows: int = 1
 
     def __post_init__(self) -> None:
         check_value("zero_point", self.zero_point, bool)
-        if not isinstance(self.w_bit, int) or not MIN_BITS <= self.w_bit <= MAX_BITS:
+        elem, _ = element(self.type, "type"), scale_type(self.scale_type)
+        if elem.is_float:
+            if self.w_bit != elem.bits:
+                raise ValueError(
+                    f"type={self.type} ({elem.text}) has {elem.bits} bits, but w_bit="
+                    f"{self.w_bit!r}; set w_bit={elem.bits}"
+                )
+            if self.zero_point:
+                raise ValueError(
+                    f"type={self.type} ({elem.text}) is symmetric: set zero_point=false"
+                )
+        elif not isinstance(self.w_bit, int) or not MIN_BITS <= self.w_bit <= MAX_BITS:
             raise ValueError(
                 f"w_bit={self.w_bit!r} is out of range: weight quantization supports "
                 f"{MIN_BITS}..{MAX_BITS} bits"
             )
-        if not isinstance(self.group_size, int) or (not self.per_channel and self.group_size <= 0):
+        if SCALE_TYPES[self.scale_type].needs_float_element and not elem.is_float:
+            raise ValueError(
+                f"scale_type={self.scale_type} scales float values (MX, NVFP4); integers take "
+                "scale_type=float"
+            )
+        if not isinstance(self.group_size, int) or self.group_size < PER_CHANNEL:
             raise ValueError(
                 f"group_size={self.group_size!r} is invalid: use a positive group size "
-                "(e.g. 32, 64, 128) or -1 for per-channel"
+                "(e.g. 32, 64, 128), -1 for per-channel or 0 for per-tensor"
             )
+        if not isinstance(self.group_rows, int) or self.group_rows < 1:
+            raise ValueError(f"group_rows={self.group_rows!r} must be a positive integer")
+        if self.group_rows > 1 and self.group_size <= 0:
+            raise ValueError(
+                f"group_rows={self.group_rows} makes 2-D blocks of group_rows x group_size; "
+                f"give a positive group_size (got {self.group_size})"
+            )
+        if self.scale_type == "e4m3" and self.group_size <= 0:
+            raise ValueError(
+                "scale_type=e4m3 (NVFP4) stores per-group scales under one per-tensor scale; "
+                "give a positive group_size (NVFP4 uses 16)"
+            )
+
+    @property
+    def element(self) -> Element:
+        return ELEMENTS[self.type]
+
+    @property
+    def scales(self) -> ScaleType:
+        return SCALE_TYPES[self.scale_type]
+
+    @property
+    def is_float(self) -> bool:
+        return self.element.is_float
 
     @property
     def per_channel(self) -> bool:
@@ -73,66 +140,157 @@ class QuantSpec:
         return self.group_size == PER_CHANNEL
 
     @property
+    def per_tensor(self) -> bool:
+        """One scale for the whole weight (``group_size == 0``)."""
+        return self.group_size == PER_TENSOR
+
+    @property
+    def strategy(self) -> str:
+        """``group``, ``block`` (2-D), ``channel`` or ``tensor``."""
+        if self.per_tensor:
+            return "tensor"
+        if self.per_channel:
+            return "channel"
+        return "block" if self.group_rows > 1 else "group"
+
+    @property
     def tag(self) -> str:
-        """Short name that says the config, e.g. ``w4g64``, ``w8pc``, ``w4g128-sym``."""
-        group = "pc" if self.per_channel else f"g{self.group_size}"
-        return f"w{self.w_bit}{group}" + ("" if self.zero_point else "-sym")
+        """Short name that says the config: ``w4g64``, ``w8pc``, ``w4g128-sym``; floats by
+        their type, ``fp8pc``, ``fp8t``, ``fp8b128x128``, ``nvfp4``, ``mxfp4``."""
+        for name, (t, g, st) in NAMED.items():
+            if (self.type, self.group_size, self.scale_type, self.group_rows) == (t, g, st, 1):
+                return name
+        where = {"tensor": "t", "channel": "pc", "group": f"g{self.group_size}"}.get(
+            self.strategy, f"b{self.group_rows}x{self.group_size}"
+        )
+        if self.is_float:
+            head, sym = self.type, ""
+        else:
+            head, sym = f"w{self.w_bit}", "" if self.zero_point else "-sym"
+        scale = "" if self.scale_type == "float" else f"-{self.scale_type}"
+        return f"{head}{where}{sym}{scale}"
 
     @classmethod
     def from_tag(cls, tag: str) -> QuantSpec:
-        """Inverse of :attr:`tag`: ``w4g64`` -> ``QuantSpec(4, 64)``, ``w8pc``, ``w4g128-sym``."""
-        m = re.fullmatch(r"w(\d+)(?:g(\d+)|(pc))(-sym)?", str(tag))
+        """Inverse of :attr:`tag`: ``w4g64`` -> ``QuantSpec(4, 64)``, ``w8pc``, ``w4g128-sym``,
+        ``fp8pc``, ``nvfp4``."""
+        tag = str(tag)
+        if tag in NAMED:
+            t, g, st = NAMED[tag]
+            return cls(ELEMENTS[t].bits, g, False, t, st)
+        floats = "|".join(sorted((e for e in ELEMENTS if e != "int"), key=len, reverse=True))
+        m = re.fullmatch(
+            rf"(?:w(\d+)|({floats}))(?:g(\d+)|(pc)|(t)|b(\d+)x(\d+))(-sym)?(?:-(\w+))?", tag
+        )
         if m is None:
             raise ValueError(
-                f"{tag!r} is not a quant config tag; write w<bits>g<group> or w<bits>pc, "
-                "with -sym for symmetric (e.g. w4g64, w8pc, w4g128-sym)"
+                f"{tag!r} is not a quant config tag; write w<bits>g<group>, w<bits>pc or "
+                "w<bits>t, with -sym for symmetric (e.g. w4g64, w8pc, w4g128-sym); floats by "
+                f"type ({', '.join(e for e in ELEMENTS if e != 'int')}: fp8pc, fp8t, "
+                f"fp8b128x128) or by name ({', '.join(NAMED)})"
             )
-        group = PER_CHANNEL if m.group(3) else int(m.group(2))
-        return cls(int(m.group(1)), group, m.group(4) is None)
+        bits, ftype, g, pc, t, rows, bg, sym, st = m.groups()
+        group = PER_CHANNEL if pc else PER_TENSOR if t else int(g or bg)
+        if ftype:
+            return cls(ELEMENTS[ftype].bits, group, False, ftype, st or "float", int(rows or 1))
+        return cls(int(bits), group, sym is None, "int", st or "float", int(rows or 1))
+
+    def n_scales(self, out_features: int, in_features: int) -> int:
+        """How many distinct scales a ``[out, in]`` weight has."""
+        if self.per_tensor:
+            return 1
+        return out_features // self.group_rows * (in_features // self.group_for(in_features))
+
+    def nominal_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of the values and the scales (float scales at 2 bytes, e8m0/e4m3 at 1, plus
+        NVFP4's fp32 per-tensor scale; integer zero points at the values' width): the size of
+        a layer at this spec where no packed format measures it."""
+        values = out_features * in_features * self.w_bit
+        per_scale = 16 if self.scale_type == "float" else 8
+        if self.zero_point:
+            per_scale += self.w_bit
+        extra = 32 if self.scale_type == "e4m3" else 0
+        return (values + self.n_scales(out_features, in_features) * per_scale + extra + 7) // 8
 
     def group_for(self, in_features: int) -> int:
         """The effective group size for a layer with ``in_features`` inputs."""
         return group_width(self.group_size, in_features)
 
-    def check_divides(self, in_features: int, layer: str) -> None:
-        """Raise if the group size does not divide the layer's input features."""
+    def check_divides(self, in_features: int, layer: str, out_features: int | None = None) -> None:
+        """Raise if the group size does not divide the layer's input features (or
+        ``group_rows`` its output features, when given)."""
         g = self.group_for(in_features)
         if in_features % g:
-            divisors = [d for d in (32, 64, 128, 192, 256) if in_features % d == 0]
+            divisors = [d for d in (16, 32, 64, 128, 192, 256) if in_features % d == 0]
             raise ValueError(
                 f"group_size={g} does not divide in_features={in_features} of layer '{layer}'; "
                 f"pick a group size that divides it (e.g. {divisors or [in_features]}) "
                 "or -1 for per-channel"
             )
+        if out_features is not None and out_features % self.group_rows:
+            raise ValueError(
+                f"group_rows={self.group_rows} does not divide out_features={out_features} of "
+                f"layer '{layer}'; pick rows that divide it (e.g. {math.gcd(out_features, 128)})"
+            )
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View ``[out, in]`` as ``[out * in/g, g]`` in float32."""
+def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``[out, in]`` as ``[n_groups, elements per group]`` in float32: rows of groups, or
+    with 2-D blocks / one tensor scale, the blocks' elements gathered (:func:`_ungrouped`
+    undoes it)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
-    g = group_width(group_size, in_f)
+    g = group_width(spec.group_size, in_f)
     if in_f % g:
         raise ValueError(f"group_size={g} does not divide in_features={in_f}")
-    return w.float().reshape(-1, g)
+    rows = out_f if spec.per_tensor else spec.group_rows
+    if out_f % rows:
+        raise ValueError(f"group_rows={rows} does not divide out_features={out_f}")
+    if rows == 1:
+        return w.float().reshape(-1, g)
+    return (
+        w.float().reshape(out_f // rows, rows, in_f // g, g).transpose(1, 2).reshape(-1, rows * g)
+    )
+
+
+def _ungrouped(t: torch.Tensor, spec: QuantSpec, out_f: int, in_f: int) -> torch.Tensor:
+    """Inverse of :func:`_grouped`."""
+    rows = out_f if spec.per_tensor else spec.group_rows
+    if rows == 1:
+        return t.reshape(out_f, in_f)
+    g = group_width(spec.group_size, in_f)
+    return t.reshape(out_f // rows, in_f // g, rows, g).transpose(1, 2).reshape(out_f, in_f)
+
+
+def _expanded(scale: torch.Tensor, spec: QuantSpec, out_f: int, in_f: int) -> torch.Tensor:
+    """Per-group scales ``[n_groups, 1]`` as ``[out, in/g]``, a block's repeated on its rows."""
+    rows = out_f if spec.per_tensor else spec.group_rows
+    g = group_width(spec.group_size, in_f)
+    return scale.reshape(out_f // rows, in_f // g).repeat_interleave(rows, dim=0)
 
 
 def quantize(
     w: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Quantize a weight to integers.
+    """Quantize a weight.
 
     Args:
         w: ``[out, in]`` weight, any float dtype.
-        spec: bits, group size and symmetry.
+        spec: type, bits, scale layout and symmetry.
 
     Returns:
-        ``(q, scale, zero)``: ``q`` int32 ``[out, in]`` (unsigned ``0..2^b-1`` when asymmetric,
-        signed when symmetric), ``scale`` float32 ``[out, in/g]``, ``zero`` int32 ``[out, in/g]``
-        or ``None`` for symmetric.
+        ``(q, scale, zero)``: ``q`` ``[out, in]``, int32 for integers (unsigned ``0..2^b-1``
+        when asymmetric, signed when symmetric), float32 values of the type for floats;
+        ``scale`` float32 ``[out, in/g]``; ``zero`` int32 ``[out, in/g]`` or ``None`` when
+        symmetric.
     """
     out_f, in_f = w.shape[0], w.shape[-1]
-    wg = _grouped(w, spec.group_size)
+    wg = _grouped(w, spec)
+    if spec.is_float:
+        scale = group_scale(wg.abs().amax(dim=1, keepdim=True), spec, w)
+        q = spec.element.round(wg / scale)
+        return _ungrouped(q, spec, out_f, in_f), _expanded(scale, spec, out_f, in_f), None
     if spec.zero_point:
         lo, hi = wg.amin(dim=1, keepdim=True), wg.amax(dim=1, keepdim=True)
     else:
@@ -140,8 +298,20 @@ def quantize(
         lo = -hi
     scale, zero = scale_zero(lo, hi, spec)
     q = round_to(wg, scale, zero, spec)
-    zero_out = None if zero is None else zero.to(torch.int32).reshape(out_f, -1)
-    return q.to(torch.int32).reshape(out_f, in_f), scale.reshape(out_f, -1), zero_out
+    q = _ungrouped(q.to(torch.int32), spec, out_f, in_f)
+    zero_out = None if zero is None else _expanded(zero.to(torch.int32), spec, out_f, in_f)
+    return q, _expanded(scale, spec, out_f, in_f), zero_out
+
+
+def group_scale(
+    amax: torch.Tensor, spec: QuantSpec, tensor: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The scale of float-type groups whose ``max |w|`` is ``amax``; ``tensor``: the whole
+    weight, for NVFP4's per-tensor scale (``scale_type=e4m3``; ``amax``'s own max without)."""
+    if not spec.is_float:
+        raise TypeError(f"{spec.tag} is an integer spec; its scales come from scale_zero")
+    whole = amax.amax() if tensor is None else tensor.detach().abs().float().amax()
+    return spec.scales.scale(amax, spec.element, whole)
 
 
 def int_range(spec: QuantSpec) -> tuple[int, int]:
@@ -157,7 +327,9 @@ def scale_zero(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A group's scale and zero point (None when symmetric) from its range ``[lo, hi]``
     (symmetric: ``hi`` is ``max |w|``), in the dtype of ``lo`` and ``hi``; the module
-    docstring's formulas."""
+    docstring's formulas. Float types (no zero point) take their :func:`group_scale`."""
+    if spec.is_float:
+        return group_scale(torch.maximum(lo.abs(), hi.abs()), spec), None
     _, qmax = int_range(spec)
     if spec.zero_point:
         scale = (hi - lo).clamp(min=1e-5) / qmax
@@ -168,7 +340,10 @@ def scale_zero(
 def round_to(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
 ) -> torch.Tensor:
-    """The integers of ``w`` on the grid ``scale``/``zero`` (float, in ``w``'s dtype)."""
+    """The values of ``w`` on the grid ``scale``/``zero`` (float, in ``w``'s dtype): integers,
+    or the float type's values."""
+    if spec.is_float:
+        return spec.element.round((w / scale).float()).to(w.dtype)
     lo, hi = int_range(spec)
     q = torch.round(w / scale)
     return torch.clamp(q if zero is None else q + zero, lo, hi)

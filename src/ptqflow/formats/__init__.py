@@ -66,6 +66,21 @@ def check_packable(
             "pack with quant.a_granularity=token, or score the static config with "
             "fake-quant-eval alone (`python stages/fake_quant_eval.py quant.a_granularity=tensor`)"
         )
+    bad = {name: s.tag for name, s in specs.items() if s.type not in fmt.types}
+    if bad:
+        name, tag = next(iter(bad.items()))
+        types = {s.type for s in specs.values()}
+        holders = [f.name for f in FORMATS.values() if types <= set(f.types)]
+        fix = (
+            f"pick pack.format={' or '.join(holders)}"
+            if holders
+            else "no packed format holds it yet: score it with fake-quant-eval "
+            "(`python stages/fake_quant_eval.py eval.method=rtn quant=...`)"
+        )
+        raise ValueError(
+            f"pack.format={fmt.name} holds {' and '.join(fmt.types)} values, but '{name}' is "
+            f"{tag} ({len(bad)} such layers); {fix}"
+        )
     bad = {name: s.tag for name, s in specs.items() if s.w_bit not in fmt.bits}
     if bad:
         name, tag = next(iter(bad.items()))
@@ -78,7 +93,7 @@ def check_packable(
     fmt.check_plan(specs)
     for name, spec in specs.items():
         out_f, in_f = shapes[name]
-        spec.check_divides(in_f, name)
+        spec.check_divides(in_f, name, out_f)
         if out_f % fmt.out_multiple:
             raise ValueError(
                 f"pack.format={fmt.name} packs along the output dimension in runs of "

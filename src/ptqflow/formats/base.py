@@ -142,6 +142,7 @@ class PackFormat:
 
     Attributes:
         name: the ``pack.format`` value.
+        types: the value types it holds (:data:`ptqflow.elements.ELEMENTS`).
         bits: the bit widths it holds; ``bits_text`` says so in messages.
         tensors: suffixes of one packed linear's tensors; ``marker`` is the one every packed
             linear has.
@@ -158,6 +159,7 @@ class PackFormat:
     name: str
     bits: tuple[int, ...]
     bits_text: str
+    types: tuple[str, ...] = ("int",)
     tensors: tuple[str, ...]
     marker: str
     out_multiple: int = 1

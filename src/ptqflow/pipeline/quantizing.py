@@ -117,6 +117,11 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
         recipe, recipe_inputs = parse_recipe(cfg["recipe"], quant), {}
     plan = recipe.resolve(linear_layers(opened.hf_config))
     require_quantized(plan, recipe.name)
+    if any(spec is not None and spec.group_rows > 1 for spec in plan.values()):
+        shapes = linear_shapes(opened.hf_config)  # 2-D blocks must divide the outputs too
+        for name, spec in plan.items():
+            if spec is not None:
+                spec.check_divides(shapes[name][1], name, shapes[name][0])
     return QuantSetup(**vars(opened), plan=plan, recipe_inputs=recipe_inputs)
 
 

@@ -42,6 +42,12 @@ def search_clip(
 
     ``w [out, in]`` is the (already scaled) weight, ``x [..., in]`` its calibration input.
     """
+    if spec.strategy in ("tensor", "block"):
+        raise ValueError(
+            f"AWQ's clip search picks a range per output channel and group, but {spec.tag} "
+            "shares one scale across rows (per tensor or 2-D blocks); score it with "
+            "eval.method=rtn, or quantize per channel or per group"
+        )
     out_f, in_f = w.shape
     gsz = spec.group_for(in_f)
     n_groups = in_f // gsz

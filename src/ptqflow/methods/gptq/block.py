@@ -8,7 +8,8 @@ once the group has been called). The block itself is never changed: the work hap
 (with AWQ scales folded into it first, for AWQ + GPTQ).
 
 A block's result is saved as safetensors: per linear ``<path>.q`` (uint8 for asymmetric, int8
-for symmetric integers, the plain column layout), ``<path>.scale`` (float32 ``[out, groups]``),
+for symmetric integers, the plain column layout; float types' values in the float8 dtype that
+holds them exactly), ``<path>.scale`` (float32 ``[out, groups]``),
 ``<path>.zero`` (uint8, asymmetric only) and ``<path>.g_idx`` (int32 ``[in]``, only for
 ``act_order`` without static groups); metadata ``losses`` holds GPTQ's objective per linear.
 """
@@ -238,8 +239,7 @@ def block_record(results: Mapping[str, Rounded], prefix: str) -> BlockResult:
     losses = {}
     for name, r in results.items():
         key = f"{prefix}.{name}"
-        signed = r.zero is None
-        tensors[f"{key}.q"] = r.q.to(torch.int8 if signed else torch.uint8)
+        tensors[f"{key}.q"] = _stored(r)
         tensors[f"{key}.scale"] = r.scale
         if r.zero is not None:
             tensors[f"{key}.zero"] = r.zero.to(torch.uint8)
@@ -247,6 +247,19 @@ def block_record(results: Mapping[str, Rounded], prefix: str) -> BlockResult:
             tensors[f"{key}.g_idx"] = r.g_idx.clone()  # rows of one matrix share it
         losses[key] = r.loss
     return tensors, {"losses": json.dumps(losses, sort_keys=True)}
+
+
+def _stored(r: Rounded) -> torch.Tensor:
+    """The values ``q`` in the smallest dtype that holds them exactly: int8 (symmetric) or
+    uint8 integers; a float type's values in float8 e4m3 (FP8 e4m3 and FP4 e2m1 values) or
+    e5m2."""
+    if not r.q.dtype.is_floating_point:
+        return r.q.to(torch.int8 if r.zero is None else torch.uint8)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        small = r.q.to(dtype)
+        if torch.equal(small.float(), r.q):
+            return small
+    return r.q
 
 
 def from_record(tensors: Mapping[str, torch.Tensor]) -> dict[str, Rounded]:
@@ -257,8 +270,9 @@ def from_record(tensors: Mapping[str, torch.Tensor]) -> dict[str, Rounded]:
             name = key.removesuffix(".q")
             zero = tensors.get(f"{name}.zero")
             g_idx = tensors.get(f"{name}.g_idx")
+            q = tensors[key]
             out[name] = Rounded(
-                q=tensors[key].to(torch.int32),
+                q=q.float() if q.dtype.is_floating_point else q.to(torch.int32),
                 scale=tensors[f"{name}.scale"].float(),
                 zero=None if zero is None else zero.to(torch.int32),
                 g_idx=None if g_idx is None else g_idx.to(torch.int32),
@@ -294,13 +308,14 @@ def load_rounded(
         spec = specs[name]
         out_f, in_f = shapes[name]
         groups = in_f // spec.group_for(in_f)
-        lo, hi = int_range(spec)
+        lo, hi = (-spec.element.max, spec.element.max) if spec.is_float else int_range(spec)
         ok = (
             tuple(r.q.shape) == (out_f, in_f)
             and tuple(r.scale.shape) == (out_f, groups)
             and (r.zero is None) != spec.zero_point
-            and int(r.q.min()) >= lo
-            and int(r.q.max()) <= hi
+            and r.q.dtype == (torch.float32 if spec.is_float else torch.int32)
+            and float(r.q.min()) >= lo
+            and float(r.q.max()) <= hi
         )
         if not ok:
             raise ValueError(

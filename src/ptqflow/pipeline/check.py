@@ -8,8 +8,8 @@ output directory, a truncated model file) stops here, before DVC has removed any
 It checks what each stage checks before heavy work, for every section at once: every section's
 keys and types, the model source (and its files: a truncated GGUF or safetensors is named), the
 recipe against the model's shapes (``recipe=auto``: its budget against what the candidates can
-reach in ``pack.format``), the packed format against the recipe, both text sources, and the
-output directories. It loads no weights.
+reach in ``pack.format``), the packed format against the recipe, the GGUF export (architecture,
+block types, tokenizer), both text sources, and the output directories. It loads no weights.
 
 Writes ``<reports>/check.json``: the model's fingerprint, the one fact every stage depends on.
 It changes only when the model's weights do, so a config change reruns no stage through it,
@@ -48,6 +48,7 @@ from ptqflow.models import (
 from ptqflow.pack import PackConfig
 from ptqflow.pipeline.common import StageRun, data_source, open_stage
 from ptqflow.pipeline.dag import code_fingerprints
+from ptqflow.pipeline.gguf_export import check_export
 from ptqflow.pipeline.quantizing import check_balance
 from ptqflow.pipeline.recipe import auto_candidates
 from ptqflow.recipe import require_quantized
@@ -79,6 +80,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     check_balance(cfg, adapter, model_type)
     shapes = linear_shapes(hf_config)
     fmt = get_format(pack.format)
+    plan = {}  # recipe=auto: its plan is the recipe stage's, checked by gguf-export
     if is_auto(cfg["recipe"]):
         auto = parse(AutoRecipeConfig, "recipe", cfg["recipe"])
         candidates = auto_candidates(auto, sens, fmt, quant.group_size)
@@ -89,6 +91,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         plan = recipe.resolve(linear_layers(hf_config))
         require_quantized(plan, recipe.name)
         check_packable(fmt, plan, shapes, parse_act(cfg["quant"]))
+    check_export(cfg, opened.ref, hf_config, plan, shapes)
 
     result = {"model": opened.fingerprint}
     for rel, code in code_fingerprints(run.root).items():

@@ -272,6 +272,22 @@ _WORK: tuple[Stage, ...] = (
     ),
     _eval("packed"),
     Stage(
+        "gguf-export",
+        "stages/gguf_export.py",
+        # what it exports is pack.method's results, scored on the evaluation protocol
+        params=(
+            *QUANT_PARAMS,
+            *_union(method_params),
+            "pack.method",
+            "gguf",
+            *EVAL_PROTOCOL,
+            "paths.artifacts",
+        ),
+        deps=(*BASE, *_union(method_outs)),
+        outs=("artifacts/gguf",),
+        metrics=("reports/gguf.json",),
+    ),
+    Stage(
         "benchmark",
         "stages/benchmark.py",
         params=("model", "bench", "paths.reports"),

@@ -46,12 +46,10 @@ def params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def fp_file(cfg: dict) -> Path:
+def fp_file(model, ref) -> Path:
     """The FP model as an F32 GGUF: what llama.cpp's quantizer starts from."""
     out = WORK / "fp32.gguf"
     if not out.is_file():
-        ref = resolve_model(cfg["model"]["source"])
-        model = load_model(ref, "float32", load_config(ref))
         source = Path(ref.location) / ref.gguf_file
         write_gguf(model, {}, out, copied(source), GGUFConfig(dtype="float32"), name="fp32")
     return out
@@ -93,8 +91,9 @@ def main() -> None:
     ref = resolve_model(cfg["model"]["source"])
     tokenizer = AutoTokenizer.from_pretrained(ref.location, **ref.hf_kwargs())
     wins = windows(cfg, tokenizer)
-    fp = fp_file(cfg)
-    weights = sum(t.numel() for t in load_model(ref, "float32").state_dict().values())
+    dense = load_model(ref, "float32", load_config(ref))
+    fp = fp_file(dense, ref)
+    weights = sum(p.numel() for p in dense.parameters())  # a tied embedding counted once
     imatrix = WORK / "imatrix.gguf"
     if not imatrix.is_file():
         llamacpp.importance_matrix(where, fp, calib_text(cfg, tokenizer), imatrix, ctx=512)
@@ -119,7 +118,6 @@ def main() -> None:
     packed = load_packed(ROOT / "artifacts" / "packed")
     ptqflow_decode = {"packed": decode_speed(packed, prompt, NEW_TOKENS, 3)}
     del packed
-    dense = load_model(ref, "float32")
     ptqflow_decode["fp32"] = decode_speed(dense, prompt, NEW_TOKENS, 3)
     result = {
         "protocol": {k: cfg["eval"][k] for k in ("source", "seqlen", "n_windows")},

@@ -33,7 +33,6 @@ class GGUFArch:
         """``{key: (value, type)}``: the hyperparameters llama.cpp reads, from ``config``."""
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        rope = _rope(config)
         u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
         keys = {
             "context_length": (config.max_position_embeddings, u32),
@@ -43,7 +42,7 @@ class GGUFArch:
             "attention.head_count": (heads, u32),
             "attention.head_count_kv": (getattr(config, "num_key_value_heads", heads), u32),
             "attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), f32),
-            "rope.freq_base": (float(rope["rope_theta"]), f32),
+            "rope.freq_base": (_rope_theta(config), f32),
             "rope.dimension_count": (head_dim, u32),
             "attention.key_length": (head_dim, u32),
             "attention.value_length": (head_dim, u32),
@@ -71,8 +70,8 @@ def pairwise_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, 2, t.shape[0] // heads // 2, *rest).transpose(1, 2).reshape(t.shape)
 
 
-def _rope(config) -> dict:
-    """The rotary settings of ``config`` (transformers 5 ``rope_parameters``, 4.x
+def _rope_theta(config) -> float:
+    """The rotary base of ``config`` (transformers 5 ``rope_parameters``, 4.x
     ``rope_theta``/``rope_scaling``); a scaled rotary embedding is refused: its GGUF keys are
     not written yet."""
     rope = getattr(config, "rope_parameters", None) or {}
@@ -85,7 +84,7 @@ def _rope(config) -> dict:
         )
     if theta is None:
         raise ValueError("the model config has no rope_theta; GGUF needs the rotary base")
-    return {"rope_theta": theta}
+    return float(theta)
 
 
 ARCHS: tuple[GGUFArch, ...] = (

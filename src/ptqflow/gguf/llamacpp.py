@@ -82,7 +82,7 @@ def perplexity(where: Path, model: Path, windows: torch.Tensor, threads: int = 2
     (``int64 [n, seqlen]``): every next token of each window, the protocol of
     :func:`ptqflow.evaluate.perplexity`, with log-probabilities in float64."""
     Llama = bindings(where)  # noqa: N806 (a class)
-    n, seqlen = windows.shape
+    seqlen = windows.shape[1]
     llm = Llama(
         model_path=str(model),
         n_ctx=seqlen,

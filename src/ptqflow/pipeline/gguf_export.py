@@ -25,7 +25,7 @@ import torch
 from ptqflow.artifacts import atomic_dir, atomic_write_text, to_json, write_manifest
 from ptqflow.config import EvalConfig, parse, parse_act
 from ptqflow.evaluate import eval_windows, perplexity
-from ptqflow.gguf import GGUFConfig, gguf_arch, plan_types, verify, vocab, write_gguf
+from ptqflow.gguf import BlockType, GGUFConfig, gguf_arch, plan_types, verify, vocab, write_gguf
 from ptqflow.methods import METHODS, rounding
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.models import ModelRef, linear_layers, linear_shapes, load_model, load_tokenizer
@@ -47,6 +47,7 @@ class Export:
     cfg: GGUFConfig
     method: str
     tokenizer_keys: dict[str, vocab.Value]
+    types: dict[str, BlockType]  # of every quantized linear
 
 
 def check_export(cfg: dict[str, Any], ref: ModelRef, hf_config, plan, shapes) -> Export | None:
@@ -63,7 +64,7 @@ def check_export(cfg: dict[str, Any], ref: ModelRef, hf_config, plan, shapes) ->
     off = "; or set gguf.enabled=false to skip the GGUF export"
     try:
         gguf_arch(hf_config.model_type)
-        plan_types(plan, shapes)
+        types = plan_types(plan, shapes)
         if parse_act(cfg["quant"]) is not None:
             raise ValueError(
                 "GGUF holds quantized weights; llama.cpp quantizes activations its own way: "
@@ -82,7 +83,7 @@ def check_export(cfg: dict[str, Any], ref: ModelRef, hf_config, plan, shapes) ->
             )
     except ValueError as e:
         raise ValueError(f"{e}{off}") from None
-    return Export(gc, method, keys)
+    return Export(gc, method, keys, types)
 
 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             )
             checked = verify(tmp / file_name, model, setup.plan, result.rounded)
             stats = {"file": file_name, **written, **checked}
-            stats.update(decoder_bits(setup.hf_config, setup.plan, shapes, export.cfg))
+            stats.update(decoder_bits(setup.hf_config, export.types, shapes, export.cfg))
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
         del model
@@ -145,9 +146,9 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     return metrics
 
 
-def decoder_bits(hf_config, plan, shapes, gc: GGUFConfig) -> dict[str, Any]:
-    """Bytes and bits per weight of the decoder-block linears as the file stores them."""
-    types = plan_types(plan, shapes)
+def decoder_bits(hf_config, types, shapes, gc: GGUFConfig) -> dict[str, Any]:
+    """Bytes and bits per weight of the decoder-block linears as the file stores them
+    (``types``: each quantized linear's block type)."""
     size = weights = 0
     for name, layer, _ in linear_layers(hf_config):
         if layer is None:

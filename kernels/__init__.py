@@ -1,7 +1,8 @@
 """ptqflow.kernels: W4A16 matmul over the AWQ GEMM layout, in Triton, with a pure-PyTorch twin.
 
-:func:`w4a16_matmul` is the entry point. It picks the GEMV schedule (split over K) for small M
-and the GEMM schedule for larger M, with block sizes from ``tuning.json`` for the current GPU,
+:func:`w4a16_matmul` is the entry point. It picks the GEMV schedule (split over K) up to the
+tuned number of rows (``gemv_max_m``) and the GEMM schedule above, with block sizes from
+``tuning.json`` for the current GPU,
 and falls back to :func:`ptqflow.kernels.reference.w4a16_matmul` where Triton cannot run (no
 CUDA device, float32 activations). With ``TRITON_INTERPRET=1`` set before this package first
 launches a kernel, the Triton kernels run on the CPU through Triton's interpreter (slow: tests
@@ -23,7 +24,7 @@ import torch
 from ptqflow.kernels import reference
 
 __all__ = [
-    "GEMV_MAX_M",
+    "gemv_max_m",
     "kernel_config",
     "reference",
     "tile_k",
@@ -31,8 +32,6 @@ __all__ = [
     "w4a16_matmul",
 ]
 
-# Up to this many rows the weight read dominates: GEMV schedule; above it, tensor-core GEMM.
-GEMV_MAX_M = 8
 TUNING = Path(__file__).with_name("tuning.json")
 
 
@@ -58,8 +57,28 @@ def triton_runs(x: torch.Tensor) -> bool:
 
 
 @functools.cache
+def _sm_count(index: int) -> int:
+    """Multiprocessors of CUDA device ``index`` (looked up once: the GEMV splits K by it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
 def _tuning() -> dict:
     return json.loads(TUNING.read_text(encoding="utf-8"))
+
+
+def _entry(device: torch.device) -> dict:
+    table = _tuning()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return table.get(name, table["default"])
+
+
+@functools.cache
+def gemv_max_m(device: torch.device) -> int:
+    """Up to how many rows ``auto`` runs the GEMV schedule on ``device`` (its ``tuning.json``
+    entry's ``gemv_max_m``); the tensor-core GEMM above. On the H200 the GEMM's M<=16 tile
+    is faster than the GEMV from 2 rows on, so there it is 1."""
+    return int(_entry(device)["gemv_max_m"])
 
 
 @functools.cache
@@ -68,9 +87,7 @@ def kernel_config(kind: str, m: int, device: torch.device) -> dict:
     the entry for this GPU's name in ``tuning.json`` if there is one, else ``default``. GEMM
     entries are keyed by the largest M they serve; the first key ``>= m`` wins. Cached: the
     lookup runs once per (kind, M, device), not on every call; callers must not change it."""
-    table = _tuning()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    entry = table.get(name, table["default"])[kind]
+    entry = _entry(device)[kind]
     if kind == "gemv":
         return entry
     for bound in sorted(entry, key=int):
@@ -105,9 +122,10 @@ def w4a16_matmul(
     """``y = x @ W + bias`` for activations ``x [..., K]`` and a 4-bit weight ``W [K, N]`` in
     the AWQ GEMM layout (``qweight [K, N/8]``, ``qzeros [K/g, N/8]``, ``scales [K/g, N]``).
 
-    ``backend``: ``auto`` (GEMV for ``M <= GEMV_MAX_M``, else GEMM; the reference where Triton
-    cannot run), or ``gemv``, ``gemm``, ``reference`` to force one. ``config`` overrides the
-    tuned launch config. Returns ``[..., N]`` in ``x``'s dtype; accumulation is float32.
+    ``backend``: ``auto`` (GEMV for ``M <= gemv_max_m(device)``, else GEMM; the reference
+    where Triton cannot run), or ``gemv``, ``gemm``, ``reference`` to force one. ``config``
+    overrides the tuned launch config. Returns ``[..., N]`` in ``x``'s dtype; accumulation is
+    float32.
     """
     k, n = qweight.shape[0], scales.shape[1]
     if x.shape[-1] != k or qweight.shape[1] * 8 != n or k % group_size:
@@ -124,14 +142,14 @@ def w4a16_matmul(
         )
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    kind = backend if backend != "auto" else ("gemv" if m <= GEMV_MAX_M else "gemm")
+    kind = backend if backend != "auto" else ("gemv" if m <= gemv_max_m(x.device) else "gemm")
     cfg = dict(config or kernel_config(kind, m, x.device))
     # Checked before launch: a tile across two groups would read one group's scales for both.
     cfg["BK"] = tile_k(cfg["BK"], group_size, 16 if kind == "gemm" else 1)
     if kind == "gemv":
         from ptqflow.kernels.w4a16_gemv import w4a16_gemv
 
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        sms = _sm_count(x.device.index or 0) if x.is_cuda else 1
         y = w4a16_gemv(x2, qweight, qzeros, scales, group_size, bias, cfg, n_programs=4 * sms)
     elif kind == "gemm":
         from ptqflow.kernels.w4a16_gemm import w4a16_gemm

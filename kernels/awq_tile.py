@@ -9,20 +9,28 @@ import triton.language as tl
 
 
 @triton.jit
-def dequant_awq_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, mask_n, N, G):
-    """``W[k0 + offs_k, offs_n]`` in float32. ``BK`` divides the group size ``G`` and tiles
-    start at multiples of ``BK``, so the whole tile shares one row of zeros and scales."""
+def dequant_awq_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, n0, N, G,
+                     BK: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """``W[k0 + offs_k, n0 : n0 + BN]`` in float32 (``n0`` a multiple of 8). ``BK`` divides the
+    group size ``G`` and tiles start at multiples of ``BK``, so the whole tile shares one row of
+    zeros and scales. Each packed word is loaded once (``BN / 8`` contiguous words per row) and
+    split into its 8 columns in registers: column ``8w + j`` is nibble
+    ``AWQ_NIBBLE[j] = j // 2 + 4 * (j % 2)`` of word ``w``."""
     words = N // 8
-    # Column n sits in word n // 8 at nibble AWQ_NIBBLE[n % 8] = (n % 8) // 2 + 4 * (n % 2).
-    shifts = (((offs_n % 8) // 2) + (offs_n % 2) * 4) * 4
+    offs_w = n0 // 8 + tl.arange(0, BN // 8)
+    mask_w = offs_w < words
+    j = tl.arange(0, 8)
+    shifts = ((j // 2) + (j % 2) * 4) * 4
     kk = k0 + offs_k
-    qw = tl.load(qw_ptr + kk[:, None] * words + (offs_n // 8)[None, :], mask=mask_n[None, :])
+    qw = tl.load(qw_ptr + kk[:, None] * words + offs_w[None, :], mask=mask_w[None, :], other=0)
     g = k0 // G
-    qz = tl.load(qz_ptr + g * words + offs_n // 8, mask=mask_n)
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    q = (qw >> shifts[None, :]) & 0xF
-    z = (qz >> shifts) & 0xF
-    return (q - z[None, :]).to(tl.float32) * s[None, :]
+    qz = tl.load(qz_ptr + g * words + offs_w, mask=mask_w, other=0)
+    offs_n = n0 + tl.arange(0, BN)
+    s = tl.load(s_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    q = (qw[:, :, None] >> shifts[None, None, :]) & 0xF  # [BK, BN / 8, 8]
+    z = (qz[:, None] >> shifts[None, :]) & 0xF  # [BN / 8, 8]
+    w = tl.reshape((q - z[None, :, :]).to(tl.float32), (BK, BN))
+    return w * s[None, :]
 
 
 @triton.jit

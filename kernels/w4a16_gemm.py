@@ -47,7 +47,7 @@ def _w4a16_gemm_kernel(
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0
         )
-        w = dequant_awq_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, mask_n, N, G)
+        w = dequant_awq_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, pid_n * BN, N, G, BK, BN)
         if DOT_F32:
             acc += tl.dot(x.to(tl.float32), w)
         else:

@@ -39,7 +39,7 @@ def _w4a16_gemv_kernel(
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None], other=0.0
         ).to(tl.float32)
-        w = dequant_awq_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, mask_n, N, G)
+        w = dequant_awq_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, pid_n * BN, N, G, BK, BN)
         acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
     part = part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(part, acc, mask=mask_m[:, None] & mask_n[None, :])

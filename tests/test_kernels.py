@@ -8,8 +8,8 @@ import torch
 
 from ptqflow.formats import IntWeight
 from ptqflow.kernels import (
-    GEMV_MAX_M,
     cpu_int4,
+    gemv_max_m,
     kernel_config,
     tile_k,
     triton_runs,
@@ -195,7 +195,7 @@ def test_kernel_config_picks_by_m():
     assert kernel_config("gemm", 16, cpu)["BM"] == 16
     assert kernel_config("gemm", 17, cpu)["BM"] == 64
     assert kernel_config("gemm", 4096, cpu)["BM"] == 128
-    assert "BN" in kernel_config("gemv", 1, cpu) and GEMV_MAX_M >= 4
+    assert "BN" in kernel_config("gemv", 1, cpu) and gemv_max_m(cpu) >= 1
 
 
 @pytest.mark.gpu
@@ -307,6 +307,43 @@ def test_tuning_sweep_keeps_the_fastest_correct_config(tmp_path, monkeypatch):
     tune.write_entry(out, "Some GPU", entry)
     table, before = json.loads(out.read_text()), json.loads(tune.TUNING.read_text())
     assert table == before | {"Some GPU": entry}
+
+
+def test_tuning_budget_keeps_the_config_in_use_when_time_runs_out(monkeypatch):
+    """With no time left each sweep still runs its first candidate, which is the config in use
+    (``start``): a budgeted sweep never returns an untried or worse config."""
+    from ptqflow.kernels import tune
+
+    used = []
+
+    def matmul(x, *args, config, **kw):
+        used.append(config)
+        return w4a16_matmul(x, *args, config=config, **kw)
+
+    monkeypatch.setattr(tune, "w4a16_matmul", matmul)
+    gemv = {"BN": 32, "BK": 32, "num_warps": 4}
+    gemm = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
+    start = {"gemv": gemv, "gemm": {b: gemm for b in ("16", "64", "256")}}
+    entry = tune.tune([(64, 128)], 32, torch.device("cpu"), lambda fn: (fn(), 1.0)[1],
+                      budget_s=0.0, start=start)  # fmt: skip
+    assert {k: v for k, v in entry.items() if k != "gemv_max_m"} == start
+    assert all(c in (gemv, gemm) for c in used)
+
+
+def test_crossover_is_the_last_m_where_the_gemv_wins():
+    """A stand-in timer where the GEMV costs M units and the GEMM 2.5: the GEMV is kept up to
+    M=2 and the GEMM takes over from M=4."""
+    from ptqflow.kernels import tune
+
+    def timer(fn):
+        x = fn.__defaults__[0]
+        is_gemv = "BM" not in fn.__defaults__[2]
+        return float(x.shape[0]) if is_gemv else 2.5
+
+    entry = {"gemv": {"BN": 32, "BK": 32, "num_warps": 4},
+             "gemm": {"16": {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}}}  # fmt: skip
+    packed = tune.weights([(64, 128)], 32, torch.device("cpu"))
+    assert tune.crossover(entry, packed, 32, timer) == 2
 
 
 def test_peer_benchmark_checks_and_times_every_peer(tmp_path):

@@ -141,6 +141,37 @@ def test_packed_checkpoint_computes_the_fake_quant_logits(
     assert err < 1e-5 * scale
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_packed_model_runs_the_triton_kernels_on_gpu(
+    dtype, tiny_model_dir, windows, tmp_path, monkeypatch
+):
+    """An AWQ W4g32 checkpoint loaded onto CUDA: every packed linear runs a Triton kernel (the
+    prompt through the GEMM, one decode token per sequence through the GEMV; the reference is
+    made to fail if reached) and the logits are the fake-quant model's within the activation
+    dtype's rounding."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plan = plan_for(model, QuantSpec(4, 32))
+    save_packed(model, None, plan, PackConfig(format="awq"), tmp_path)
+    loaded = load_packed(tmp_path, dtype=dtype, device="cuda")
+    assert {m.layout for m in loaded.modules() if isinstance(m, QuantLinear)} == {"awq"}
+    stored = as_stored(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), plan)
+
+    def no_reference(*args, **kw):
+        raise AssertionError("the reference ran: no Triton kernel took this input")
+
+    monkeypatch.setattr(ref, "w4a16_matmul", no_reference)
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for ids in (windows, windows[:, :1]):  # 128 rows (GEMM), 4 rows (GEMV)
+        with torch.no_grad():
+            want = stored(ids).logits
+            got = loaded(ids.cuda()).logits.float().cpu()
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"{dtype} {tuple(ids.shape)}: max |logit diff| / max |logit| = {rel:.2e}")
+        assert rel < tol
+
+
 @pytest.mark.parametrize(
     "spec", [QuantSpec(4, 32), QuantSpec(4, 64, False), QuantSpec(8, -1)], ids=lambda s: s.tag
 )

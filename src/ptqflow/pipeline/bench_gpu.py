@@ -9,8 +9,11 @@ same random AWQ-packed weights (group ``bench.group_size``) it times, per ``[K, 
 - on a CPU (a smoke run of the same code): float32 and bf16 matmuls and the int4 CPU kernel.
 
 Every row is checked against the reference before it is timed (:func:`ptqflow.bench.checked`);
-the W4A16 rows get their bandwidth fraction where the device's peak is known. Writes
-``<reports>/bench_gpu.json`` (``bench_cpu.json`` on a CPU) and a figure of speedup against M.
+a peer that PyTorch cannot run on this device is recorded as failed with its error, never
+skipped silently (ptqflow's own kernel must run). The W4A16 rows get their bandwidth fraction
+against the datasheet peak (where known) and against a device-to-device copy measured in the
+same run. Writes ``<reports>/bench_gpu.json`` (``bench_cpu.json`` on a CPU) and a figure of
+speedup against M.
 """
 
 from __future__ import annotations
@@ -66,13 +69,43 @@ def peers(device: torch.device, qw, qz, s, g: int, w: torch.Tensor) -> dict[str,
     }
 
 
+def copy_bandwidth(device: torch.device, measure, nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a device-to-device copy of ``nbytes`` (read plus written): the
+    memory ceiling a memory-bound kernel can reach on this device."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms_ = measure(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms_ * 1e-3)
+
+
+def graph_timer(measure):
+    """On CUDA, time one call captured in a CUDA graph (its replay): the kernels' own time,
+    without Python's launch overhead, which the plain timing includes as a user's eager call
+    would."""
+
+    def time_graph(fn: Callable[[], object]) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return measure(graph.replay)
+
+    return time_graph
+
+
 def bench_peers(
     shapes: list[tuple[str, int, int]], ms: list[int], group_size: int, device: torch.device,
-    repeats: int,
+    repeats: int, ceiling: float | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per shape and M: each peer's milliseconds and error, speedups against the
-    first (dense) peer, bandwidth fraction of the W4A16 rows."""
+    """One row per shape and M: each peer's milliseconds and error (or why it failed),
+    speedups against the first (dense) peer, bandwidth fractions of the W4A16 rows against the
+    datasheet peak and against ``ceiling`` (a measured copy bandwidth, bytes/s)."""
     measure = timer(device, repeats)
+    graph = graph_timer(measure) if device.type == "cuda" else None
     peak = PEAK_BANDWIDTH.get(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     rows = []
     for label, k, n in shapes:
@@ -85,16 +118,27 @@ def bench_peers(
             row: dict[str, Any] = {"shape": label, "K": k, "N": n, "M": m, "group_size": group_size}
             for name, (dtype, fn, w4) in kernels.items():
                 xd = x.to(dtype)
-                row[f"{name}_error"] = checked(lambda fn=fn, xd=xd: fn(xd), expected, name)
+                try:
+                    row[f"{name}_error"] = checked(lambda fn=fn, xd=xd: fn(xd), expected, name)
+                except RuntimeError as e:  # a peer this PyTorch build cannot run here
+                    if name.startswith("ptqflow"):
+                        raise
+                    row[f"{name}_failed"] = str(e).splitlines()[0][:200]
+                    continue
                 ms_ = measure(lambda fn=fn, xd=xd: fn(xd))
                 row[f"{name}_ms"] = ms_
-                if w4 and peak:
-                    moved = qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2 + (m * k + m * n) * 2
-                    row[f"{name}_bandwidth_fraction"] = moved / (ms_ * 1e-3) / peak
+                if graph:
+                    row[f"{name}_graph_ms"] = graph(lambda fn=fn, xd=xd: fn(xd))
+                kernel_ms = row.get(f"{name}_graph_ms", ms_)  # the kernels' time where known
+                moved = qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2 + (m * k + m * n) * 2
+                for key, bound in (("", peak), ("_of_copy", ceiling)):
+                    if w4 and bound:
+                        row[f"{name}_bandwidth_fraction{key}"] = moved / (kernel_ms * 1e-3) / bound
             dense = next(iter(kernels))
             for name, (_, _, w4) in kernels.items():
-                if w4:
-                    row[f"{name}_speedup"] = row[f"{dense}_ms"] / row[f"{name}_ms"]
+                for t in ("", "_graph") if w4 else ():
+                    if f"{name}{t}_ms" in row:
+                        row[f"{name}{t}_speedup"] = row[f"{dense}{t}_ms"] / row[f"{name}{t}_ms"]
             rows.append(row)
     return rows
 
@@ -111,7 +155,8 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     for ax, shape in zip(axes[0], shapes, strict=True):
         mine = [r for r in rows if r["shape"] == shape]
         for key in [k for k in mine[0] if k.endswith("_speedup")]:
-            ax.plot([r["M"] for r in mine], [r[key] for r in mine], marker="o", label=key[:-8])
+            ys = [r.get(key, float("nan")) for r in mine]
+            ax.plot([r["M"] for r in mine], ys, marker="o", label=key[:-8])
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="M", title=shape)
     axes[0][0].set_ylabel("dense time / W4A16 time")
@@ -132,9 +177,18 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     ms = list(MS)
     if device.type != "cuda":  # a smoke run: the CPU takes minutes per Llama-sized shape
         shapes, ms = [(f"{k}x{n}", k, n) for k, n in bench.kernel_shapes[:1]], ms[:3]
-    rows = bench_peers(shapes, ms, bench.group_size, device, bench.repeats)
+    ceiling = (
+        copy_bandwidth(device, timer(device, bench.repeats)) if device.type == "cuda" else None
+    )
+    rows = bench_peers(shapes, ms, bench.group_size, device, bench.repeats, ceiling)
     stem = "bench_gpu" if device.type == "cuda" else "bench_cpu"
-    result = {"device": device_name(device), "group_size": bench.group_size, "rows": rows}
+    result = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "group_size": bench.group_size,
+        "copy_bandwidth": ceiling,
+        "rows": rows,
+    }
     out = reports / f"{stem}.json"
     atomic_write_text(out, to_json(result))
     plot(rows, result["device"], reports / "figures" / f"{stem}.png")

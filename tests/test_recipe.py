@@ -61,20 +61,45 @@ def test_glob_is_case_sensitive_full_match():
 
 @pytest.mark.parametrize(
     "spec, expected",
-    [(None, None), (3, range(3, 4)), ("2:5", range(2, 5)), (":2", range(0, 2)), ("7", range(7, 8))],
-    ids=["none", "int", "slice", "open-start", "digit-string"],
+    [
+        (None, None),
+        (3, [range(3, 4)]),
+        ("2:5", [range(2, 5)]),
+        (":2", [range(0, 2)]),
+        ("7", [range(7, 8)]),
+        ("0:3, 5,8", [range(0, 3), range(5, 6), range(8, 9)]),
+    ],
+    ids=["none", "int", "slice", "open-start", "digit-string", "list"],
 )
 def test_parse_layers(spec, expected):
     got = parse_layers(spec)
-    assert (
-        got == expected
-        if expected is None
-        else (got.start, got.stop) == (expected.start, expected.stop)
-    )
+    assert got == (expected if expected is None else tuple(expected))
 
 
 def test_open_range_has_no_end():
-    assert 10_000 in parse_layers("4:")
+    (r,) = parse_layers("4:")
+    assert 10_000 in r
+
+
+def test_a_layer_list_matches_each_of_its_layers():
+    rule = Rule("*.down_proj", "quant", layers="0:2,5,28:")
+    hits = [i for i in range(30) if rule.matches(f"model.layers.{i}.mlp.down_proj", i)]
+    assert hits == [0, 1, 5, 28, 29]
+
+
+def test_a_fallback_takes_the_layers_the_config_cannot():
+    r = recipe(
+        [{"modules": "*", "layers": "0:", "config": "k", "fallback": "w5", "name": "all"}],
+        configs={"k": {"w_bit": 4, "group_size": 32, "scale_type": "k6"},
+                 "w5": {"w_bit": 5, "group_size": 32, "zero_point": False}},
+    )  # fmt: skip
+    plan = r.resolve([("model.layers.0.a", 0, 512), ("model.layers.0.b", 0, 576)])
+    assert plan["model.layers.0.a"].tag == "q4_k"
+    assert plan["model.layers.0.b"].tag == "w5g32-sym"
+    strict = recipe([{"modules": "*", "layers": "0:", "config": "k", "name": "all"}],
+                    configs={"k": {"w_bit": 4, "group_size": 32, "scale_type": "k6"}})  # fmt: skip
+    with pytest.raises(ValueError, match="rule 'all'.*in_features=576"):
+        strict.resolve([("model.layers.0.b", 0, 576)])
 
 
 @pytest.mark.parametrize("bad", ["a:b", "5:2", "1-3", -1])

@@ -21,7 +21,12 @@ Scales (one per group of weights or activations; ``amax`` is the group's ``max |
 - ``float``: ``amax / max`` in float32 (integers: the formulas of :mod:`ptqflow.quant`);
 - ``e8m0`` (OCP MX): a power of two, ``2^(floor(log2 amax) - floor(log2 max))``;
 - ``e4m3`` (NVFP4): an FP8 e4m3 value under one float32 global scale per tensor,
-  ``G = 448 * max / amax_tensor``; the group's scale is ``e4m3(amax / max * G) / G``.
+  ``G = 448 * max / amax_tensor``; the group's scale is ``e4m3(amax / max * G) / G``;
+- ``k6`` and ``k8`` (GGUF's K-quants, integers only): the groups of each run of 256 inputs of a
+  row (a super-block) share an fp16 ``d``, and each group's scale is ``d`` times a 6-bit
+  (``0..63``) or 8-bit (``1..127``) integer; ``d = fp16(largest scale / top)``. Asymmetric
+  ``k6`` groups (Q4_K, Q5_K) carry a float minimum instead of an integer zero point, stored the
+  same way under its own fp16 ``dmin`` (:func:`ptqflow.quant.super_blocks`).
 """
 
 from __future__ import annotations
@@ -99,6 +104,13 @@ class ScaleType:
     name: str
     text: str
     needs_float_element: bool = False
+    sub_bits: int = 0  # K-quants: bits of each group's integer scale under the super-block's
+    super_block: int = 0  # K-quants: inputs sharing one fp16 scale (256)
+
+    @property
+    def top(self) -> int:
+        """The largest integer sub-scale: 63 for 6 bits, 127 for 8 (a signed byte)."""
+        return 2**self.sub_bits - 1 if self.sub_bits < 8 else 127
 
     def scale(self, amax: torch.Tensor, elem: Element, tensor_amax: torch.Tensor | None = None):
         """The scale of groups whose ``max |x|`` is ``amax`` (float32), for values of type
@@ -130,6 +142,18 @@ SCALE_TYPES: dict[str, ScaleType] = {
         ScaleType("e8m0", "a power of two per group (OCP MX)", True),
         ScaleType(
             "e4m3", "an FP8 e4m3 scale per group under one fp32 scale per tensor (NVFP4)", True
+        ),
+        ScaleType(
+            "k6",
+            "6-bit group scales (and float mins) under fp16 ones per 256 inputs (GGUF Q4_K/Q5_K)",
+            sub_bits=6,
+            super_block=256,
+        ),
+        ScaleType(
+            "k8",
+            "8-bit group scales under an fp16 one per 256 inputs (GGUF Q6_K)",
+            sub_bits=8,
+            super_block=256,
         ),
     )
 }

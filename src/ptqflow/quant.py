@@ -26,6 +26,19 @@ scale comes from ``max |w|`` of the group as its :class:`~ptqflow.elements.Scale
 ``q = round_type(w / scale)`` (the nearest value of the type, saturating) and
 ``w_hat = q * scale``; ``q`` is then a float32 tensor holding the type's values.
 
+GGUF's K-quants (``scale_type=k6``/``k8``, :mod:`ptqflow.elements`) quantize the group scales
+themselves: each run of 256 inputs of a row (a super-block) keeps one fp16 ``d`` and each group
+a small integer multiple of it (:func:`super_blocks`). Asymmetric ``k6`` groups use a float
+minimum instead of an integer zero point, as llama.cpp's Q4_K/Q5_K do::
+
+    lo    = min(min, 0)
+    scale = (max - lo).clamp(min=1e-5) / qmax,  zero = -lo / scale   (a float)
+    q     = clamp(round(w / scale + zero), 0, qmax)
+    w_hat = (q - zero) * scale  =  scale * q - min
+
+with ``scale`` and ``min = zero * scale`` each replaced by their super-block's quantized values
+before ``q`` is rounded, so a search or GPTQ sees the scales the file will hold.
+
 Where the scale is shared: ``group_size > 0`` runs of input channels in each row (with
 ``group_rows > 1``: blocks of ``group_rows x group_size``, DeepSeek-V3's 128x128), ``-1`` one
 per output channel, ``0`` one per tensor. Scales are returned expanded to ``[out, in/g]`` (a
@@ -47,8 +60,15 @@ MIN_BITS, MAX_BITS = 2, 8
 PER_CHANNEL = -1  # the group_size that means one group spanning the whole input row
 PER_TENSOR = 0  # the group_size that means one scale for the whole weight
 
-# Short names for the float specs people know by name: (type, group_size, scale_type).
-NAMED = {"nvfp4": ("fp4", 16, "e4m3"), "mxfp4": ("fp4", 32, "e8m0"), "mxfp8": ("fp8", 32, "e8m0")}
+# Short names for the specs people know by name: QuantSpec's fields.
+NAMED = {
+    "nvfp4": dict(w_bit=4, group_size=16, zero_point=False, type="fp4", scale_type="e4m3"),
+    "mxfp4": dict(w_bit=4, group_size=32, zero_point=False, type="fp4", scale_type="e8m0"),
+    "mxfp8": dict(w_bit=8, group_size=32, zero_point=False, type="fp8", scale_type="e8m0"),
+    "q4_k": dict(w_bit=4, group_size=32, zero_point=True, type="int", scale_type="k6"),
+    "q5_k": dict(w_bit=5, group_size=32, zero_point=True, type="int", scale_type="k6"),
+    "q6_k": dict(w_bit=6, group_size=16, zero_point=False, type="int", scale_type="k8"),
+}
 
 
 def group_width(group_size: int, in_features: int) -> int:
@@ -69,7 +89,8 @@ class QuantSpec:
             types are symmetric.
         type: the value type, ``int`` or a float (:data:`ptqflow.elements.ELEMENTS`).
         scale_type: how the scales are stored (:data:`ptqflow.elements.SCALE_TYPES`):
-            ``float``, ``e8m0`` (MX) or ``e4m3`` (NVFP4, with a per-tensor fp32 scale).
+            ``float``, ``e8m0`` (MX), ``e4m3`` (NVFP4, with a per-tensor fp32 scale), or
+            ``k6``/``k8`` (GGUF K-quants: integer sub-scales per super-block of 256).
         group_rows: output rows sharing a scale with each group (``group_size`` > 0): 1, or
             e.g. 128 for 128x128 blocks.
     """
@@ -99,10 +120,27 @@ class QuantSpec:
                 f"w_bit={self.w_bit!r} is out of range: weight quantization supports "
                 f"{MIN_BITS}..{MAX_BITS} bits"
             )
-        if SCALE_TYPES[self.scale_type].needs_float_element and not elem.is_float:
+        st = SCALE_TYPES[self.scale_type]
+        if st.needs_float_element and not elem.is_float:
             raise ValueError(
                 f"scale_type={self.scale_type} scales float values (MX, NVFP4); integers take "
-                "scale_type=float"
+                "scale_type=float (or k6/k8 for GGUF K-quants)"
+            )
+        if st.super_block and elem.is_float:
+            raise ValueError(
+                f"scale_type={self.scale_type} (GGUF K-quants) scales integers; type="
+                f"{self.type} takes scale_type=float, e8m0 or e4m3"
+            )
+        if st.super_block and (
+            not isinstance(self.group_size, int)
+            or self.group_size <= 0
+            or st.super_block % self.group_size
+            or self.group_rows != 1
+        ):
+            raise ValueError(
+                f"scale_type={self.scale_type} shares one fp16 scale among the groups of each "
+                f"{st.super_block} inputs, but group_size={self.group_size!r}; give a group "
+                f"size that divides {st.super_block} (Q4_K and Q5_K use 32, Q6_K 16)"
             )
         if not isinstance(self.group_size, int) or self.group_size < PER_CHANNEL:
             raise ValueError(
@@ -135,6 +173,11 @@ class QuantSpec:
         return self.element.is_float
 
     @property
+    def float_min(self) -> bool:
+        """Asymmetric with a float minimum (K-quants) rather than an integer zero point."""
+        return self.zero_point and self.scales.super_block > 0
+
+    @property
     def per_channel(self) -> bool:
         """One scale per output channel (``group_size == -1``)."""
         return self.group_size == PER_CHANNEL
@@ -156,9 +199,10 @@ class QuantSpec:
     @property
     def tag(self) -> str:
         """Short name that says the config: ``w4g64``, ``w8pc``, ``w4g128-sym``; floats by
-        their type, ``fp8pc``, ``fp8t``, ``fp8b128x128``, ``nvfp4``, ``mxfp4``."""
-        for name, (t, g, st) in NAMED.items():
-            if (self.type, self.group_size, self.scale_type, self.group_rows) == (t, g, st, 1):
+        their type, ``fp8pc``, ``fp8t``, ``fp8b128x128``; and the :data:`NAMED` ones
+        (``nvfp4``, ``mxfp4``, ``q4_k``, ...)."""
+        for name, fields in NAMED.items():
+            if self == QuantSpec(**fields):
                 return name
         where = {"tensor": "t", "channel": "pc", "group": f"g{self.group_size}"}.get(
             self.strategy, f"b{self.group_rows}x{self.group_size}"
@@ -176,8 +220,7 @@ class QuantSpec:
         ``fp8pc``, ``nvfp4``."""
         tag = str(tag)
         if tag in NAMED:
-            t, g, st = NAMED[tag]
-            return cls(ELEMENTS[t].bits, g, False, t, st)
+            return cls(**NAMED[tag])
         floats = "|".join(sorted((e for e in ELEMENTS if e != "int"), key=len, reverse=True))
         m = re.fullmatch(
             rf"(?:w(\d+)|({floats}))(?:g(\d+)|(pc)|(t)|b(\d+)x(\d+))(-sym)?(?:-(\w+))?", tag
@@ -206,10 +249,16 @@ class QuantSpec:
         NVFP4's fp32 per-tensor scale; integer zero points at the values' width): the size of
         a layer at this spec where no packed format measures it."""
         values = out_features * in_features * self.w_bit
-        per_scale = 16 if self.scale_type == "float" else 8
-        if self.zero_point:
-            per_scale += self.w_bit
-        extra = 32 if self.scale_type == "e4m3" else 0
+        st = self.scales
+        if st.super_block:  # sub-scales (and mins), then fp16 d (and dmin) per super-block
+            sides = 2 if self.zero_point else 1
+            per_scale = st.sub_bits * sides
+            extra = out_features * in_features // st.super_block * 16 * sides
+        else:
+            per_scale = 16 if self.scale_type == "float" else 8
+            if self.zero_point:
+                per_scale += self.w_bit
+            extra = 32 if self.scale_type == "e4m3" else 0
         return (values + self.n_scales(out_features, in_features) * per_scale + extra + 7) // 8
 
     def group_for(self, in_features: int) -> int:
@@ -226,6 +275,13 @@ class QuantSpec:
                 f"group_size={g} does not divide in_features={in_features} of layer '{layer}'; "
                 f"pick a group size that divides it (e.g. {divisors or [in_features]}) "
                 "or -1 for per-channel"
+            )
+        block = self.scales.super_block
+        if block and in_features % block:
+            raise ValueError(
+                f"{self.tag} shares scales over {block} inputs (a GGUF super-block), which do "
+                f"not divide in_features={in_features} of layer '{layer}'; quantize it with a "
+                "non-K spec (e.g. w4g32, or skip it in the recipe)"
             )
         if out_features is not None and out_features % self.group_rows:
             raise ValueError(
@@ -282,8 +338,8 @@ def quantize(
     Returns:
         ``(q, scale, zero)``: ``q`` ``[out, in]``, int32 for integers (unsigned ``0..2^b-1``
         when asymmetric, signed when symmetric), float32 values of the type for floats;
-        ``scale`` float32 ``[out, in/g]``; ``zero`` int32 ``[out, in/g]`` or ``None`` when
-        symmetric.
+        ``scale`` float32 ``[out, in/g]``; ``zero`` int32 ``[out, in/g]`` (float32 for a
+        K-quant's float minimum) or ``None`` when symmetric.
     """
     out_f, in_f = w.shape[0], w.shape[-1]
     wg = _grouped(w, spec)
@@ -297,9 +353,13 @@ def quantize(
         hi = wg.abs().amax(dim=1, keepdim=True)
         lo = -hi
     scale, zero = scale_zero(lo, hi, spec)
+    if spec.scales.super_block:
+        scale, zero = super_blocks(scale, zero, spec)
     q = round_to(wg, scale, zero, spec)
     q = _ungrouped(q.to(torch.int32), spec, out_f, in_f)
-    zero_out = None if zero is None else _expanded(zero.to(torch.int32), spec, out_f, in_f)
+    if zero is not None and not spec.float_min:
+        zero = zero.to(torch.int32)
+    zero_out = None if zero is None else _expanded(zero, spec, out_f, in_f)
     return q, _expanded(scale, spec, out_f, in_f), zero_out
 
 
@@ -331,10 +391,40 @@ def scale_zero(
     if spec.is_float:
         return group_scale(torch.maximum(lo.abs(), hi.abs()), spec), None
     _, qmax = int_range(spec)
+    if spec.float_min:
+        lo = lo.clamp(max=0)
+        scale = (hi - lo).clamp(min=1e-5) / qmax
+        return scale, -lo / scale
     if spec.zero_point:
         scale = (hi - lo).clamp(min=1e-5) / qmax
         return scale, torch.clamp(-torch.round(lo / scale), 0, qmax)
     return hi.clamp(min=1e-5) / qmax, None
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to fp16, at least fp16's smallest subnormal, in ``x``'s dtype."""
+    return x.clamp(min=2.0**-24).to(torch.float16).to(x.dtype)
+
+
+def super_blocks(
+    scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """K-quant double quantization of per-group ``scale`` (and float ``zero``) ``[n, 1]``,
+    whose rows are consecutive groups of one input row (as :func:`quantize` and GPTQ's static
+    groups lay them out): per super-block, ``d = fp16(max scale / top)`` and each scale
+    becomes ``d * clamp(round(scale / d), 1, top)``; the minimum ``zero * scale`` likewise
+    under its own ``dmin``, ``0..top``. Returns the new scale and ``zero = min / scale``."""
+    st = spec.scales
+    per = st.super_block // spec.group_size
+    s = scale.reshape(-1, per)
+    d = _fp16(s.amax(dim=1, keepdim=True) / st.top)
+    s = d * torch.clamp(torch.round(s / d), 1, st.top)
+    if zero is None:
+        return s.reshape(scale.shape), None
+    low = (zero * scale).reshape(-1, per)
+    dmin = _fp16(low.amax(dim=1, keepdim=True) / st.top)
+    low = dmin * torch.clamp(torch.round(low / dmin), 0, st.top)
+    return s.reshape(scale.shape), (low / s).reshape(zero.shape)
 
 
 def round_to(
@@ -345,6 +435,8 @@ def round_to(
     if spec.is_float:
         return spec.element.round((w / scale).float()).to(w.dtype)
     lo, hi = int_range(spec)
+    if spec.float_min:  # a float zero rounds with the value
+        return torch.clamp(torch.round(w / scale + zero), lo, hi)
     q = torch.round(w / scale)
     return torch.clamp(q if zero is None else q + zero, lo, hi)
 

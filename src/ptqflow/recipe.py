@@ -2,13 +2,15 @@
 
 A recipe is an ordered list of rules plus a default, in the spirit of Megatron-core's
 quantization config. Each rule matches module paths by glob (``model.layers.*.mlp.*``) or by
-regex (prefix ``re:``), optionally restricted to a range of decoder-layer numbers, and maps to a
-named quant config or to ``skip``. The first matching rule wins; layers no rule matches get the
-default. Rules are checked eagerly: a rule that matches no layer, a config name that does not
-exist, or a group size that does not divide a layer's input features is an error that names
-the rule and the layer; a rule whose layers earlier rules all took is a :class:`RecipeWarning`;
-and a recipe that quantizes nothing is refused by the stages that quantize
-(:func:`require_quantized`).
+regex (prefix ``re:``), optionally restricted to decoder-layer numbers (ranges and single
+layers, comma-separated), and maps to a named quant config or to ``skip``, with an optional
+``fallback`` config for the matched layers whose shape the config cannot take (a GGUF K-quant
+on rows that 256 does not divide, as llama.cpp falls back). The first matching rule wins;
+layers no rule matches get the default. Rules are checked eagerly: a rule that matches no
+layer, a config name that does not exist, or a group size that does not divide a layer's
+input features is an error that names the rule and the layer; a rule whose layers earlier
+rules all took is a :class:`RecipeWarning`; and a recipe that quantizes nothing is refused by
+the stages that quantize (:func:`require_quantized`).
 """
 
 from __future__ import annotations
@@ -29,25 +31,34 @@ class RecipeWarning(UserWarning):
     """A recipe that runs but surely does not say what its author meant."""
 
 
-def parse_layers(spec: str | int | None) -> range | None:
-    """Parse a layer-number range: ``None`` (any module), ``5``, ``"2:10"``, ``"4:"``, ``":8"``.
+def parse_layers(spec: str | int | None) -> tuple[range, ...] | None:
+    """Parse decoder-layer numbers: ``None`` (any module), ``5``, ``"2:10"``, ``"4:"``,
+    ``":8"``, or several of them comma-separated (``"0:3,5,8,26:"``).
 
-    Ranges are Python-style: start inclusive, stop exclusive. A range only matches modules that
-    sit inside a decoder block, so ``"0:"`` means "every decoder layer" and excludes ``lm_head``.
+    Ranges are Python-style: start inclusive, stop exclusive. Layer numbers only match modules
+    that sit inside a decoder block, so ``"0:"`` means "every decoder layer" and excludes
+    ``lm_head``.
     """
     if spec is None:
         return None
-    text = str(spec).strip()
-    if text.isdigit():
-        return range(int(text), int(text) + 1)
-    m = re.fullmatch(r"(\d*)\s*:\s*(\d*)", text)
-    if m is None:
-        raise ValueError(f"layers={spec!r} is not a layer range; use e.g. 5, '2:10', '4:' or ':8'")
-    start = int(m.group(1) or 0)
-    stop = int(m.group(2)) if m.group(2) else 1 << 30
-    if stop <= start:
-        raise ValueError(f"layers={spec!r} is an empty range")
-    return range(start, stop)
+    out = []
+    for part in str(spec).split(","):
+        text = part.strip()
+        if text.isdigit():
+            out.append(range(int(text), int(text) + 1))
+            continue
+        m = re.fullmatch(r"(\d*)\s*:\s*(\d*)", text)
+        if m is None:
+            raise ValueError(
+                f"layers={spec!r} is not a layer range; use e.g. 5, '2:10', '4:', ':8' or "
+                "several comma-separated ('0:3,5,8')"
+            )
+        start = int(m.group(1) or 0)
+        stop = int(m.group(2)) if m.group(2) else 1 << 30
+        if stop <= start:
+            raise ValueError(f"layers={spec!r}: {text!r} is an empty range")
+        out.append(range(start, stop))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -57,14 +68,18 @@ class Rule:
     Attributes:
         modules: glob over full module paths, or ``re:<regex>`` (full match).
         config: a quant config name from the recipe's configs, or ``"skip"``.
-        layers: optional decoder-layer range (see :func:`parse_layers`).
+        layers: optional decoder-layer numbers (see :func:`parse_layers`).
         name: label used in error messages; defaults to the pattern.
+        fallback: a config for the matched layers whose input width ``config`` cannot take
+            (its group or super-block does not divide it); without one, such a layer is an
+            error.
     """
 
     modules: str
     config: str
     layers: str | int | None = None
     name: str | None = None
+    fallback: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -82,8 +97,8 @@ class Rule:
         return self.name or self.modules
 
     def matches(self, module: str, layer: int | None) -> bool:
-        rng = parse_layers(self.layers)
-        if rng is not None and (layer is None or layer not in rng):
+        ranges = parse_layers(self.layers)
+        if ranges is not None and (layer is None or not any(layer in r for r in ranges)):
             return False
         if self.modules.startswith("re:"):
             return re.fullmatch(self.modules[3:], module) is not None
@@ -102,6 +117,8 @@ class Recipe:
     def __post_init__(self) -> None:
         for rule in self.rules:
             self._check_name(rule.config, f"rule '{rule.label}'")
+            if rule.fallback is not None:
+                self._check_name(rule.fallback, f"rule '{rule.label}' (fallback)")
         self._check_name(self.default, "the recipe default")
 
     def _check_name(self, name: str, where: str) -> None:
@@ -181,7 +198,15 @@ class Recipe:
                 try:
                     spec.check_divides(in_features, module)
                 except ValueError as e:
-                    raise ValueError(f"recipe rule '{label}': {e}") from None
+                    fallback = None if i is None else self.rules[i].fallback
+                    if fallback is None:
+                        raise ValueError(f"recipe rule '{label}': {e}") from None
+                    spec = self._spec(fallback)
+                    if spec is not None:
+                        try:
+                            spec.check_divides(in_features, module)
+                        except ValueError as e2:
+                            raise ValueError(f"recipe rule '{label}' (fallback): {e2}") from None
             plan[module] = spec
         for i, rule in enumerate(self.rules):
             if not any(rule.matches(m, layer) for m, layer, _ in linears):

@@ -81,6 +81,14 @@ def check_packable(
             f"pack.format={fmt.name} holds {' and '.join(fmt.types)} values, but '{name}' is "
             f"{tag} ({len(bad)} such layers); {fix}"
         )
+    bad = {name: s.tag for name, s in specs.items() if s.scales.super_block}
+    if bad:
+        name, tag = next(iter(bad.items()))
+        raise ValueError(
+            f"'{name}' is {tag}, a GGUF K-quant ({len(bad)} such layers): its group scales sit "
+            f"under super-block scales that pack.format={fmt.name} cannot store; the "
+            "gguf-export stage writes it (real-pack needs a plain spec, e.g. quant=w4g32)"
+        )
     bad = {name: s.tag for name, s in specs.items() if s.w_bit not in fmt.bits}
     if bad:
         name, tag = next(iter(bad.items()))

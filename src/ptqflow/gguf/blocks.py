@@ -14,6 +14,17 @@ Q8_0    34     ``d·q`` (``q`` signed)                  8-bit symmetric
 MXFP4   17     ``e2m1(q)·2^(e - 127)``                 ``fp4`` with ``e8m0`` scales (MXFP4)
 ======  =====  ======================================  =====================================
 
+The K-quants cover 256 consecutive inputs (a super-block) with one fp16 ``d`` (and ``dmin``),
+and each group of 32 (16) inputs inside with an integer sub-scale ``sc`` (and ``m``):
+
+======  =====  ======================================  =====================================
+type    bytes  value                                   ptqflow spec it holds
+======  =====  ======================================  =====================================
+Q4_K    144    ``d·sc·q - dmin·m``, 6-bit ``sc``, ``m``  ``q4_k`` (4-bit, g32, ``k6``)
+Q5_K    176    ``d·sc·q - dmin·m``, 6-bit ``sc``, ``m``  ``q5_k`` (5-bit, g32, ``k6``)
+Q6_K    210    ``d·sc·(q - 32)``, int8 ``sc``          ``q6_k`` (6-bit symmetric, g16, ``k8``)
+======  =====  ======================================  =====================================
+
 ``d`` and ``m`` are fp16, ``e`` one byte. A group of ``g`` inputs (``g`` a multiple of 32, or a
 whole row) is ``g/32`` blocks with the same scale, so every group size that 32 divides maps
 without loss. The spec's symmetric integers are the type's ``q - 2^(b-1)`` and ``d`` is the fp16
@@ -27,6 +38,20 @@ word whose bit ``j`` is bit 4 of value ``j``; then the values, two 4-bit codes p
 byte ``j`` holds value ``j`` in its low nibble and value ``j + 16`` in its high nibble (8 bits:
 one int8 each). An MXFP4 code is the E2M1 value's sign bit (8) and magnitude index into
 ``0, 0.5, 1, 1.5, 2, 3, 4, 6``.
+
+K-quant bytes follow llama.cpp's ``block_q4_K``/``block_q5_K``/``block_q6_K``. Q4_K and Q5_K:
+``d``, ``dmin``, 12 bytes of sub-scales (byte ``j < 4``: ``sc_j`` and the top 2 bits of
+``sc_{j+4}``; byte ``j + 4``: ``m_j`` and the top 2 bits of ``m_{j+4}``; byte ``j + 8``: the low
+4 bits of ``sc_{j+4}`` and of ``m_{j+4}``), Q5_K's 32 bytes whose byte ``l`` bit ``k`` is bit 4
+of value ``32k + l``, then 128 bytes where byte ``32c + l`` holds value ``64c + l`` (low nibble)
+and ``64c + 32 + l`` (high). Q6_K (values ``q + 32``): 128 bytes where byte ``64h + b`` holds
+value ``128h + b`` (low nibble) and ``128h + 64 + b`` (high); 64 bytes where bits ``2k`` of byte
+``32h + l`` are bits 4-5 of value ``128h + 32k + l``; 16 int8 sub-scales; ``d``.
+
+The values ptqflow hands over already sit on the K grid (:func:`ptqflow.quant.super_blocks`):
+the encoder recovers ``d`` and each ``sc`` exactly and refuses scales that are not on it; the
+minimum ``zero·scale`` comes back within float32 rounding, so a K-quant weight dequantizes to
+the fake-quant one up to a float32 ulp of the minimum.
 """
 
 from __future__ import annotations
@@ -37,9 +62,11 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ptqflow.elements import SCALE_TYPES
 from ptqflow.quant import QuantSpec
 
-BLOCK = 32  # inputs per block in every type here
+BLOCK = 32  # inputs per block in the plain types
+SUPER = 256  # inputs per K-quant super-block
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 magnitudes by code
 
 
@@ -52,24 +79,46 @@ class BlockType:
     bits: int
     symmetric: bool
     mx: bool = False
+    scale_type: str = "float"  # k6/k8: a K-quant, groups of ``group`` under super-blocks
+    group: int = BLOCK  # inputs per group (one scale)
 
     @property
     def qtype(self) -> GGMLQuantizationType:
         return GGMLQuantizationType[self.name]
 
     @property
+    def block(self) -> int:
+        """Inputs per block: 32, or a K-quant's 256."""
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
     def type_size(self) -> int:
-        """Bytes per block of 32 values."""
+        """Bytes per block."""
         return GGML_QUANT_SIZES[self.qtype][1]
 
+    @property
+    def spec(self) -> QuantSpec:
+        """The spec whose values this type holds at its own group size (what a tensor ptqflow
+        does not quantize, such as the embedding, is rounded to when stored in this type)."""
+        if self.mx:
+            return QuantSpec.from_tag("mxfp4")
+        return QuantSpec(self.bits, self.group, not self.symmetric, scale_type=self.scale_type)
+
     def holds(self, spec: QuantSpec) -> bool:
-        """Whether this type holds ``spec``'s values as they are (group sizes aside)."""
+        """Whether this type holds ``spec``'s values as they are (plain types: any group that
+        32 divides, checked by :func:`block_type`)."""
         if self.mx:
             return spec.type == "fp4" and spec.scale_type == "e8m0"
-        return not spec.is_float and spec.w_bit == self.bits and spec.zero_point != self.symmetric
+        return (
+            not spec.is_float
+            and spec.w_bit == self.bits
+            and spec.zero_point != self.symmetric
+            and spec.scale_type == self.scale_type
+            and (self.scale_type == "float" or spec.group_size == self.group)
+        )
 
     def row_bytes(self, in_features: int) -> int:
-        return in_features // BLOCK * self.type_size
+        return in_features // self.block * self.type_size
 
     def encode(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> np.ndarray:
         """The bytes of one weight in this type, from the values a method chose, laid out as
@@ -77,6 +126,16 @@ class BlockType:
         ``[out, in/g]``, ``zero`` None when symmetric): uint8 ``[out, in/32 · type_size]``,
         row ``n`` the blocks of output ``n`` in input order."""
         out_f, in_f = q.shape
+        if self.scale_type != "float":
+            if in_f % SUPER or in_f // scale.shape[1] != self.group:
+                raise ValueError(
+                    f"{self.name}: needs groups of {self.group} inputs in rows of a multiple of "
+                    f"{SUPER}; got groups of {in_f // scale.shape[1]} in rows of {in_f}"
+                )
+            parts = self._k_parts(q.to(torch.int64), scale.float(), zero)
+            out = torch.cat(parts, dim=-1)
+            assert out.shape[-1] == self.type_size
+            return out.reshape(out_f, in_f // SUPER * self.type_size).numpy()
         if in_f % scale.shape[1] or (in_f // scale.shape[1]) % BLOCK:
             raise ValueError(
                 f"{self.name}: groups of {in_f // scale.shape[1]} inputs are not "
@@ -118,6 +177,89 @@ class BlockType:
         parts.append(_nibbles(q & 0x0F))
         return parts
 
+    def _k_parts(
+        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """A K-quant's blocks ``[out, in/256, type_size]`` as llama.cpp lays them out."""
+        out_f, in_f = q.shape
+        n = in_f // SUPER
+        top = SCALE_TYPES[self.scale_type].top
+        s = scale.reshape(out_f, n, SUPER // self.group)
+        d, sc = _sub_scales(s, top, self.name)
+        q = q.reshape(out_f, n, SUPER)
+        if self.symmetric:  # Q6_K
+            if zero is not None:
+                raise ValueError(f"{self.name} is symmetric; these integers have zero points")
+            q = q + 32
+            halves = q.reshape(out_f, n, 2, 2, 64)  # [half, low/high 64, 64]
+            ql = (halves[..., 0, :] & 0xF) | ((halves[..., 1, :] & 0xF) << 4)
+            hi = ((q >> 4) & 3).reshape(out_f, n, 2, 4, 32)  # [half, k, l]
+            qh = (hi << (2 * torch.arange(4)).view(4, 1)).sum(-2)
+            return [
+                ql.reshape(out_f, n, 128).to(torch.uint8),
+                qh.reshape(out_f, n, 64).to(torch.uint8),
+                sc.to(torch.int8).view(torch.uint8),
+                _bytes(d),
+            ]
+        if zero is None:
+            raise ValueError(f"{self.name} stores a minimum; these integers are symmetric")
+        dmin, m = _sub_scales((zero.float() * scale).reshape(s.shape), top, self.name, True)
+        low, high = (sc & 63), (m & 63)
+        packed = torch.cat(
+            [
+                low[..., :4] | ((sc[..., 4:] >> 4) << 6),
+                high[..., :4] | ((m[..., 4:] >> 4) << 6),
+                (sc[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4),
+            ],
+            dim=-1,
+        )
+        chunks = q.reshape(out_f, n, 4, 2, 32)  # [chunk of 64, low/high 32, l]
+        qs = (chunks[..., 0, :] & 0xF) | ((chunks[..., 1, :] & 0xF) << 4)
+        parts = [_bytes(d), _bytes(dmin), packed.to(torch.uint8)]
+        if self.bits == 5:
+            bit4 = ((q >> 4) & 1).reshape(out_f, n, 8, 32)  # [k, l]
+            parts.append((bit4 << torch.arange(8).view(8, 1)).sum(-2).to(torch.uint8))
+        parts.append(qs.reshape(out_f, n, 128).to(torch.uint8))
+        return parts
+
+
+def _sub_scales(
+    s: torch.Tensor, top: int, name: str, mins: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp16 super-block scale ``d [..]`` and integer sub-scales ``[.., groups]`` with
+    ``d·sc = s``: ``d = fp16(max / top)``, or fp16's smallest subnormal where that is what
+    :func:`ptqflow.quant.super_blocks` had to use. Scales must match exactly; minimums
+    (``mins``) within float32 rounding, and an all-zero super-block of them is ``d = 0``."""
+    candidates = [
+        (s.amax(-1, keepdim=True) / top).to(torch.float16),
+        torch.full_like(s[..., :1], 2.0**-24, dtype=torch.float16),
+    ]
+    best_d = best_sc = None
+    fits = torch.zeros(s.shape[:-1], dtype=torch.bool)
+    for d in candidates:
+        df = d.float()
+        sc = torch.round(s / df.clamp(min=2.0**-24))
+        lo = 0 if mins else 1
+        ok = (sc >= lo) & (sc <= top)
+        back = sc * df
+        ok &= (back - s).abs() <= (1e-5 * s.abs() + 1e-12 if mins else 0)
+        ok = ok.all(-1) & ~fits
+        best_d = torch.where(ok.unsqueeze(-1), d, d if best_d is None else best_d)
+        best_sc = torch.where(ok.unsqueeze(-1), sc, sc if best_sc is None else best_sc)
+        fits |= ok
+    if mins:  # an all-zero super-block of minimums
+        zero = (s == 0).all(-1)
+        best_d = torch.where(zero.unsqueeze(-1), torch.zeros_like(best_d), best_d)
+        best_sc = torch.where(zero.unsqueeze(-1), torch.zeros_like(best_sc), best_sc)
+        fits |= zero
+    if not bool(fits.all()):
+        raise ValueError(
+            f"{name}: the group scales are not an fp16 scale times integers 0..{top} per "
+            "super-block of 256 inputs; they come from a K-quant spec's rounding (quant=q4_k, "
+            "q5_k, q6_k), not from another spec"
+        )
+    return best_d.squeeze(-1), best_sc.to(torch.int64)
+
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """fp16 ``[...]`` as little-endian bytes ``[..., 2]``."""
@@ -154,14 +296,27 @@ BLOCK_TYPES: tuple[BlockType, ...] = (
     BlockType("Q5_1", 5, False),
     BlockType("Q8_0", 8, True),
     BlockType("MXFP4", 4, True, mx=True),
+    BlockType("Q4_K", 4, False, scale_type="k6"),
+    BlockType("Q5_K", 5, False, scale_type="k6"),
+    BlockType("Q6_K", 6, True, scale_type="k8", group=16),
 )
+
+
+def named(name: str, what: str) -> BlockType:
+    """The block type called ``name`` (case-insensitive); an unknown one lists them."""
+    found = [t for t in BLOCK_TYPES if t.name == name.upper()]
+    if not found:
+        known = ", ".join(t.name.lower() for t in BLOCK_TYPES)
+        raise ValueError(f"{what}={name!r} is not a GGUF block type ptqflow writes; use {known}")
+    return found[0]
 
 
 def _held() -> str:
     def what(t: BlockType) -> str:
         if t.mx:
             return "fp4 with e8m0 scales"
-        return f"{t.bits}-bit {'symmetric' if t.symmetric else 'asymmetric'}"
+        kind = f"{t.bits}-bit {'symmetric' if t.symmetric else 'asymmetric'}"
+        return kind if t.scale_type == "float" else f"{kind} g{t.group} {t.scale_type}"
 
     return ", ".join(f"{t.name} ({what(t)})" for t in BLOCK_TYPES)
 
@@ -173,14 +328,14 @@ def block_type(spec: QuantSpec, in_features: int, layer: str = "") -> BlockType:
     found = [t for t in BLOCK_TYPES if t.holds(spec)]
     if not found:
         raise ValueError(
-            f"quant {spec.tag}{where}: no GGUF block type holds it; GGUF holds groups whose "
-            f"size 32 divides as {_held()}"
+            f"quant {spec.tag}{where}: no GGUF block type holds it; GGUF holds {_held()} "
+            "(plain types: any group size that 32 divides)"
         )
-    group = spec.group_for(in_features)
-    if group % BLOCK or in_features % BLOCK:
+    kind, group = found[0], spec.group_for(in_features)
+    if group % kind.group or in_features % kind.block:
         raise ValueError(
-            f"quant {spec.tag}{where}: GGUF blocks are {BLOCK} inputs, which do not divide the "
-            f"group size {group} (in_features {in_features}); use a group size of 32, 64, 128 "
-            "or per channel"
+            f"quant {spec.tag}{where}: {kind.name} blocks are {kind.block} inputs, which do not "
+            f"divide the group size {group} or in_features {in_features}; use a group size "
+            "of 32, 64, 128 or per channel (K-quants: rows of a multiple of 256)"
         )
-    return found[0]
+    return kind

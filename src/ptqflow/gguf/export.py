@@ -25,7 +25,7 @@ from torch import nn
 
 from ptqflow.fields import check_value
 from ptqflow.gguf.archs import GGUFArch, gguf_arch
-from ptqflow.gguf.blocks import BlockType, block_type
+from ptqflow.gguf.blocks import BlockType, block_type, named
 from ptqflow.gguf.vocab import Value
 from ptqflow.methods.gptq.solve import Rounded
 from ptqflow.quant import QuantSpec, dequantize, quantize
@@ -43,16 +43,23 @@ class GGUFConfig:
             ``float16`` or ``float32``; 1-D tensors (norms, biases) are always float32.
         pre_tokenizer: llama.cpp's pre-tokenizer name, for a transformers tokenizer (a GGUF
             source's own is copied).
+        embedding: a block type for the token embedding (e.g. ``q8_0``, ``q6_k``), rounded to
+            nearest there as llama.cpp's quantizer stores it; ``null`` keeps it at ``dtype``.
+            The embedding is not quantized in ptqflow's evaluation, so the file's own
+            perplexity (the stage measures it) is the figure that counts it.
     """
 
     enabled: bool = True
     dtype: str = "float16"
     pre_tokenizer: str | None = None
+    embedding: str | None = None
 
     def __post_init__(self) -> None:
         check_value("enabled", self.enabled, bool)
         if self.dtype not in DTYPES:
             raise ValueError(f"gguf.dtype={self.dtype!r}; use one of {list(DTYPES)}")
+        if self.embedding is not None:
+            named(self.embedding, "gguf.embedding")
 
 
 def plan_types(
@@ -117,6 +124,10 @@ def write_gguf(
         writer.add_key_value(key, value, kind, sub)
     counts: Counter[str] = Counter()
     seen: set[int] = set()
+    embedding = model.get_input_embeddings().weight
+    emb_type = None if cfg.embedding is None else named(cfg.embedding, "gguf.embedding")
+    if emb_type is not None:
+        block_type(emb_type.spec, embedding.shape[1], "the token embedding")
     for key, t in model.state_dict(keep_vars=True).items():
         layer = key.removesuffix(".weight")
         quantized = key.endswith(".weight") and layer in types
@@ -132,6 +143,10 @@ def write_gguf(
             data = arch.tensor(key, torch.from_numpy(data), config).numpy()
             writer.add_tensor(out_name, data, raw_dtype=kind.qtype)
             counts[kind.name] += 1
+        elif emb_type is not None and t is embedding:
+            values = quantize(t.detach().float().cpu(), emb_type.spec)
+            writer.add_tensor(out_name, emb_type.encode(*values), raw_dtype=emb_type.qtype)
+            counts[emb_type.name] += 1
         else:
             data = arch.tensor(key, t.detach().float().cpu(), config).numpy()
             store = np.float32 if data.ndim == 1 else DTYPES[cfg.dtype]
@@ -152,12 +167,17 @@ def _shape(model: nn.Module, name: str) -> tuple[int, int]:
 
 
 def _file_type(counts: Counter[str], dtype: str) -> gguf.LlamaFileType:
-    """llama.cpp's label for the file: its most common quantized type (F16/F32 without)."""
+    """llama.cpp's label for the file, from its most common quantized type (F16/F32 without):
+    a K-quant with Q6_K beside it is llama.cpp's ``_M`` mix, without it ``_S``; a type with no
+    label of its own (MXFP4 for dense weights) is ``GUESSED``, as llama.cpp says of files it
+    did not label."""
     quantized = [(n, c) for n, c in counts.items() if n not in ("F32", "F16")]
     if not quantized:
         return gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32
     top = max(quantized, key=lambda nc: (nc[1], nc[0]))[0]
-    return gguf.LlamaFileType[f"MOSTLY_{top}"]
+    if top in ("Q4_K", "Q5_K"):
+        top += "_M" if "Q6_K" in counts else "_S"
+    return gguf.LlamaFileType.__members__.get(f"MOSTLY_{top}", gguf.LlamaFileType.GUESSED)
 
 
 def read_back(path: Path) -> dict[str, tuple[str, np.ndarray]]:

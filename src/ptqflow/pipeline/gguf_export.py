@@ -26,6 +26,7 @@ from ptqflow.artifacts import atomic_dir, atomic_write_text, to_json, write_mani
 from ptqflow.config import EvalConfig, parse, parse_act
 from ptqflow.evaluate import eval_windows, perplexity
 from ptqflow.gguf import BlockType, GGUFConfig, gguf_arch, plan_types, verify, vocab, write_gguf
+from ptqflow.gguf.blocks import block_type, named
 from ptqflow.methods import METHODS, rounding
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.models import ModelRef, linear_layers, linear_shapes, load_model, load_tokenizer
@@ -65,6 +66,9 @@ def check_export(cfg: dict[str, Any], ref: ModelRef, hf_config, plan, shapes) ->
     try:
         gguf_arch(hf_config.model_type)
         types = plan_types(plan, shapes)
+        if gc.embedding is not None:
+            emb = named(gc.embedding, "gguf.embedding")
+            block_type(emb.spec, hf_config.hidden_size, "the token embedding (gguf.embedding)")
         if parse_act(cfg["quant"]) is not None:
             raise ValueError(
                 "GGUF holds quantized weights; llama.cpp quantizes activations its own way: "

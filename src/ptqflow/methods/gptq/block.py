@@ -241,8 +241,10 @@ def block_record(results: Mapping[str, Rounded], prefix: str) -> BlockResult:
         key = f"{prefix}.{name}"
         tensors[f"{key}.q"] = _stored(r)
         tensors[f"{key}.scale"] = r.scale
-        if r.zero is not None:
-            tensors[f"{key}.zero"] = r.zero.to(torch.uint8)
+        if r.zero is not None:  # integer zero points in a byte; K-quants' float mins as they are
+            tensors[f"{key}.zero"] = (
+                r.zero if r.zero.is_floating_point() else r.zero.to(torch.uint8)
+            )
         if r.g_idx is not None:
             tensors[f"{key}.g_idx"] = r.g_idx.clone()  # rows of one matrix share it
         losses[key] = r.loss
@@ -274,7 +276,7 @@ def from_record(tensors: Mapping[str, torch.Tensor]) -> dict[str, Rounded]:
             out[name] = Rounded(
                 q=q.float() if q.dtype.is_floating_point else q.to(torch.int32),
                 scale=tensors[f"{name}.scale"].float(),
-                zero=None if zero is None else zero.to(torch.int32),
+                zero=zero if zero is None or zero.is_floating_point() else zero.to(torch.int32),
                 g_idx=None if g_idx is None else g_idx.to(torch.int32),
             )
     return out

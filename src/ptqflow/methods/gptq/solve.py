@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ptqflow.quant import QuantSpec, round_to, scale_zero
+from ptqflow.quant import QuantSpec, round_to, scale_zero, super_blocks
 
 
 class SingularHessianError(ValueError):
@@ -244,10 +244,13 @@ def gptq_round(
     n_groups = in_f // g
     scales = torch.zeros(out_f, n_groups, dtype=torch.float64, device=w.device)
     zeros = torch.zeros(out_f, n_groups, dtype=torch.float64, device=w.device)
-    fixed = (act_order and static_groups) or spec.per_channel
+    # K-quant groups share their super-block's scale, so their parameters are fixed up front
+    fixed = (act_order and static_groups) or spec.per_channel or spec.scales.super_block > 0
     if fixed:  # every group's parameters from the weight before any update, all at once
         c = None if clip is None else clip.reshape(-1)
         s, z = _params(w.reshape(out_f * n_groups, g), spec, ranges, c)
+        if spec.scales.super_block:
+            s, z = super_blocks(s, z, spec)
         scales = s.double().reshape(out_f, n_groups)
         if z is not None:
             zeros = z.double().reshape(out_f, n_groups)
@@ -300,7 +303,9 @@ def gptq_round(
     return Rounded(
         q=q_out.float() if spec.is_float else q_out.to(torch.int32),
         scale=scales.float(),
-        zero=zeros.to(torch.int32) if spec.zero_point else None,
+        zero=(zeros.float() if spec.float_min else zeros.to(torch.int32))
+        if spec.zero_point
+        else None,
         g_idx=g_idx,
         row_loss=loss,
     )

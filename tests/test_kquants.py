@@ -153,6 +153,8 @@ def test_k_specs_are_refused_where_they_cannot_go():
         QuantSpec(8, 32, False, "fp8", "k8")
     with pytest.raises(ValueError, match="256 inputs.*in_features=576"):
         QuantSpec.from_tag("q4_k").check_divides(576, "model.layers.0.self_attn.q_proj")
+    with pytest.raises(ValueError, match="256 inputs.*in_features=576"):
+        fake_quantize(torch.randn(4, 576), QuantSpec.from_tag("q5_k"))
     with pytest.raises(ValueError, match="GGUF K-quant.*gguf-export"):
         check_packable(get_format("ptqflow"), {"a": QuantSpec.from_tag("q4_k")}, {"a": (64, 512)})
     from ptqflow.gguf import GGUFConfig

@@ -342,6 +342,8 @@ def quantize(
         K-quant's float minimum) or ``None`` when symmetric.
     """
     out_f, in_f = w.shape[0], w.shape[-1]
+    if spec.scales.super_block:  # super-blocks must not run across rows
+        spec.check_divides(in_f, "this weight")
     wg = _grouped(w, spec)
     if spec.is_float:
         scale = group_scale(wg.abs().amax(dim=1, keepdim=True), spec, w)

@@ -273,9 +273,9 @@ def planned_bytes(
 ) -> tuple[int, int]:
     """``(bytes, weights)`` of the decoder-block linears of the model ``config`` describes (those
     :func:`~ptqflow.models.linear_layers` places in a block), each as pack format ``fmt`` stores
-    it at its ``plan`` spec (bias aside; a value type ``fmt`` does not hold:
-    :meth:`~ptqflow.quant.QuantSpec.nominal_bytes`), or at 16 bits where the plan has none;
-    ``8 * bytes / weights`` is the model's bits per weight."""
+    it at its ``plan`` spec (bias aside; a spec ``fmt`` cannot hold, another value type or a
+    K-quant: :meth:`~ptqflow.quant.QuantSpec.nominal_bytes`), or at 16 bits where the plan has
+    none; ``8 * bytes / weights`` is the model's bits per weight."""
     shapes, pack = linear_shapes(config), get_format(fmt)
     stored: dict[tuple[QuantSpec, int, int], int] = {}  # packing is measured once per shape
     size = weights = 0
@@ -287,10 +287,14 @@ def planned_bytes(
         if spec is None:
             size += out_f * in_f * _FP_BYTES
         else:
-            if (spec, out_f, in_f) not in stored and spec.type not in pack.types:
-                stored[spec, out_f, in_f] = spec.nominal_bytes(out_f, in_f)
-            elif (spec, out_f, in_f) not in stored:
-                stored[spec, out_f, in_f] = pack.stored_bytes(spec, out_f, in_f, torch.float16)
-            size += stored[spec, out_f, in_f]
+            key = (spec, out_f, in_f)
+            if key not in stored:
+                held = spec.type in pack.types and not spec.scales.super_block
+                stored[key] = (
+                    pack.stored_bytes(spec, out_f, in_f, torch.float16)
+                    if held
+                    else spec.nominal_bytes(out_f, in_f)
+                )
+            size += stored[key]
         weights += out_f * in_f
     return size, weights

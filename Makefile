@@ -31,7 +31,9 @@ $(STAMP): pyproject.toml Makefile
 # llama.cpp, optional (the GGUF comparison, reports/gguf/compare.py, and the slow tests): built
 # from the llama-cpp-python source distribution on PyPI, which vendors llama.cpp; needs cmake
 # and a C++ compiler. The tools and shared libraries land in $(LLAMA_CPP)/build/bin; the Python
-# bindings are installed without a library of their own and load those.
+# bindings are installed without a library of their own and load those. Built for AVX2, not the
+# build machine's own instructions: the native build crashed in prompt processing on an Intel
+# Xeon with AMX (llama-bench -p 64: segmentation fault).
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CPP := $(VENV)/llama.cpp
 LLAMA_SRC := $(LLAMA_CPP)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
@@ -45,7 +47,8 @@ $(LLAMA_CPP)/.built: $(STAMP)
 	tar xzf $(LLAMA_SRC).tar.gz -C $(LLAMA_CPP)
 	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_CPP)/build -DCMAKE_BUILD_TYPE=Release \
 		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-		-DLLAMA_BUILD_SERVER=OFF
+		-DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+		-DGGML_F16C=ON -DGGML_BMI2=ON
 	cmake --build $(LLAMA_CPP)/build -j $$(nproc) --target llama-quantize llama-imatrix llama-bench
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet --no-deps \
 		$(LLAMA_SRC).tar.gz

@@ -54,6 +54,35 @@ def build_tokenizer(out_dir: Path, special: tuple[str, ...] = ()):
     return fast
 
 
+def bpe_tokenizer(out_dir):
+    """A byte-level BPE tokenizer (llama.cpp's gpt2 model) trained on the test words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(make_text(3, 200, 5, 30) + [" ".join(WORDS)], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
 # The decoder of every tiny test model: 2 blocks, hidden 64.
 TINY_DECODER = dict(
     hidden_size=64,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, make_text
+from conftest import bpe_tokenizer, make_text
 
 from ptqflow.gguf import BLOCK_TYPES, GGUFConfig, block_type, gguf_arch, read_back, verify
 from ptqflow.gguf.export import write_gguf
@@ -127,35 +127,6 @@ def test_act_order_group_indices_are_refused():
 
 
 # ----------------------------------------------------------------------------- whole files
-
-
-def bpe_tokenizer(out_dir):
-    """A byte-level BPE tokenizer (llama.cpp's gpt2 model) trained on the test words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(make_text(3, 200, 5, 30) + [" ".join(WORDS)], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-    )
-    fast.save_pretrained(out_dir)
-    return fast
 
 
 @pytest.fixture(scope="module")

@@ -169,8 +169,7 @@ def test_k_specs_are_refused_where_they_cannot_go():
 def wide_bpe_model_dir(tmp_path_factory):
     """The GGUF tests' byte-level BPE Llama with 256-wide inputs, so K-quants fit every
     linear."""
-    from conftest import build_tiny_llama
-    from test_gguf import bpe_tokenizer
+    from conftest import bpe_tokenizer, build_tiny_llama
 
     out = tmp_path_factory.mktemp("wide-bpe-llama")
     tok = bpe_tokenizer(out)

@@ -77,7 +77,7 @@ def _entry(device: torch.device) -> dict:
 def gemv_max_m(device: torch.device) -> int:
     """Up to how many rows ``auto`` runs the GEMV schedule on ``device`` (its ``tuning.json``
     entry's ``gemv_max_m``); the tensor-core GEMM above. On the H200 the GEMM's M<=16 tile
-    is faster than the GEMV from 2 rows on, so there it is 1."""
+    is faster than the GEMV from 4 rows on (they tie at 2), so there it is 2."""
     return int(_entry(device)["gemv_max_m"])
 
 

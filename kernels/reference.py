@@ -36,6 +36,21 @@ Three layouts, all little-endian within a 32-bit word (bit 0 is the least signif
                                    bit t % 32 of word t // 32). ``out`` must divide by 32.
     W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n]
 
+**compressed-tensors float formats** (FP8 and FP4 values, what llm-compressor writes for
+FP8_DYNAMIC, FP8_BLOCK, NVFP4A16 and MXFP4A16)::
+
+    float-quantized:       weight float8_e4m3fn [out, in]; weight_scale fp32 [out, 1] (channel),
+                           [1] (tensor), [out, in/g] (group) or [out/r, in/g] (r x g blocks)
+    nvfp4-pack-quantized:  weight_packed uint8 [out, in/2] (pack_fp4); weight_scale
+                           float8_e4m3fn [out, in/16]; weight_global_scale fp32 [1] = G;
+                           W[o, k] = v[o, k] * s[o, k // 16] / G
+    mxfp4-pack-quantized:  weight_packed as NVFP4; weight_scale uint8 [out, in/32], the biased
+                           exponent: W[o, k] = v[o, k] * 2^(e[o, k // 32] - 127)
+
+``pack_fp4`` puts FP4 E2M1 value ``v[o, 2j]`` in the low nibble of byte ``[o, j]`` and
+``v[o, 2j+1]`` in the high one; a nibble is the sign (bit 3) and the index of ``|v|`` in
+0, 0.5, 1, 1.5, 2, 3, 4, 6.
+
 ``g`` is the group size along the input dimension (``g = in`` for per-channel).
 """
 
@@ -174,6 +189,28 @@ def unpack_ct(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> torch
     shifts = _arange(per, packed.device) * bits
     q = (_to_uint(packed).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return q.reshape(packed.shape[0], -1)[:, :size].to(torch.int32)
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes by index
+
+
+def pack_fp4(v: torch.Tensor) -> torch.Tensor:
+    """FP4 E2M1 values ``v [rows, cols]`` (even ``cols``; any float dtype that holds them) as
+    uint8 ``[rows, cols/2]``: two nibbles per byte, the even column low (module docstring)."""
+    table = torch.tensor(FP4_VALUES)
+    a = v.float().abs()
+    index = torch.searchsorted(table, a.contiguous())
+    if v.shape[-1] % 2 or not torch.equal(table[index.clamp(max=7)], a):
+        raise ValueError("pack_fp4 takes FP4 E2M1 values in an even number of columns")
+    nibble = index.to(torch.uint8) | (torch.signbit(v.float()).to(torch.uint8) << 3)
+    return nibble[:, 0::2] | (nibble[:, 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_fp4`: float32 ``[rows, 2 * cols]``."""
+    nibbles = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    magnitude = torch.tensor(FP4_VALUES)[(nibbles & 7).long()]
+    return torch.where((nibbles & 8).bool(), -magnitude, magnitude)
 
 
 # ----------------------------------------------------------------------------- ptqflow bitstream

@@ -180,6 +180,25 @@ def test_gptq_g_idx_is_refused_where_not_held(tiny_model_dir, tmp_path):
     assert (got - want).abs().max() / want.abs().max() < 1e-5
 
 
+@pytest.mark.parametrize(
+    "method,quant", [("rtn", "nvfp4"), ("gptq", "fp8pc"), ("rtn", "fp8t-afp8t")]
+)
+def test_float_specs_save_what_quantize_evaluated(method, quant, tiny_model_dir, tmp_path):
+    """Float values (FP8 chosen by GPTQ, NVFP4 rounded to nearest) are saved as they are: the
+    checkpoint computes the quantized model's logits (its other tensors rounded to fp16)."""
+    ids = torch.randint(0, 50, (8, 32), generator=torch.Generator().manual_seed(1))
+    q = quantize(str(tiny_model_dir), method, calib=ids, quant=quant)
+    save(q, tmp_path / "ct")
+    want = deepcopy(q.model)
+    with torch.no_grad():
+        for name, p in want.named_parameters():
+            if q.plan.get(name.removesuffix(".weight")) is None:
+                p.copy_(p.half().float())
+        test = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+        got, want = load_packed(tmp_path / "ct")(test).logits, want(test).logits
+    assert (got - want).abs().max() / want.abs().max() < 1e-6
+
+
 def test_bad_input_is_refused_before_work(tiny_model_dir, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

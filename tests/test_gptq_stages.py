@@ -195,6 +195,28 @@ def test_gptq_rounds_the_weights_of_a_weight_activation_config(cfg_at, tmp_path)
     assert fake["nll"] != fake_quant_eval.run(cfg("eval.method=rtn"))["nll"]
 
 
+def test_gptq_fp8_dynamic_packs_to_compressed_tensors_float(cfg_at, tmp_path):
+    """FP8_DYNAMIC: GPTQ chooses FP8 E4M3 weights per channel, the activations are FP8 per
+    token, and the compressed-tensors float-quantized checkpoint scores what fake-quant
+    scored."""
+
+    def cfg(*extra):
+        fp8 = ("quant=fp8_dynamic", "quant.group_size=-1", "pack=compressed_tensors")
+        fp8 = (*fp8, "pack.method=gptq")
+        return cfg_at(tmp_path, *fp8, *extra)
+
+    calib_data.run(cfg())
+    gptq_search.run_gptq(cfg())
+    fake = fake_quant_eval.run(cfg("eval.method=gptq"))
+    assert fake["quant"] == "fp8pc-afp8"
+    real_pack.run(cfg())
+    tensors = load_file(tmp_path / "artifacts" / "packed" / "model.safetensors")
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    packed = fake_quant_eval.run(cfg("eval.method=packed"))  # norms, embeddings in fp16
+    assert packed["perplexity"] == pytest.approx(fake["perplexity"], rel=1e-3)
+    assert fake["nll"] != fake_quant_eval.run(cfg("eval.method=rtn"))["nll"]
+
+
 def test_bad_gptq_input_is_refused_before_work(cfg_at, tmp_path):
     calib_data.run(cfg_at(tmp_path))
     with pytest.raises(FileNotFoundError, match="scale-search"):

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from ptqflow.quant import QuantSpec, dequantize, fake_quantize, fake_quantize_linears, quantize
+from ptqflow.quant import (
+    NAMED,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    fake_quantize_linears,
+    quantize,
+)
 
 
 def test_asymmetric_exact_values_with_clamp_and_half_even():
@@ -100,3 +107,13 @@ def test_fake_quantize_linears_unties_shared_weight():
     assert fake_quantize_linears(model, {"head": QuantSpec(2, 8)}) == ["head"]
     assert torch.equal(emb.weight, before)
     assert torch.equal(head.weight, fake_quantize(before, QuantSpec(2, 8)))
+
+
+@pytest.mark.parametrize("tag", ["w4g64", "w8pc-sym", "fp8pc", "fp8b64x64", *NAMED])
+def test_a_spec_spelled_out_as_a_config_is_the_same_spec(tag):
+    """What a recipe file writes for a spec reads back as that spec (a float or K spec keeps
+    its type and scales); an integer spec writes its three fields alone."""
+    spec = QuantSpec.from_tag(tag)
+    assert QuantSpec(**spec.as_config()) == spec
+    if spec.type == "int" and spec.scale_type == "float":
+        assert list(spec.as_config()) == ["w_bit", "group_size", "zero_point"]

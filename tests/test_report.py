@@ -180,6 +180,39 @@ def test_older_schema_skipped_with_warning(tmp_path):
     assert sum(str(old) in str(w.message) for w in again) == 1
 
 
+def test_gguf_exports_are_rows(tmp_path):
+    """The gguf-export stage's records (the DAG's and other runs' under ``gguf/``) are rows of
+    source ``gguf`` with their own size; a comparison file there is no export record, a
+    disabled export has no row, and an export record without a method is skipped."""
+    reports = tmp_path / "reports"
+    record = {"method": "awq_gptq", "quant": "w4g64", "perplexity": 14.3357}
+    write(reports / "gguf.json", {**record, "bits_per_weight": 5.0, "exported": True})
+    write(
+        reports / "gguf" / "q4_k_m-awq.json",
+        {
+            **record,
+            "method": "awq",
+            "quant": "w4g64-q4_k_m",
+            "bits_per_weight": 5.53,
+            "perplexity": 13.41,
+            "text": "wiki:eval",
+            "exported": True,
+        },
+    )
+    write(reports / "gguf" / "off.json", {"exported": False})
+    write(reports / "gguf" / "compare.json", {"rows": [{"name": "llama.cpp Q4_K_M"}]})
+    old = write(reports / "gguf" / "old.json", {"perplexity": 14.0, "exported": True})
+    with pytest.warns(ReportWarning, match="older schema"):
+        c = collect(reports, dag={"eval": {"source": "wiki:eval"}}, bits_of=NO_BITS)
+    by_name = {r.name: r for r in c.rows}
+    assert sorted(by_name) == ["gguf/awq/w4g64-q4_k_m-gguf", "gguf/awq_gptq/w4g64-gguf"]
+    dag = by_name["gguf/awq_gptq/w4g64-gguf"]
+    assert (dag.bits_per_weight, dag.perplexity, dag.text) == (5.0, 14.3357, "wiki:eval")
+    assert dag.files == ["gguf.json"]
+    reason = "no 'method', 'quant' or 'perplexity' (older schema)"
+    assert c.counts["gguf files"] == 4 and c.skipped == [(str(old.relative_to(reports)), reason)]
+
+
 @pytest.mark.parametrize("with_runs", [False, True])
 def test_empty_reports(tmp_path, with_runs):
     reports = tmp_path / "reports"

@@ -424,6 +424,46 @@ def test_gradient_to_packed_checkpoint_under_a_budget(tiny_cfg, tmp_path):
     assert "recipe" not in gradient_params and "pack" not in gradient_params
 
 
+def test_auto_recipe_across_integer_and_float_formats(tiny_cfg, tmp_path):
+    """recipe=auto chooses among int4, FP8, NVFP4 and MXFP4 under a budget, sized as
+    compressed-tensors stores each; the packed checkpoint holds exactly the promised bytes and
+    scores what fake-quant scored."""
+    auto = [
+        "recipe=auto",
+        "recipe.budget=5.0",
+        "sensitivity.candidates=[skip,fp8pc,w4g32,nvfp4,mxfp4]",
+        "sensitivity.method=awq",
+        "pack=compressed_tensors",
+        "pack.method=awq",
+        "search.scale.n_grid=4",
+        "search.clip.n_grid=4",
+    ]
+    cfg = tiny_cfg(*auto)
+    art = tmp_path / "artifacts"
+    for stage in (calib_data, gradient, sensitivity):
+        stage.run(cfg)
+    out = recipe.run(cfg)
+    assert out["bytes"] <= out["budget_bytes"]
+    written = yaml.safe_load((art / "recipe" / "recipe.yaml").read_text())
+    chosen = {r["config"] for r in written["rules"]}
+    print("chosen configs:", sorted(chosen), out)
+    assert len(chosen) > 1 and chosen & {"fp8pc", "nvfp4", "mxfp4"}
+    scale_search.run(cfg)
+    clip_search.run(cfg)
+    real_pack.run(cfg)
+    tensors = load_file(art / "packed" / "model.safetensors")
+    prefixes = tuple(f"{r['modules']}." for r in written["rules"])
+    stored = sum(
+        t.numel() * t.element_size()
+        for k, t in tensors.items()
+        if k.startswith(prefixes) and not k.endswith(".bias")
+    )
+    assert stored == out["bytes"]
+    fake = fake_quant_eval.run(tiny_cfg(*auto, "eval.method=awq"))
+    packed = fake_quant_eval.run(tiny_cfg(*auto, "eval.method=packed"))
+    assert packed["perplexity"] == pytest.approx(fake["perplexity"], rel=1e-3)
+
+
 def made_grad_sha(work):
     return json.loads((work / "artifacts" / "gradient" / "manifest.json").read_text())["files"][
         "gradient.safetensors"

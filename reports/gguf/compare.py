@@ -10,9 +10,12 @@ same run, ptqflow's packed checkpoint on its CPU path and the fp32 dense model d
 the way the benchmark stage times them.
 
 Needs ``dvc repro gguf-export real-pack`` and ``make llama-cpp`` first. Writes
-``reports/gguf/compare.json``.
+``reports/gguf/compare.json``. ``--extra RECORD=FILE`` adds other ptqflow exports: the
+``gguf-export`` record (its perplexity through transformers) and the file it describes (a
+Q4_K_M-like mix made in another artifacts folder, say).
 
-    PYTHONPATH=src python reports/gguf/compare.py [--types Q4_1 Q4_K_M Q5_K_M ...]
+    PYTHONPATH=src python reports/gguf/compare.py [--types Q4_1 Q4_K_M Q5_K_M ...] \
+        [--extra reports/gguf/q4_k_m-awq.json=artifacts/exp/q4_k_m/gguf/<file>.gguf ...]
 """
 
 from __future__ import annotations
@@ -84,7 +87,12 @@ def measure(where: Path, path: Path, wins: torch.Tensor, weights: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--types", nargs="*", default=list(TYPES))
+    parser.add_argument("--extra", nargs="*", default=[], metavar="RECORD=FILE")
     args = parser.parse_args()
+    extra = [tuple(Path(p) for p in pair.split("=", 1)) for pair in args.extra]
+    for pair, paths in zip(args.extra, extra, strict=True):
+        if len(paths) != 2 or not all(p.is_file() for p in paths):
+            raise SystemExit(f"--extra {pair}: give RECORD=FILE, two existing files")
     cfg = params()
     where = llamacpp.home(ROOT)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -97,14 +105,18 @@ def main() -> None:
     imatrix = WORK / "imatrix.gguf"
     if not imatrix.is_file():
         llamacpp.importance_matrix(where, fp, calib_text(cfg, tokenizer), imatrix, ctx=512)
-    ours = json.loads((ROOT / "reports" / "gguf.json").read_text())
-    rows = [
-        {
-            "name": f"ptqflow {cfg['pack']['method']} {ours['file']}",
-            "perplexity_transformers": ours["perplexity"],
-            **measure(where, ROOT / "artifacts" / "gguf" / ours["file"], wins, weights),
-        }
-    ]
+    exports = [(ROOT / "reports" / "gguf.json", ROOT / "artifacts" / "gguf"), *extra]
+    rows = []
+    for record, path in exports:
+        ours = json.loads(record.read_text())
+        path = path / ours["file"] if path.is_dir() else path
+        rows.append(
+            {
+                "name": f"ptqflow {ours.get('method', cfg['pack']['method'])} {ours['file']}",
+                "perplexity_transformers": ours["perplexity"],
+                **measure(where, path, wins, weights),
+            }
+        )
     for kind in args.types:
         for imat in (None, imatrix):
             name = f"llama.cpp {kind}" + (" + imatrix" if imat else "")

@@ -110,14 +110,8 @@ class Allocation:
     def recipe(self, name: str) -> dict:
         """The allocation as an ordinary recipe (:class:`ptqflow.recipe.Recipe` form): one rule
         per quantized linear, every other module left in full precision."""
-        configs = {}
-        for tag in sorted({c for c in self.choices.values() if c != SKIP}):
-            s = QuantSpec.from_tag(tag)
-            configs[tag] = {
-                "w_bit": s.w_bit,
-                "group_size": s.group_size,
-                "zero_point": s.zero_point,
-            }
+        tags = sorted({c for c in self.choices.values() if c != SKIP})
+        configs = {tag: QuantSpec.from_tag(tag).as_config() for tag in tags}
         rules = [{"modules": n, "config": c} for n, c in self.choices.items() if c != SKIP]
         return {"name": name, "rules": rules, "default": SKIP, "configs": configs}
 
@@ -136,7 +130,7 @@ def held_candidates(
     for tag in candidates:
         spec = None if tag == SKIP else QuantSpec.from_tag(tag)
         ok = spec is None or (
-            spec.w_bit in fmt.bits and (not fmt.one_group_size or spec.group_size == group_size)
+            fmt.holds(spec) and (not fmt.one_group_size or spec.group_size == group_size)
         )
         (held if ok else refused).append(tag)
     if refused and named:
@@ -289,10 +283,9 @@ def planned_bytes(
         else:
             key = (spec, out_f, in_f)
             if key not in stored:
-                held = spec.type in pack.types and not spec.scales.super_block
                 stored[key] = (
                     pack.stored_bytes(spec, out_f, in_f, torch.float16)
-                    if held
+                    if pack.holds(spec)
                     else spec.nominal_bytes(out_f, in_f)
                 )
             size += stored[key]

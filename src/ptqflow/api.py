@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from ptqflow.blockwise import BlockPass, BlockResult, MemoryStore, run_resumable
 from ptqflow.calib import CalibData, build_blocks
 from ptqflow.config import CalibConfig, ModelConfig, is_auto, parse, parse_act, parse_quant
 from ptqflow.dtypes import torch_dtype
-from ptqflow.formats import FORMATS, IntWeight, check_packable
+from ptqflow.formats import FORMATS, FloatWeight, IntWeight, check_packable, chosen_record
 from ptqflow.methods import METHODS, STEPS, method_of, steps
 from ptqflow.methods.awq.apply import apply_clips
 from ptqflow.methods.awq.clip import clip_pass
@@ -114,6 +114,7 @@ class Quantized:
         calib: the calibration data the passes ran on (token ids ``[n, seqlen]``), or None.
         tokenizer: the model's tokenizer (given, or a source's own), written by :func:`save`.
         seconds: wall time of each pass.
+        act_scales: static activation scales by linear (``a_granularity=tensor``), else None.
     """
 
     model: nn.Module
@@ -124,12 +125,14 @@ class Quantized:
     calib: CalibData | None = None
     tokenizer: Any = None
     seconds: dict[str, float] = field(default_factory=dict)
-    _rtn: dict[str, tuple] = field(default_factory=dict)
+    _rtn: dict[str, tuple | FloatWeight] = field(default_factory=dict)
+    act_scales: dict[str, torch.Tensor] | None = None
 
     @property
-    def integers(self) -> Mapping[str, IntWeight]:
+    def integers(self) -> Mapping[str, IntWeight | FloatWeight]:
         """Every quantized linear's integers, scales and zero points as the packed formats
-        take them (:class:`~ptqflow.formats.IntWeight`), built one linear at a time on access:
+        take them (:class:`~ptqflow.formats.IntWeight`, or :class:`~ptqflow.formats.FloatWeight`
+        for float specs), built one linear at a time on access:
         GPTQ's as it chose them, or round to nearest of the transformed weights, taken before
         the model was fake-quantized (the integers the real-pack stage packs)."""
         return _Integers(self)
@@ -144,21 +147,23 @@ class Quantized:
         )
 
 
-class _Integers(Mapping[str, IntWeight]):
-    """:attr:`Quantized.integers`: each :class:`IntWeight` built when asked for."""
+class _Integers(Mapping[str, IntWeight | FloatWeight]):
+    """:attr:`Quantized.integers`: each record built when asked for."""
 
     def __init__(self, q: Quantized) -> None:
         self._q = q
         self._names = [n for n, s in q.plan.items() if s is not None]
 
-    def __getitem__(self, name: str) -> IntWeight:
+    def __getitem__(self, name: str) -> IntWeight | FloatWeight:
         spec = self._q.plan.get(name)
         if spec is None:
             raise KeyError(name)
         rounded = self._q.result.rounded
         if rounded is not None:
             r = rounded[name]
-            return IntWeight.from_integers(r.q, r.scale, r.zero, spec, r.g_idx)
+            return chosen_record(r.q, r.scale, r.zero, spec, r.g_idx)
+        if isinstance(self._q._rtn[name], FloatWeight):
+            return self._q._rtn[name]
         q, scale, zero = self._q._rtn[name]
         zero = None if zero is None else zero.to(torch.int32)
         return IntWeight.from_integers(q.to(torch.int32), scale, zero, spec)
@@ -195,26 +200,26 @@ def _method(methods: str | Sequence[str]) -> str:
     return method_of(names)
 
 
-_ACT_TAG = re.compile(r"-a(\d+)(t?)$")
+_ACT_TAG = re.compile(r"-a(\d+|fp8)(t?)$")
 
 
 def _quant(quant: str | Mapping[str, Any] | QuantSpec) -> tuple[QuantSpec, ActSpec | None]:
     """The weight spec and activation spec of ``quant``: a tag (``w4g64``, ``w4g128-sym``,
-    ``w8pc-a8``, ``w8pc-a8t``), a ``quant`` section (``{w_bit, group_size, zero_point, a_bit,
-    a_granularity}``, as ``conf/quant/*.yaml``) or a :class:`QuantSpec`."""
+    ``w8pc-a8``, ``w8pc-a8t``, ``nvfp4``, ``fp8pc-afp8``), a ``quant`` section (``{w_bit,
+    group_size, zero_point, a_bit, a_granularity}``, as ``conf/quant/*.yaml``) or a
+    :class:`QuantSpec`."""
     if isinstance(quant, QuantSpec):
         return quant, None
     if isinstance(quant, str):
         values: dict[str, Any] = {}
         tag = quant
         if m := _ACT_TAG.search(tag):
-            values["a_bit"] = int(m.group(1))
+            fp8 = m.group(1) == "fp8"
+            values["a_bit"] = 8 if fp8 else int(m.group(1))
+            values["a_type"] = "fp8" if fp8 else "int"
             values["a_granularity"] = "tensor" if m.group(2) else "token"
             tag = tag[: m.start()]
-        spec = QuantSpec.from_tag(tag)
-        values |= {"w_bit": spec.w_bit, "group_size": spec.group_size}
-        values["zero_point"] = spec.zero_point
-        quant = values
+        quant = values | asdict(QuantSpec.from_tag(tag))
     if not isinstance(quant, Mapping):
         raise ValueError(
             f"quant={quant!r}: give a tag (e.g. 'w4g64'), a dict like conf/quant/*.yaml or a "
@@ -529,8 +534,9 @@ def quantize(
             file, ``"hf:<dataset>"``), a list of documents, or a dict with ``source`` (any of
             those but token ids) and ``conf/calib`` settings (``n_samples`` 128, ``seqlen``
             512, ``seed`` 42, ...). Text needs the tokenizer. Not needed for ``rtn``.
-        quant: the weight config: a tag (``w4g64``, ``w3g128``, ``w4g128-sym``, ``w8pc-a8``
-            with activations), a dict like ``conf/quant/*.yaml``, or a QuantSpec.
+        quant: the weight config: a tag (``w4g64``, ``w3g128``, ``w4g128-sym``, ``nvfp4``,
+            ``fp8pc``; ``w8pc-a8``, ``fp8pc-afp8`` with activations, ``...-a8t`` static), a
+            dict like ``conf/quant/*.yaml``, or a QuantSpec.
         recipe: which linear gets which config: None (every decoder linear at ``quant``), a
             dict like ``conf/recipe/*.yaml`` (rules may name ``quant``), its YAML file, or a
             Recipe.
@@ -636,6 +642,7 @@ def quantize(
         # as the evaluation stages build it from that.
         result = MethodResult(method, scales, {} if rounded is not None else clips, rounded)
         rtn: dict[str, tuple] = {}
+        scales_a = None
         if rounded is None:
             apply_clips(work, result.clips)
             rtn = _rtn(work, plan)
@@ -646,15 +653,20 @@ def quantize(
             scales_a = activation.calibrate_scales(work, done, act, data) if act.static else None
             activation.attach(work, done, act, scales_a)
     log.info("%s: %d linears quantized, %s", method, len(done), seconds)
-    return Quantized(work, method, plan, result, act, data, tokenizer, seconds, rtn)
+    return Quantized(work, method, plan, result, act, data, tokenizer, seconds, rtn, scales_a)
 
 
-def _rtn(model: nn.Module, plan: dict[str, QuantSpec | None]) -> dict[str, tuple]:
+def _rtn(model: nn.Module, plan: dict[str, QuantSpec | None]) -> dict[str, tuple | FloatWeight]:
     """Round to nearest of every quantized linear's (transformed) weight, as real-pack packs
-    it (:meth:`IntWeight.from_weight` of the weight on the CPU), held as 8-bit integers."""
+    it (:meth:`IntWeight.from_weight` of the weight on the CPU), held as 8-bit integers, or
+    as a :class:`FloatWeight` (one byte a value) for float specs."""
     out = {}
     for name, spec in plan.items():
-        if spec is not None:
+        if spec is not None and spec.is_float:
+            out[name] = FloatWeight.from_weight(
+                model.get_submodule(name).weight.detach().cpu(), spec
+            )
+        elif spec is not None:
             q, scale, zero = rtn_integers(model.get_submodule(name).weight.detach().cpu(), spec)
             small = torch.int8 if zero is None else torch.uint8
             out[name] = (q.to(small), scale, None if zero is None else zero.to(torch.uint8))
@@ -679,8 +691,9 @@ def save(
     Args:
         quantized: what :func:`quantize` returned.
         out_dir: the checkpoint directory; it appears whole or not at all.
-        format: ``compressed-tensors`` (4 or 8 bits, per-layer specs; llm-compressor's, and
-            the one format that holds GPTQ's act-order ``g_idx``), ``awq`` (AWQ GEMM: 4-bit,
+        format: ``compressed-tensors`` (4 or 8 bits, FP8, NVFP4, MXFP4, per-layer specs;
+            llm-compressor's, and the one format that holds float values and GPTQ's
+            act-order ``g_idx``), ``awq`` (AWQ GEMM: 4-bit,
             one group size) or ``ptqflow`` (2..8 bits, read back by
             :func:`ptqflow.pack.load_packed`).
         dtype: storage dtype of the scales and of everything left unquantized.
@@ -732,7 +745,16 @@ def save(
             stacklevel=2,
         )
     with atomic_dir(out) as tmp:
-        stats = save_packed(model, tokenizer, plan, pack, tmp, quantized.act, quantized.integers)
+        stats = save_packed(
+            model,
+            tokenizer,
+            plan,
+            pack,
+            tmp,
+            quantized.act,
+            quantized.integers,
+            quantized.act_scales,
+        )
     log.info(
         "%s: %d linears, %s bytes -> %s", format, stats["quantized_linears"], stats["bytes"], out
     )

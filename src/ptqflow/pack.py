@@ -3,9 +3,11 @@
 The formats (:mod:`ptqflow.formats`, layouts in :mod:`ptqflow.kernels.reference`):
 
 - ``awq``: AWQ GEMM, 4-bit, one group size for every quantized linear.
-- ``compressed-tensors``: ``pack-quantized``, 4 or 8 bits, per-layer specs allowed (one config
-  group per spec); what llm-compressor writes. The one format that holds GPTQ's act-order
-  group index (``weight_g_idx``, ``"actorder": "group"``); the others refuse it.
+- ``compressed-tensors``: ``pack-quantized``, 4 or 8 bits, and the float formats
+  (``float-quantized`` FP8, ``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``), per-layer
+  specs allowed (one config group per spec); what llm-compressor writes. The one format that
+  holds GPTQ's act-order group index (``weight_g_idx``, ``"actorder": "group"``) and float
+  values; the others refuse them.
 - ``ptqflow``: our bitstream layout, 2..8 bits, per-layer specs; read back by :func:`load_packed`.
 
 Linears the recipe leaves alone, embeddings, norms and biases are stored in ``dtype`` (fp16 by
@@ -14,7 +16,8 @@ compressed-tensors). ``config.json`` and the tokenizer files are written so that
 4.5x and 5.x both read them. Loading builds the model on the meta device and puts a
 :class:`QuantLinear` wherever the checkpoint holds packed weights: it computes with the Triton
 W4A16 kernels on a GPU, PyTorch's int4 matmul on the CPU for decode (4-bit weights, group sizes
-that are multiples of 32; bf16 numerics) and dequantize + matmul (the reference) elsewhere. A
+that are multiples of 32; bf16 numerics) and dequantize + matmul (the reference) elsewhere; a
+:class:`FloatLinear` wherever it holds float values (dequantize + matmul in float32). A
 weight with a group index has its input rows stored sorted by group, so every one of those
 paths runs it after gathering the input columns in the same order.
 """
@@ -33,7 +36,15 @@ from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.artifacts import load_safetensors, save_safetensors
 from ptqflow.dtypes import torch_dtype
-from ptqflow.formats import FORMATS, IntWeight, PackFormat, detect_format, get_format
+from ptqflow.formats import (
+    FORMATS,
+    FloatWeight,
+    IntWeight,
+    PackFormat,
+    detect_format,
+    get_format,
+    weight_record,
+)
 from ptqflow.kernels import cpu_int4, w4a16_matmul
 from ptqflow.kernels import reference as ref
 from ptqflow.methods import METHODS
@@ -42,6 +53,7 @@ from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
 
 WEIGHTS = "model.safetensors"
+INPUT_SCALE = "input_scale"  # a static activation scale's tensor, beside its linear's
 # What to do about a damaged or inconsistent checkpoint: it may be ours or downloaded.
 REPACK = "rerun real-pack (`dvc repro real-pack`) if ptqflow wrote it, or download it again"
 # On the CPU, calls of up to this many rows (decode) run the int4 kernel; more dequantize.
@@ -185,6 +197,41 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+class FloatLinear(nn.Module):
+    """A linear whose weight is float values (FP8 E4M3, FP4 E2M1) with their scales
+    (:class:`~ptqflow.formats.FloatWeight`): the values in a float8 buffer (one byte each) and
+    the group scales in float32; :meth:`forward` dequantizes and multiplies in float32, the
+    output in the input's dtype (the reference; no float kernel runs here)."""
+
+    def __init__(self, w: FloatWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = w.values.shape
+        self.spec = w.spec
+        self.register_buffer("values", w.values)
+        self.register_buffer("scales", w.scales)
+        self.register_buffer("bias", bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"spec={self.spec.tag}"
+        )
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """The exact weight ``W [in, out]`` (float32)."""
+        return FloatWeight(self.values, self.scales, self.spec).dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.reshape(-1, self.in_features).float() @ self.dequantize().to(x.device)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+PACKED_LINEARS = (QuantLinear, FloatLinear)  # what load_packed puts where weights are packed
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -194,13 +241,14 @@ def packed_state_dict(
     plan: dict[str, QuantSpec | None],
     fmt: PackFormat,
     dtype: torch.dtype,
-    integers: Mapping[str, IntWeight] | None = None,
+    integers: Mapping[str, IntWeight | FloatWeight] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint: the quantized linears packed, the rest cast to ``dtype``.
 
     ``model`` already carries whatever transforms precede quantization (folded AWQ scales,
     clips); each linear named in ``plan`` with a spec is packed from ``integers`` (a method
-    chose them: GPTQ), or else quantized here exactly as fake-quant does. A weight shared with
+    chose them: GPTQ), or else quantized here exactly as fake-quant does (float specs give
+    :class:`~ptqflow.formats.FloatWeight` records). A weight shared with
     another module (tied embeddings) is stored once, under the first name. Integers with a
     group index (``g_idx``) are refused, before any packing, unless ``fmt.holds_g_idx``.
     """
@@ -215,7 +263,7 @@ def packed_state_dict(
         if integers is not None and name in integers:
             w = integers[name]
         else:
-            w = IntWeight.from_weight(layer.weight.detach().cpu(), spec)
+            w = weight_record(layer.weight.detach().cpu(), spec)
         for suffix, t in fmt.pack(w, dtype).items():
             out[f"{name}.{suffix}"] = t
         if layer.bias is not None:
@@ -238,12 +286,15 @@ def save_packed(
     cfg: PackConfig,
     out_dir: str | Path,
     act: ActSpec | None = None,
-    integers: Mapping[str, IntWeight] | None = None,
+    integers: Mapping[str, IntWeight | FloatWeight] | None = None,
+    act_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Write the checkpoint directory: ``config.json`` (with ``quantization_config``, which
     declares the activation quantization ``act`` if given), ``model.safetensors``, generation
     config and tokenizer. Returns tensor and byte counts. ``integers``: see
-    :func:`packed_state_dict`.
+    :func:`packed_state_dict`. A static ``act`` (one calibrated scale per linear) needs
+    ``act_scales`` (:func:`ptqflow.activation.calibrate_scales` of the fake-quant model),
+    stored as ``<linear>.input_scale`` (float32 ``[1]``, compressed-tensors' name).
 
     ``model.safetensors`` comes last, through a temporary file: a write that fails (a full disk
     raises :class:`ptqflow.artifacts.DiskFullError`) leaves none, so :func:`load_packed`
@@ -252,6 +303,15 @@ def save_packed(
     fmt = FORMATS[cfg.format]
     state = packed_state_dict(model, plan, fmt, cfg.torch_dtype, integers)
     specs = {n: s for n, s in plan.items() if s is not None}
+    if act is not None and act.static:
+        missing = [n for n in specs if act_scales is None or n not in act_scales]
+        if missing:
+            raise ValueError(
+                f"static activation quantization needs a calibrated input scale for every "
+                f"quantized linear; none for {missing[:3]} (of {len(missing)})"
+            )
+        for name in specs:
+            state[f"{name}.{INPUT_SCALE}"] = act_scales[name].float().reshape(1).clone()
     in_features = {n: model.get_submodule(n).in_features for n in specs}
     skipped = [n for n, s in plan.items() if s is None]
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -341,7 +401,8 @@ def load_packed(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save_packed` (or any AWQ GEMM / compressed-tensors
-    pack-quantized checkpoint of a supported architecture) with :class:`QuantLinear` layers.
+    checkpoint of a supported architecture) with :class:`QuantLinear` layers (integers) and
+    :class:`FloatLinear` layers (float values).
 
     Unquantized tensors are cast to ``dtype``; packed scales keep their stored dtype. A
     checkpoint that declares activation quantization gets it on every packed linear's input
@@ -370,12 +431,21 @@ def load_packed(
     state, _ = load_safetensors(path / WEIGHTS, f"the checkpoint is damaged: {REPACK}")
     marker = "." + fmt.marker
     names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))
+    suffix = f".{INPUT_SCALE}"  # static activation scales
+    input_scales = {
+        k.removesuffix(suffix): state.pop(k).float().reshape(())
+        for k in [k for k in state if k.endswith(suffix)]
+    }
     for name in names:
         tensors = {s: state.pop(f"{name}.{s}") for s in fmt.tensors if f"{name}.{s}" in state}
         _check_config(path, fmt, qc, name, tensors)
         w = fmt.unpack(tensors)
         bias = state.pop(f"{name}.bias", None)
-        layer = QuantLinear(w, w.scales.dtype, None if bias is None else bias.to(dtype))
+        bias = None if bias is None else bias.to(dtype)
+        if isinstance(w, FloatWeight):
+            layer = FloatLinear(w, bias)
+        else:
+            layer = QuantLinear(w, w.scales.dtype, bias)
         model.set_submodule(name, layer)
     # Scales folded into an activation (GELU MLPs) are stored as `<act>.scales`.
     for key in [k for k in state if k.endswith(".scales")]:
@@ -394,8 +464,14 @@ def load_packed(
     if left:
         raise ValueError(f"checkpoint '{path}' lacks tensors for {left[:5]} (of {len(left)})")
     act = fmt.declared_activations(qc)
+    if act is not None and act.static and set(names) - set(input_scales):
+        missing = sorted(set(names) - set(input_scales))
+        raise ValueError(
+            f"checkpoint '{path}' declares static activation scales, but holds no "
+            f"'{INPUT_SCALE}' for {missing[:3]} (of {len(missing)}): {REPACK}"
+        )
     if act is not None:
-        activation.attach(model, names, act)
+        activation.attach(model, names, act, input_scales if act.static else None)
     model = model.to(device).eval()
     if torch.device(device).type == "cpu":
         for module in model.modules():

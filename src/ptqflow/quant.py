@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -201,8 +201,8 @@ class QuantSpec:
         """Short name that says the config: ``w4g64``, ``w8pc``, ``w4g128-sym``; floats by
         their type, ``fp8pc``, ``fp8t``, ``fp8b128x128``; and the :data:`NAMED` ones
         (``nvfp4``, ``mxfp4``, ``q4_k``, ...)."""
-        for name, fields in NAMED.items():
-            if self == QuantSpec(**fields):
+        for name, named in NAMED.items():
+            if self == QuantSpec(**named):
                 return name
         where = {"tensor": "t", "channel": "pc", "group": f"g{self.group_size}"}.get(
             self.strategy, f"b{self.group_rows}x{self.group_size}"
@@ -237,6 +237,18 @@ class QuantSpec:
         if ftype:
             return cls(ELEMENTS[ftype].bits, group, False, ftype, st or "float", int(rows or 1))
         return cls(int(bits), group, sym is None, "int", st or "float", int(rows or 1))
+
+    def as_config(self) -> dict:
+        """The fields a recipe's ``configs`` entry spells out: ``w_bit``, ``group_size`` and
+        ``zero_point``, then each other field that is not an integer spec's default (a value
+        type, a scale type, 2-D blocks); ``QuantSpec(**spec.as_config()) == spec``."""
+        plain = QuantSpec(self.w_bit, self.group_size, self.zero_point)
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name in ("w_bit", "group_size", "zero_point")
+            or getattr(self, f.name) != getattr(plain, f.name)
+        }
 
     def n_scales(self, out_features: int, in_features: int) -> int:
         """How many distinct scales a ``[out, in]`` weight has."""

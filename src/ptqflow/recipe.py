@@ -173,6 +173,32 @@ class Recipe:
     def _spec(self, name: str) -> QuantSpec | None:
         return None if name == SKIP else self.configs[name]
 
+    def _fit(
+        self,
+        spec: QuantSpec | None,
+        label: str,
+        fallback: str | None,
+        module: str,
+        in_features: int,
+    ) -> QuantSpec | None:
+        """``spec`` where its groups divide ``in_features``, else the rule's ``fallback`` spec
+        (which must); raise, naming the rule, where neither fits."""
+        if spec is None:
+            return None
+        try:
+            spec.check_divides(in_features, module)
+            return spec
+        except ValueError as e:
+            if fallback is None:
+                raise ValueError(f"recipe rule '{label}': {e}") from None
+        spec = self._spec(fallback)
+        try:
+            if spec is not None:
+                spec.check_divides(in_features, module)
+        except ValueError as e:
+            raise ValueError(f"recipe rule '{label}' (fallback): {e}") from None
+        return spec
+
     def resolve(
         self, linears: Sequence[tuple[str, int | None, int]]
     ) -> dict[str, QuantSpec | None]:
@@ -194,20 +220,8 @@ class Recipe:
             i = self._deciding(module, layer)
             deciding.add(i)
             spec, label = self._decided(i)
-            if spec is not None:
-                try:
-                    spec.check_divides(in_features, module)
-                except ValueError as e:
-                    fallback = None if i is None else self.rules[i].fallback
-                    if fallback is None:
-                        raise ValueError(f"recipe rule '{label}': {e}") from None
-                    spec = self._spec(fallback)
-                    if spec is not None:
-                        try:
-                            spec.check_divides(in_features, module)
-                        except ValueError as e2:
-                            raise ValueError(f"recipe rule '{label}' (fallback): {e2}") from None
-            plan[module] = spec
+            fallback = None if i is None else self.rules[i].fallback
+            plan[module] = self._fit(spec, label, fallback, module, in_features)
         for i, rule in enumerate(self.rules):
             if not any(rule.matches(m, layer) for m, layer, _ in linears):
                 sample = ", ".join(m for m, _, _ in linears[:4])

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from ptqflow.activation import ActSpec
 from ptqflow.formats.awq_gemm import AwqGemm
-from ptqflow.formats.base import IntWeight, PackFormat
+from ptqflow.formats.base import FloatWeight, IntWeight, PackFormat, chosen_record, weight_record
 from ptqflow.formats.bitstream import Bitstream
 from ptqflow.formats.compressed_tensors import CompressedTensors
 from ptqflow.quant import QuantSpec
 
-__all__ = ["FORMATS", "IntWeight", "PackFormat", "check_packable", "detect_format", "get_format"]
+__all__ = [
+    "FORMATS",
+    "FloatWeight",
+    "IntWeight",
+    "PackFormat",
+    "check_packable",
+    "chosen_record",
+    "detect_format",
+    "get_format",
+    "weight_record",
+]
 
 FORMATS: dict[str, PackFormat] = {f.name: f for f in (AwqGemm(), CompressedTensors(), Bitstream())}
 
@@ -36,7 +46,8 @@ def detect_format(config: dict) -> PackFormat:
     raise ValueError(
         f"unsupported quantization_config (quant_method={qc.get('quant_method')!r}, "
         f"format={qc.get('format')!r}, version={qc.get('version')!r}, bits={qc.get('bits')!r}); "
-        "ptqflow loads AWQ GEMM 4-bit, compressed-tensors pack-quantized and its own bitstream "
+        "ptqflow loads AWQ GEMM 4-bit, compressed-tensors (pack-quantized, float-quantized, "
+        "nvfp4-pack-quantized, mxfp4-pack-quantized, mixed-precision) and its own bitstream "
         "checkpoints"
     )
 
@@ -60,12 +71,6 @@ def check_packable(
             f"{act.a_bit} layers with unquantized activations, not what was evaluated; pick "
             f"pack.format={' or '.join(holders)}"
         )
-    if act is not None and act.static:
-        raise ValueError(
-            "static per-tensor activation scales (quant.a_granularity=tensor) are not packed; "
-            "pack with quant.a_granularity=token, or score the static config with "
-            "fake-quant-eval alone (`python stages/fake_quant_eval.py quant.a_granularity=tensor`)"
-        )
     bad = {name: s.tag for name, s in specs.items() if s.type not in fmt.types}
     if bad:
         name, tag = next(iter(bad.items()))
@@ -88,6 +93,13 @@ def check_packable(
             f"'{name}' is {tag}, a GGUF K-quant ({len(bad)} such layers): its group scales sit "
             f"under super-block scales that pack.format={fmt.name} cannot store; the "
             "gguf-export stage writes it (real-pack needs a plain spec, e.g. quant=w4g32)"
+        )
+    bad = {name: s.tag for name, s in specs.items() if fmt.refuses(s)}
+    if bad:
+        name, tag = next(iter(bad.items()))
+        raise ValueError(
+            f"'{name}' is {tag} ({len(bad)} such layers), which pack.format={fmt.name} cannot "
+            f"hold: {fmt.refuses(specs[name])}"
         )
     bad = {name: s.tag for name, s in specs.items() if s.w_bit not in fmt.bits}
     if bad:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ptqflow.activation import ActSpec
+from ptqflow.elements import ELEMENTS, global_scale
 from ptqflow.kernels import reference as ref
 from ptqflow.quant import QuantSpec, quantize
 
@@ -123,6 +124,105 @@ class IntWeight:
         return w, order
 
 
+@dataclass
+class FloatWeight:
+    """One linear's weight in a float type (FP8, FP4; :mod:`ptqflow.elements`), as
+    :func:`ptqflow.quant.quantize` gives it, in ``[out, in]`` orientation.
+
+    ``values`` ``[out, in]`` holds the type's values exactly, in a float8 dtype (FP8 in its own,
+    FP4's values in ``float8_e4m3fn``, which holds them all); ``scales`` float32 ``[out, in/g]``
+    is each group's scale (a block's or the tensor's repeated on its rows), so
+    ``W = values * scales`` per group. ``global_scale``: NVFP4's per-tensor ``G`` (float32,
+    0-d); its group scales are ``e4m3 / G`` (:meth:`scale_codes`).
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    spec: QuantSpec
+    global_scale: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, spec: QuantSpec) -> FloatWeight:
+        """Round ``weight [out, in]`` to nearest exactly as :func:`ptqflow.quant.quantize`
+        does."""
+        q, scale, _ = quantize(weight, spec)
+        g = None
+        if spec.scale_type == "e4m3":
+            g = global_scale(weight.detach().abs().float().amax(), spec.element)
+        return cls.from_values(q, scale, spec, g)
+
+    @classmethod
+    def from_values(
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        spec: QuantSpec,
+        global_scale: torch.Tensor | None = None,
+    ) -> FloatWeight:
+        """From values a method chose (``q`` float ``[out, in]``, ``scale`` ``[out, in/g]``)."""
+        if spec.scale_type == "e4m3" and global_scale is None:
+            raise ValueError(
+                f"{spec.tag} scales sit under a per-tensor scale; give global_scale (the "
+                "weight's, ptqflow.elements.global_scale), or build it with from_weight"
+            )
+        dtype = spec.element.torch_dtype or torch.float8_e4m3fn
+        values = q.float().to(dtype)
+        if not torch.equal(values.float(), q.float()):
+            raise ValueError(f"the values are not all {spec.element.text} values")
+        return cls(values, scale.float().contiguous(), spec, global_scale)
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_for(self.values.shape[1])
+
+    @property
+    def g_idx(self) -> None:
+        """Float weights keep their groups contiguous (no GPTQ act-order index)."""
+        return None
+
+    def scale_codes(self) -> torch.Tensor:
+        """The group scales as stored: NVFP4's e4m3 values (``scale * G``, exact), an MX
+        scale's biased exponent (uint8, ``log2 scale + 127``), float32 otherwise; one per
+        group ``[out/rows, in/g]`` (``[1]`` for a tensor scale)."""
+        s = self.scales
+        rows = self.values.shape[0] if self.spec.per_tensor else self.spec.group_rows
+        s = s[::rows].contiguous()
+        if self.spec.per_tensor:
+            s = s.reshape(1)
+        if self.spec.scale_type == "e4m3":
+            return ELEMENTS["fp8"].round(s * self.global_scale).to(torch.float8_e4m3fn)
+        if self.spec.scale_type == "e8m0":
+            return (torch.frexp(s).exponent + 126).to(torch.uint8)
+        return s
+
+    def dequantize(self) -> torch.Tensor:
+        """``W [in, out]`` in float32 (as :meth:`IntWeight.dequantize` gives it)."""
+        out_f, in_f = self.values.shape
+        v = self.values.float().reshape(out_f, -1, self.group_size)
+        return (v * self.scales.unsqueeze(-1)).reshape(out_f, in_f).t()
+
+
+def weight_record(weight: torch.Tensor, spec: QuantSpec) -> IntWeight | FloatWeight:
+    """Round ``weight [out, in]`` to nearest at ``spec`` as a packed format takes it."""
+    return (FloatWeight if spec.is_float else IntWeight).from_weight(weight, spec)
+
+
+def chosen_record(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    spec: QuantSpec,
+    g_idx: torch.Tensor | None = None,
+) -> IntWeight | FloatWeight:
+    """The values a method chose (laid out as :func:`ptqflow.quant.quantize` gives them) as a
+    packed format takes them."""
+    if spec.is_float:
+        if g_idx is not None:
+            raise ValueError(f"{spec.tag}: a group index (g_idx) is for integer weights")
+        return FloatWeight.from_values(q, scale, spec)
+    return IntWeight.from_integers(q, scale, zero, spec, g_idx)
+
+
 @dataclass(frozen=True)
 class Layout:
     """What one packed linear's tensors imply by their shapes alone (no unpacking)."""
@@ -180,8 +280,9 @@ class PackFormat:
                 "pack.format=ptqflow (2..8 bits, any mix)"
             )
 
-    def pack(self, w: IntWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The tensors this format stores for one linear, keyed by suffix; scales in ``dtype``.
+    def pack(self, w: IntWeight | FloatWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors this format stores for one linear, keyed by suffix; integer scales in
+        ``dtype`` (a :class:`FloatWeight` only where :attr:`types` holds its type).
         A format that does not :attr:`holds_g_idx` raises on a weight with one
         (:meth:`check_g_idx`) rather than drop it."""
         raise NotImplementedError
@@ -210,19 +311,25 @@ class PackFormat:
     def stored_bytes(self, spec: QuantSpec, out_f: int, in_f: int, dtype: torch.dtype) -> int:
         """Bytes :meth:`pack` stores for an ``[out_f, in_f]`` linear at ``spec`` (bias aside):
         measured by packing an all-zero weight of that shape, so it is exact by construction."""
-        g = spec.group_for(in_f)
-        zero = 0 if spec.zero_point else 1 << (spec.w_bit - 1)
-        w = IntWeight(
-            torch.zeros(in_f, out_f, dtype=torch.int32),
-            torch.full((in_f // g, out_f), zero, dtype=torch.int32),
-            torch.ones(in_f // g, out_f),
-            spec.w_bit,
-            g,
-            not spec.zero_point,
-        )
+        w = weight_record(torch.zeros(out_f, in_f), spec)
         return sum(t.numel() * t.element_size() for t in self.pack(w, dtype).values())
 
-    def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight:
+    def holds(self, spec: QuantSpec) -> bool:
+        """Whether this format can store ``spec``: its value type and width, no K-quant
+        super-blocks, nothing :meth:`refuses` (shapes aside: :func:`check_packable`)."""
+        return (
+            spec.type in self.types
+            and spec.w_bit in self.bits
+            and not spec.scales.super_block
+            and self.refuses(spec) is None
+        )
+
+    def refuses(self, spec: QuantSpec) -> str | None:
+        """Why this format cannot hold ``spec`` beyond its :attr:`types` and :attr:`bits`
+        (a float type's scale layout, say), None where it can."""
+        return None
+
+    def unpack(self, tensors: dict[str, torch.Tensor]) -> IntWeight | FloatWeight:
         """Inverse of :meth:`pack`; bits and group size follow from the shapes."""
         raise NotImplementedError
 

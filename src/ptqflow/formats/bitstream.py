@@ -66,11 +66,13 @@ class Bitstream(PackFormat):
         return qc.get("quant_method") == "ptqflow" and qc.get("format") == "bitstream"
 
     def declare_activations(self, qc: dict, act: ActSpec) -> None:
-        qc["activations"] = {"bits": act.a_bit, "granularity": act.granularity}
+        qc["activations"] = {"bits": act.a_bit, "granularity": act.granularity, "type": act.type}
 
     def declared_activations(self, qc: dict) -> ActSpec | None:
         a = qc.get("activations")
-        return None if a is None else ActSpec(int(a["bits"]), str(a["granularity"]))
+        if a is None:
+            return None
+        return ActSpec(int(a["bits"]), str(a["granularity"]), str(a.get("type", "int")))
 
     def declared(self, qc: dict, name: str) -> tuple[int | None, int | None]:
         module = qc.get("modules", {}).get(name, {})

@@ -133,25 +133,22 @@ class BlockType:
                     f"{SUPER}; got groups of {in_f // scale.shape[1]} in rows of {in_f}"
                 )
             parts = self._k_parts(q.to(torch.int64), scale.float(), zero)
-            out = torch.cat(parts, dim=-1)
-            assert out.shape[-1] == self.type_size
-            return out.reshape(out_f, in_f // SUPER * self.type_size).numpy()
-        if in_f % scale.shape[1] or (in_f // scale.shape[1]) % BLOCK:
-            raise ValueError(
-                f"{self.name}: groups of {in_f // scale.shape[1]} inputs are not "
-                f"a multiple of its {BLOCK}-input blocks"
-            )
-        blocks = in_f // BLOCK
-        per_group = blocks // scale.shape[1]
-        scale = scale.repeat_interleave(per_group, dim=1)  # [out, blocks]
-        q = q.reshape(out_f, blocks, BLOCK)
-        if self.mx:
-            parts = [_e8m0(scale), _fp4_codes(q)]
         else:
-            parts = self._int_parts(q, scale, zero, per_group)
+            if in_f % scale.shape[1] or (in_f // scale.shape[1]) % BLOCK:
+                raise ValueError(
+                    f"{self.name}: groups of {in_f // scale.shape[1]} inputs are not "
+                    f"a multiple of its {BLOCK}-input blocks"
+                )
+            per_group = in_f // BLOCK // scale.shape[1]
+            scale = scale.repeat_interleave(per_group, dim=1)  # [out, blocks]
+            q = q.reshape(out_f, in_f // BLOCK, BLOCK)
+            if self.mx:
+                parts = [_e8m0(scale), _fp4_codes(q)]
+            else:
+                parts = self._int_parts(q, scale, zero, per_group)
         out = torch.cat(parts, dim=-1)
         assert out.shape[-1] == self.type_size
-        return out.reshape(out_f, blocks * self.type_size).numpy()
+        return out.reshape(out_f, in_f // self.block * self.type_size).numpy()
 
     def _int_parts(
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, per_group: int
@@ -234,18 +231,18 @@ def _sub_scales(
         (s.amax(-1, keepdim=True) / top).to(torch.float16),
         torch.full_like(s[..., :1], 2.0**-24, dtype=torch.float16),
     ]
-    best_d = best_sc = None
+    best_d, best_sc = candidates[0], torch.zeros_like(s)
     fits = torch.zeros(s.shape[:-1], dtype=torch.bool)
+    lo = 0 if mins else 1
     for d in candidates:
         df = d.float()
         sc = torch.round(s / df.clamp(min=2.0**-24))
-        lo = 0 if mins else 1
         ok = (sc >= lo) & (sc <= top)
         back = sc * df
         ok &= (back - s).abs() <= (1e-5 * s.abs() + 1e-12 if mins else 0)
         ok = ok.all(-1) & ~fits
-        best_d = torch.where(ok.unsqueeze(-1), d, d if best_d is None else best_d)
-        best_sc = torch.where(ok.unsqueeze(-1), sc, sc if best_sc is None else best_sc)
+        best_d = torch.where(ok.unsqueeze(-1), d, best_d)
+        best_sc = torch.where(ok.unsqueeze(-1), sc, best_sc)
         fits |= ok
     if mins:  # an all-zero super-block of minimums
         zero = (s == 0).all(-1)

@@ -61,6 +61,15 @@ class GGUFConfig:
         if self.embedding is not None:
             named(self.embedding, "gguf.embedding")
 
+    def embedding_type(self, hidden: int) -> BlockType | None:
+        """The token embedding's block type (None: kept at :attr:`dtype`), checked against its
+        width ``hidden``."""
+        if self.embedding is None:
+            return None
+        kind = named(self.embedding, "gguf.embedding")
+        block_type(kind.spec, hidden, "the token embedding (gguf.embedding)")
+        return kind
+
 
 def plan_types(
     plan: Mapping[str, QuantSpec | None], shapes: Mapping[str, tuple[int, int]]
@@ -125,9 +134,7 @@ def write_gguf(
     counts: Counter[str] = Counter()
     seen: set[int] = set()
     embedding = model.get_input_embeddings().weight
-    emb_type = None if cfg.embedding is None else named(cfg.embedding, "gguf.embedding")
-    if emb_type is not None:
-        block_type(emb_type.spec, embedding.shape[1], "the token embedding")
+    emb_type = cfg.embedding_type(embedding.shape[1])
     for key, t in model.state_dict(keep_vars=True).items():
         layer = key.removesuffix(".weight")
         quantized = key.endswith(".weight") and layer in types

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptqflow.formats import IntWeight
+from ptqflow.formats import FloatWeight, IntWeight, chosen_record
 from ptqflow.methods.awq.apply import apply_clips, apply_scales
 from ptqflow.methods.awq.scale import GroupScale
 from ptqflow.methods.gptq.block import apply_rounded
@@ -49,12 +49,14 @@ class MethodResult:
             return apply_rounded(model, self.rounded)
         return fake_quantize_linears(model, plan)
 
-    def integers(self, plan: dict[str, QuantSpec | None]) -> dict[str, IntWeight] | None:
+    def integers(
+        self, plan: dict[str, QuantSpec | None]
+    ) -> dict[str, IntWeight | FloatWeight] | None:
         """The chosen integers as the packed formats take them (None: round to nearest, which
         the packer computes from the transformed weights)."""
         if self.rounded is None:
             return None
         return {
-            n: IntWeight.from_integers(r.q, r.scale, r.zero, plan[n], r.g_idx)
+            n: chosen_record(r.q, r.scale, r.zero, plan[n], r.g_idx)
             for n, r in self.rounded.items()
         }

@@ -26,7 +26,6 @@ from ptqflow.artifacts import atomic_dir, atomic_write_text, to_json, write_mani
 from ptqflow.config import EvalConfig, parse, parse_act
 from ptqflow.evaluate import eval_windows, perplexity
 from ptqflow.gguf import BlockType, GGUFConfig, gguf_arch, plan_types, verify, vocab, write_gguf
-from ptqflow.gguf.blocks import block_type, named
 from ptqflow.methods import METHODS, rounding
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.models import ModelRef, linear_layers, linear_shapes, load_model, load_tokenizer
@@ -66,9 +65,7 @@ def check_export(cfg: dict[str, Any], ref: ModelRef, hf_config, plan, shapes) ->
     try:
         gguf_arch(hf_config.model_type)
         types = plan_types(plan, shapes)
-        if gc.embedding is not None:
-            emb = named(gc.embedding, "gguf.embedding")
-            block_type(emb.spec, hf_config.hidden_size, "the token embedding (gguf.embedding)")
+        gc.embedding_type(hf_config.hidden_size)
         if parse_act(cfg["quant"]) is not None:
             raise ValueError(
                 "GGUF holds quantized weights; llama.cpp quantizes activations its own way: "
@@ -123,13 +120,13 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
                 name=f"{setup.model_cfg.name} {export.method} {tag}",
             )
             checked = verify(tmp / file_name, model, setup.plan, result.rounded)
-            stats = {"file": file_name, **written, **checked}
+            stats = {"file": file_name, "method": export.method, "quant": tag, **written, **checked}
             stats.update(decoder_bits(setup.hf_config, export.types, shapes, export.cfg))
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
         del model
         scored = score(out_dir, file_name, setup.ref, ev)
-        metrics = {**stats, **scored, "exported": True}
+        metrics = {**stats, **scored, "text": ev.source, "exported": True}
         mlrun.log_metrics(
             {
                 k: v

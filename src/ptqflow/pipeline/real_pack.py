@@ -7,6 +7,8 @@ layers and their specs exactly as in fake-quant evaluation, so the packed model 
 fake-quant model's function. Writes ``<artifacts>/packed/``: ``config.json`` with
 ``quantization_config``, ``model.safetensors``, tokenizer, generation config and
 ``manifest.json``. A spec the chosen ``pack.format`` cannot hold fails before any weight loads.
+Static activation scales (``quant.a_granularity=tensor``) are calibrated here on the
+fake-quant model, as the evaluation calibrates them, and stored beside each linear.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ptqflow import activation
 from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.config import parse, parse_act
 from ptqflow.formats import FORMATS, check_packable, get_format
@@ -23,7 +26,7 @@ from ptqflow.models import linear_shapes, load_model, load_tokenizer
 from ptqflow.pack import PackConfig, save_packed
 from ptqflow.pipeline.common import StageRun, quant_tag, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
-from ptqflow.pipeline.quantizing import load_method, quant_setup
+from ptqflow.pipeline.quantizing import load_calib, load_method, quant_setup
 from ptqflow.pipeline.table import BY_NAME
 
 STAGE = BY_NAME["real-pack"]
@@ -53,12 +56,21 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     out_dir = setup.artifacts / "packed"
     run_name = f"pack-{pack.method}-{quant_tag(cfg)}-{pack.format}"
     device = str(setup.model_cfg.torch_device())
+    act_scales = None
+    if act is not None and act.static:
+        calib, inputs["calib_tokens"] = load_calib(setup, cfg)
     with tracked(STAGE, cfg, run, run_name, inputs, device) as mlrun:
+        if act is not None and act.static:  # the scales fake-quant evaluation calibrates
+            model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
+            done = result.fake_quantize(model, setup.plan)
+            model = model.to(device)
+            act_scales = activation.calibrate_scales(model, done, act, calib)
+            del model
         model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
         result.transform(model)
         with atomic_dir(out_dir) as tmp:
             tokenizer = load_tokenizer(setup.ref)
-            stats = save_packed(model, tokenizer, setup.plan, pack, tmp, act, integers)
+            stats = save_packed(model, tokenizer, setup.plan, pack, tmp, act, integers, act_scales)
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
         mlrun.log_metrics(

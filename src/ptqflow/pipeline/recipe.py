@@ -61,10 +61,7 @@ def _configured(cfg: dict[str, Any], quant, linears) -> tuple[dict, str]:
     """The configured recipe, checked against the model, as plain data with a header."""
     recipe = parse_recipe(cfg["recipe"], quant)
     require_quantized(recipe.resolve(linears), recipe.name)
-    configs = {
-        name: {"w_bit": s.w_bit, "group_size": s.group_size, "zero_point": s.zero_point}
-        for name, s in recipe.configs.items()
-    }
+    configs = {name: s.as_config() for name, s in recipe.configs.items()}
     rules = [{k: v for k, v in vars(r).items() if v is not None} for r in recipe.rules]
     plain = {"name": recipe.name, "rules": rules, "default": recipe.default, "configs": configs}
     return plain, f"Recipe '{recipe.name}' from conf/recipe, with its configs spelled out."

@@ -31,7 +31,7 @@ from ptqflow.models import (
     linear_shapes,
     load_model,
 )
-from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
+from ptqflow.pack import PACKED_LINEARS, WEIGHTS, load_packed
 from ptqflow.pipeline.common import StageRun, open_stage, quant_tag
 from ptqflow.pipeline.quantizing import load_calib, load_method, quant_setup
 
@@ -84,7 +84,10 @@ def stored_bytes(packed_dir: Path, config) -> tuple[int, int]:
     return size, sum(shapes[n][0] * shapes[n][1] for n in decoder)
 
 
-_ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "I16": 2}
+_ELEMENT_BYTES = {
+    **{"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1},
+    **{"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1},
+}
 
 
 def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
@@ -123,7 +126,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
 
         def build_packed():  # the checkpoint declares its activation quantization, if any
             model = load_packed(packed_dir, model_cfg.torch_dtype, device)
-            return model, [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+            return model, [n for n, m in model.named_modules() if isinstance(m, PACKED_LINEARS)]
 
         inputs = {"model": fingerprint, "packed": manifest["files"]}
         return Subject(

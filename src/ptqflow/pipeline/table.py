@@ -305,10 +305,11 @@ _WORK: tuple[Stage, ...] = (
             *(f"reports/eval/{m}.json" for m in METHODS),
             *(f"reports/lm_eval/{m}.json" for m in METHODS),
             "reports/bench.json",
+            "reports/gguf.json",
             "reports/figures/sensitivity.png",
             "artifacts/scales",
         ),
-        inputs=("reports/runs", "reports/pareto/pareto.json"),
+        inputs=("reports/runs", "reports/pareto/pareto.json", "reports/gguf"),
         plots=(
             "reports/figures/pareto_report.png",
             "reports/figures/alphas.png",

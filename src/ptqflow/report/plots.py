@@ -20,7 +20,7 @@ _COLORS = {
     "awq_gptq": "tab:purple",
     "packed": "tab:green",
 }
-_MARKERS = {"dvc": "o", "exp": "D", "sweep": "s", "pareto": "^"}
+_MARKERS = {"dvc": "o", "exp": "D", "sweep": "s", "pareto": "^", "gguf": "v"}
 
 
 def _save(fig: Any, path: Path) -> None:

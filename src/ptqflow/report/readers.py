@@ -4,6 +4,9 @@
   experiment's commit (:func:`read_experiments`, through ``git``);
 - ``R/runs/*.json``, one file per Hydra sweep job (:func:`read_sweeps`);
 - ``R/pareto/pareto.json``, the mixed-precision Pareto study (:func:`read_pareto`);
+- ``R/gguf.json`` and ``R/gguf/*.json``, the GGUF exports and their perplexity through
+  transformers (:func:`read_gguf`; other files there, such as llama.cpp comparisons, are not
+  export records and are left to their own tables);
 - ``<artifacts>/scales/block_NNN.safetensors``, the scale search's alphas (:func:`read_alphas`);
 - ``R/bench*.json``, the kernel timings (:func:`read_bench`).
 
@@ -226,6 +229,34 @@ def read_pareto(reports: Path, skipped: list) -> tuple[list[Row], int]:
     return rows, len(points)
 
 
+def read_gguf(reports: Path, skipped: list, text: str | None = None) -> tuple[list[Row], int]:
+    """Rows of the GGUF exports (source ``gguf``: the stage's ``R/gguf.json`` and the records
+    of other exports under ``R/gguf/``), named by the method that chose the weights and the
+    quant tag with ``-gguf``, with the file's decoder-linear bits per weight; ``text``: the
+    DAG's ``eval.source``, for records that name none. The files read."""
+    rows, n = [], 0
+    paths = [reports / "gguf.json", *sorted((reports / "gguf").glob("*.json"))]
+    for path in paths:
+        if not path.is_file():
+            continue
+        shown = str(path.relative_to(reports))
+        ok, data = _read_json(path, shown, skipped)
+        if not ok or not isinstance(data, dict) or "exported" not in data:
+            continue  # not an export record
+        n += 1
+        if not data["exported"]:
+            continue
+        method, quant = data.get("method"), data.get("quant")
+        ppl, bits = _num(data.get("perplexity")), _num(data.get("bits_per_weight"))
+        if not isinstance(method, str) or not isinstance(quant, str) or ppl is None:
+            _skip(skipped, path, shown, "no 'method', 'quant' or 'perplexity' (older schema)")
+            continue
+        row = Row("gguf", method, f"{quant}-gguf", "", bits, ppl, files=[shown])
+        row.text = data.get("text") if isinstance(data.get("text"), str) else text
+        rows.append(row)
+    return rows, n
+
+
 def _git(root: Path, *args: str) -> str | None:
     """A git command's stdout in ``root``, or None when it fails (not a repo, no git)."""
     try:
@@ -404,6 +435,7 @@ def collect(
     exps, n_exps = read_experiments(Path(root), skipped, bits_of) if root else ([], 0)
     sweeps, n_sweeps = read_sweeps(reports, skipped, bits_of)
     pareto, n_points = read_pareto(reports, skipped)
+    gguf, n_gguf = read_gguf(reports, skipped, text)
     alphas = read_alphas(Path(artifacts) / "scales", skipped) if artifacts else []
     bench = read_bench(reports, skipped)
     counts = {
@@ -411,11 +443,12 @@ def collect(
         "experiments": n_exps,
         "sweep files": n_sweeps,
         "pareto points": n_points,
+        "gguf files": n_gguf,
         "scale blocks": len({a.block for a in alphas}),
         "bench files": len(bench),
     }
     notes = [f"no size for `{what}`: {why}" for what, why in sorted(model_bits.notes.items())]
-    records = dvc + exps + sweeps + pareto
+    records = dvc + exps + sweeps + pareto + gguf
     text = main_text(records, text)
     rows = merge_rows(records, text)
     return Collected(rows, counts, sorted(skipped), notes, alphas, bench, text, model)

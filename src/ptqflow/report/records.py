@@ -17,7 +17,7 @@ from typing import Any
 
 from ptqflow.config import EVAL_METHODS as METHODS
 
-_SOURCE_RANK = {"dvc": 0, "exp": 1, "sweep": 2, "pareto": 3}
+_SOURCE_RANK = {"dvc": 0, "exp": 1, "sweep": 2, "pareto": 3, "gguf": 4}
 
 
 class ReportWarning(UserWarning):
@@ -29,7 +29,7 @@ class Row:
     """One evaluated model: its perplexity and lm-eval figures, wherever they were recorded.
 
     Attributes:
-        source: ``dvc``, ``sweep``, ``pareto`` or ``exp:<experiment name>``.
+        source: ``dvc``, ``sweep``, ``pareto``, ``gguf`` or ``exp:<experiment name>``.
         method: one of :data:`ptqflow.config.EVAL_METHODS` (a Pareto point is ``awq``).
         quant: the config tag the record holds (``w4g64``, ``w4g64-awq``; a Pareto point's name).
         key: tells apart rows of one source, method and quant (a sweep's params hash).

@@ -175,7 +175,7 @@ def build_tiny_vlm(out_dir: Path, kind: str) -> Path:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from ptqflow.models import get_adapter
+    from ptqflow.models import get_architecture
 
     tok = build_tokenizer(out_dir, VLM_SPECIAL)
     ids = tok.convert_tokens_to_ids(list(VLM_SPECIAL))
@@ -184,7 +184,7 @@ def build_tiny_vlm(out_dir: Path, kind: str) -> Path:
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():
-        for layer in get_adapter(config.model_type).blocks(model):
+        for layer in get_architecture(config.model_type).blocks(model):
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 17, 40, 51]] *= 30
         model.get_submodule(VLM_PROJECTOR[kind]).weight[[5, 22, 33]] *= 30

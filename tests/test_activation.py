@@ -11,7 +11,7 @@ from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.methods.awq.config import ScaleSearchConfig
 from ptqflow.methods.awq.scale import activation_max, candidate_scales, search_group, weight_max
-from ptqflow.models.adapters import ScaleGroup
+from ptqflow.models.architectures import ScaleGroup
 from ptqflow.quant import QuantSpec, fake_quantize, fake_quantize_linears
 
 

@@ -18,7 +18,7 @@ from ptqflow.methods.awq.scale import (
     search_group,
     weight_mean,
 )
-from ptqflow.models import ScaleGroup, get_adapter, load_model, resolve_model
+from ptqflow.models import ScaleGroup, get_architecture, load_model, resolve_model
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec, fake_quantize
 
@@ -128,30 +128,28 @@ def tiny_model(tiny_model_dir):
 
 
 def test_scale_search_keeps_fp_logits_and_runs_clip_search(tiny_model):
-    model, adapter = tiny_model, get_adapter("llama")
+    model, arch = tiny_model, get_architecture("llama")
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=GEN)
     with torch.no_grad():
         ref = model(ids).logits
-    plan = {n: QuantSpec(4, 32) for n, layer, _ in adapter.linears(model) if layer is not None}
+    plan = {n: QuantSpec(4, 32) for n, layer, _ in arch.linears(model) if layer is not None}
     found = []
     cpu = torch.device("cpu")
-    clip_cfg = ClipSearchConfig(n_grid=10)
+    clip_cfg = ClipSearchConfig(n_grid=10).for_arch(arch)
 
     def scales(i, block, calls):
         specs = block_specs(plan, f"model.layers.{i}")
-        found.append(
-            [search_block_scales(block, adapter, calls, specs, ScaleSearchConfig(n_grid=10))]
-        )
+        found.append([search_block_scales(block, arch, calls, specs, ScaleSearchConfig(n_grid=10))])
 
     def clips(i, block, calls):
         found[i].append(
             search_block_clips(block, calls, block_specs(plan, f"model.layers.{i}"), clip_cfg)
         )
 
-    stream_blocks(model, adapter, ids, cpu, lambda i, b: scale_capture(adapter, b), scales)
+    stream_blocks(model, arch, ids, cpu, lambda i, b: scale_capture(arch, b), scales)
     stream_blocks(
         model,
-        adapter,
+        arch,
         ids,
         cpu,
         lambda i, b: clip_capture(block_specs(plan, f"model.layers.{i}"), clip_cfg),
@@ -205,7 +203,7 @@ def test_every_architecture_searches_folds_and_evaluates(family):
     cfg = AutoConfig.for_model(family, **common, **FAMILIES[family])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    adapter = get_adapter(family)
+    arch = get_architecture(family)
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
@@ -214,17 +212,17 @@ def test_every_architecture_searches_folds_and_evaluates(family):
     cfg_s, cfg_c = ScaleSearchConfig(n_grid=5), ClipSearchConfig(n_grid=5, skip=())
 
     def specs(i):
-        return block_specs(plan, f"{adapter.block_prefix}.{i}")
+        return block_specs(plan, f"{arch.block_prefix}.{i}")
 
     def scales(i, block, calls):
-        assert search_block_scales(block, adapter, calls, specs(i), cfg_s)
+        assert search_block_scales(block, arch, calls, specs(i), cfg_s)
 
     def clips(i, block, calls):
         assert search_block_clips(block, calls, specs(i), cfg_c)
 
     cpu = torch.device("cpu")
-    stream_blocks(model, adapter, ids, cpu, lambda i, b: scale_capture(adapter, b), scales)
-    stream_blocks(model, adapter, ids, cpu, lambda i, b: clip_capture(specs(i), cfg_c), clips)
+    stream_blocks(model, arch, ids, cpu, lambda i, b: scale_capture(arch, b), scales)
+    stream_blocks(model, arch, ids, cpu, lambda i, b: clip_capture(specs(i), cfg_c), clips)
     with torch.no_grad():
         out = model(ids).logits
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
@@ -293,14 +291,14 @@ def test_coarse_pass_matches_the_exhaustive_grid_and_scores_fewer_points(tiny_mo
     of the full loss in the better half of the grid and scores at most half the grid on all
     sequences (its quality on a real model: stages/bench_search.py and the README); a module
     that mixes sequences is never scored on a cut batch."""
-    model, adapter = tiny_model, get_adapter("llama")
+    model, arch = tiny_model, get_architecture("llama")
     ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=GEN)
-    plan = {n: QuantSpec(3, 32) for n, layer, _ in adapter.linears(model) if layer is not None}
+    plan = {n: QuantSpec(3, 32) for n, layer, _ in arch.linears(model) if layer is not None}
     found = {}
 
     def search(i, block, calls):
         specs = block_specs(plan, f"model.layers.{i}")
-        for g in adapter.scale_groups(block):
+        for g in arch.scale_groups(block):
             if g.linears == (g.inspect,):
                 continue
             x = calls[g.linears[0]].args[0]
@@ -312,7 +310,7 @@ def test_coarse_pass_matches_the_exhaustive_grid_and_scores_fewer_points(tiny_mo
             found[(i, g.prev)] = runs
 
     stream_blocks(
-        model, adapter, ids, torch.device("cpu"), lambda i, b: scale_capture(adapter, b), search
+        model, arch, ids, torch.device("cpu"), lambda i, b: scale_capture(arch, b), search
     )
     assert found
     for full, coarse in found.values():

@@ -173,22 +173,20 @@ def library_search(model, ids, bits, group, duo):
     from ptqflow.blockwise import block_specs, stream_blocks
     from ptqflow.methods.awq.config import ScaleSearchConfig
     from ptqflow.methods.awq.scale import scale_capture, search_block_scales
-    from ptqflow.models import get_adapter
+    from ptqflow.models import get_architecture
     from ptqflow.quant import QuantSpec
 
-    adapter = get_adapter("llama")
+    arch = get_architecture("llama")
     spec = QuantSpec(bits, group)
-    plan = {n: spec for n, layer, _ in adapter.linears(model) if layer is not None}
+    plan = {n: spec for n, layer, _ in arch.linears(model) if layer is not None}
     cfg = ScaleSearchConfig(n_grid=N_GRID, duo_scaling=duo, coarse_every=1, coarse_step=1)
     found = []
 
     def visit(i, block, calls):
         specs = block_specs(plan, f"model.layers.{i}")
-        found.append(search_block_scales(block, adapter, calls, specs, cfg))
+        found.append(search_block_scales(block, arch, calls, specs, cfg))
 
-    stream_blocks(
-        model, adapter, ids, torch.device("cpu"), lambda i, b: scale_capture(adapter, b), visit
-    )
+    stream_blocks(model, arch, ids, torch.device("cpu"), lambda i, b: scale_capture(arch, b), visit)
     return found
 
 

@@ -1,6 +1,8 @@
 """MBQ's modality balance: per-block vision/language gradient ratios, their guard, the token
 weights they give, and the refusals for text models."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import compose
@@ -8,6 +10,10 @@ from conftest import compose
 from ptqflow.gradient import GradientStats, modality_groups
 from ptqflow.methods.awq.config import parse_balance, parse_search
 from ptqflow.methods.mbq import balance_weights, modality_ratios
+from ptqflow.models.architectures import get_architecture
+
+# LLaVA's MBQ linears, its blocks at "m.layers"
+ARCH = replace(get_architecture("llava"), blocks_path="m.layers")
 
 
 def stats(grad_abs: list[tuple[float, ...]], groups=("vision", "language")) -> GradientStats:
@@ -22,7 +28,7 @@ def stats(grad_abs: list[tuple[float, ...]], groups=("vision", "language")) -> G
 
 
 def test_ratios_are_vision_over_language_floored_at_the_median():
-    r = modality_ratios(stats([(1.0, 4.0), (3.0, 2.0), (0.1, 10.0), (1.0, 2.0)]), "m.layers")
+    r = modality_ratios(stats([(1.0, 4.0), (3.0, 2.0), (0.1, 10.0), (1.0, 2.0)]), ARCH)
     # raw 0.25, 1.5, 0.01, 0.5; median (lower of the two middle values) 0.25
     assert torch.allclose(r, torch.tensor([0.25, 1.5, 0.25, 0.5]))
 
@@ -30,12 +36,12 @@ def test_ratios_are_vision_over_language_floored_at_the_median():
 @pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
 def test_degenerate_ratio_names_the_block(bad):
     with pytest.raises(FloatingPointError, match=r"ratio of m\.layers\.1 is"):
-        modality_ratios(stats([(1.0, 2.0), (bad, 2.0), (1.0, 1.0)]), "m.layers")
+        modality_ratios(stats([(1.0, 2.0), (bad, 2.0), (1.0, 1.0)]), ARCH)
 
 
 def test_text_statistics_are_refused():
     with pytest.raises(ValueError, match="text-only"):
-        modality_ratios(stats([(1.0,)], groups=("all",)), "m.layers")
+        modality_ratios(stats([(1.0,)], groups=("all",)), ARCH)
 
 
 def test_weights_and_groups_from_the_modality_mask():

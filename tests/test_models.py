@@ -3,7 +3,7 @@ import torch
 from conftest import build_tiny_llama, build_tokenizer
 
 from ptqflow.models import (
-    get_adapter,
+    get_architecture,
     linear_layers,
     load_config,
     load_model,
@@ -48,7 +48,7 @@ def test_unsupported_architecture_lists_supported():
     with pytest.raises(
         ValueError, match=r"unsupported architecture 'bloom'.*gpt_neox, idefics3, llama, llava"
     ):
-        get_adapter("bloom")
+        get_architecture("bloom")
     assert "llama" in supported_model_types()
 
 
@@ -68,7 +68,7 @@ def test_llama_scale_groups_follow_the_block(tmp_path, kv_heads, has_v_to_o):
     )
     model = load_model(resolve_model(str(tmp_path)))
     block = model.model.layers[0]
-    groups = get_adapter("llama").scale_groups(block)
+    groups = get_architecture("llama").scale_groups(block)
     assert any(g.prev == "self_attn.v_proj" for g in groups) == has_v_to_o
     for g in groups:
         prev = block.get_submodule(g.prev)
@@ -94,8 +94,8 @@ def test_llama_family_adapters_on_tiny_configs(family):
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
-    adapter = get_adapter(family)
-    assert len(adapter.blocks(model)) == 2
+    arch = get_architecture(family)
+    assert len(arch.blocks(model)) == 2
     # every nn.Linear torch's own module walk finds, with its block index from the path
     expected = [
         (name, int(name.split(".")[2]) if name.startswith("model.layers.") else None, m.in_features)
@@ -103,7 +103,7 @@ def test_llama_family_adapters_on_tiny_configs(family):
         if isinstance(m, torch.nn.Linear)
     ]
     assert linear_layers(cfg) == expected and len(expected) == 2 * 7 + 1
-    assert [g.prev for g in adapter.scale_groups(adapter.blocks(model)[1])] == [
+    assert [g.prev for g in arch.scale_groups(arch.blocks(model)[1])] == [
         "input_layernorm",
         "self_attn.v_proj",
         "post_attention_layernorm",

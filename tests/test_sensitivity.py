@@ -17,7 +17,7 @@ from ptqflow.config import SensitivityConfig
 from ptqflow.formats import get_format
 from ptqflow.gradient import collect, text_groups
 from ptqflow.methods.alone import Settings, method_error
-from ptqflow.models import get_adapter
+from ptqflow.models import get_architecture
 from ptqflow.pipeline import (
     calib_data,
     clip_search,
@@ -32,7 +32,7 @@ from ptqflow.quant import QuantSpec, fake_quantize
 from ptqflow.sensitivity import Row, collect_inputs, estimate_table, loss_change
 
 CPU = torch.device("cpu")
-LLAMA = get_adapter("llama")
+LLAMA = get_architecture("llama")
 
 
 def spearman(a, b) -> float:

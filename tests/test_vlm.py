@@ -1,4 +1,4 @@
-"""Vision-language models: adapters for tiny random LLaVA, Qwen2-VL and Idefics3 configs (no
+"""Vision-language models: architectures for tiny random LLaVA, Qwen2-VL and Idefics3 configs (no
 download): the language decoder is what the recipe quantizes; the vision tower and projector
 stay in full precision unless a rule names them."""
 
@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import VLM_KINDS, tiny_vlm_config
 
-from ptqflow.models import get_adapter, linear_layers, skeleton
+from ptqflow.models import get_architecture, linear_layers, skeleton
 from ptqflow.quant import QuantSpec
 from ptqflow.recipe import Recipe
 
@@ -16,17 +16,17 @@ from ptqflow.recipe import Recipe
 @pytest.mark.parametrize("kind", VLM_KINDS)
 def test_adapter_finds_the_language_decoder(kind):
     config = tiny_vlm_config(kind, vocab_size=100, image_token=99)
-    adapter = get_adapter(config.model_type)
-    assert adapter.multimodal
+    arch = get_architecture(config.model_type)
+    assert arch.multimodal
     model = skeleton(config)
-    blocks = adapter.blocks(model)
+    blocks = arch.blocks(model)
     assert len(blocks) == 2
-    groups = [g.linears for g in adapter.scale_groups(blocks[0])]
+    groups = [g.linears for g in arch.scale_groups(blocks[0])]
     assert ("mlp.gate_proj", "mlp.up_proj") in groups
     layers = linear_layers(config)
     decoder = [n for n, layer, _ in layers if layer is not None]
     outside = [n for n, layer, _ in layers if layer is None]
-    assert len(decoder) == 2 * 7 and all(n.startswith(adapter.block_prefix) for n in decoder)
+    assert len(decoder) == 2 * 7 and all(n.startswith(arch.block_prefix) for n in decoder)
     assert "lm_head" in outside and len(outside) > 1  # the vision tower and projector too
     plan = Recipe.from_dict(
         {"name": "default", "rules": [{"modules": "*", "layers": "0:", "config": "quant"}]},
@@ -37,7 +37,7 @@ def test_adapter_finds_the_language_decoder(kind):
 
 def test_unsupported_vlm_lists_the_supported_ones():
     with pytest.raises(ValueError, match=r"unsupported architecture 'blip-2'.*llava.*qwen2_vl"):
-        get_adapter("blip-2")
+        get_architecture("blip-2")
 
 
 # ----------------------------------------------------------------------------- image-text sources

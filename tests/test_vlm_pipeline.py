@@ -44,7 +44,7 @@ SMALL = (
 
 
 # One family runs the whole DAG by default; the others run it under `-m slow` (their inputs,
-# adapters and packing are covered per family by the faster tests in test_vlm.py).
+# architectures and packing are covered per family by the faster tests in test_vlm.py).
 FAMILIES = [VLM_KINDS[0], *(pytest.param(k, marks=pytest.mark.slow) for k in VLM_KINDS[1:])]
 
 

@@ -66,8 +66,8 @@ from ptqflow.methods.gptq.block import from_record as rounded_of
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.methods.result import MethodResult
 from ptqflow.models import (
-    Adapter,
-    get_adapter,
+    Architecture,
+    get_architecture,
     linear_layers,
     load_config,
     load_model,
@@ -384,7 +384,7 @@ class _Model:
     module: nn.Module | None
     ref: Any
     hf_config: Any
-    adapter: Adapter
+    arch: Architecture
     linears: list[tuple[str, int | None, int]]
     vocab: int | None
 
@@ -400,10 +400,10 @@ def _open_model(model: nn.Module | str | Path) -> _Model:
                 "transformers model (e.g. AutoModelForCausalLM.from_pretrained(...)) or a "
                 "model source (hub id, directory, .gguf)"
             )
-        adapter = get_adapter(config.model_type)
+        arch = get_architecture(config.model_type)
         embed = model.get_input_embeddings()
         vocab = getattr(embed, "num_embeddings", None)
-        return _Model(model, None, config, adapter, adapter.linears(model), vocab)
+        return _Model(model, None, config, arch, arch.linears(model), vocab)
     if not isinstance(model, str | Path):
         raise ValueError(
             f"model: expected a transformers model or a model source (hub id, directory, "
@@ -411,11 +411,9 @@ def _open_model(model: nn.Module | str | Path) -> _Model:
         )
     ref = resolve_model(str(model))
     config = load_config(ref)
-    adapter = get_adapter(config.model_type)
+    arch = get_architecture(config.model_type)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return _Model(
-        None, ref, config, adapter, linear_layers(config), getattr(text, "vocab_size", None)
-    )
+    return _Model(None, ref, config, arch, linear_layers(config), getattr(text, "vocab_size", None))
 
 
 def _calib_data(source, cc: CalibConfig, opened: _Model, tokenizer) -> CalibData:
@@ -437,7 +435,7 @@ def _calib_data(source, cc: CalibConfig, opened: _Model, tokenizer) -> CalibData
             cc.n_samples * cc.shots,
             cc.seqlen,
             opened.hf_config,
-            opened.adapter.multimodal,
+            opened.arch.multimodal,
             text_field=cc.text_field,
             split=cc.split,
         )
@@ -492,7 +490,7 @@ def _run(work, opened, forward, device, blocks: BlockPass, desc: str) -> list[Bl
     store = MemoryStore()
     run_resumable(
         work,
-        opened.adapter,
+        opened.arch,
         forward,
         device,
         store,
@@ -614,17 +612,17 @@ def quantize(
         work.eval()
         forward = None if data is None else _forward(work, opened.hf_config, data)
         args = (work, opened, forward, dev)
-        adapter = opened.adapter
+        arch = opened.arch
         scales, clips, rounded = [], {}, None
         if on_awq:
             t0 = time.perf_counter()
-            blocks = scale_pass(adapter, plan, search_.scale, act, distort=search_.distort)
+            blocks = scale_pass(arch, plan, search_.scale, act, distort=search_.distort)
             found = _run(*args, blocks, "scale-search")  # the scales are folded into `work`
             scales = [g for tensors, metadata in found for g in scales_of(tensors, metadata)]
             seconds["scale-search"] = time.perf_counter() - t0
             if clips_used:
                 t0 = time.perf_counter()
-                blocks = clip_pass(adapter, plan, search_.clip, act, distort=search_.distort)
+                blocks = clip_pass(arch, plan, search_.clip, act, distort=search_.distort)
                 clips = {
                     n: c
                     for tensors, _ in _run(*args, blocks, "clip-search")
@@ -634,7 +632,7 @@ def quantize(
         if rounding == "gptq":
             t0 = time.perf_counter()
             desc = "awq-gptq" if on_awq else "gptq"
-            blocks = gptq_pass(adapter, plan, gptq_, clips if gptq_.awq_clips else None)
+            blocks = gptq_pass(arch, plan, gptq_, clips if gptq_.awq_clips else None)
             found = _run(*args, blocks, desc)
             rounded = rounded_of({k: v for tensors, _ in found for k, v in tensors.items()})
             seconds[desc] = time.perf_counter() - t0

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.artifacts import load_safetensors, publish_dir, save_safetensors, to_json
-from ptqflow.models.adapters import Adapter
+from ptqflow.models.architectures import Architecture
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
 
@@ -63,32 +64,57 @@ image-text batch: :func:`ptqflow.multimodal.model_inputs`)."""
 
 
 @torch.no_grad()
-def first_block_inputs(
-    model: nn.Module, adapter: Adapter, inputs: Inputs
-) -> tuple[torch.Tensor, dict]:
-    """Run the model up to its first decoder block; return that block's input and kwargs."""
+def block_inputs(
+    model: nn.Module, arch: Architecture, inputs: Inputs
+) -> tuple[torch.Tensor, list[dict]]:
+    """The first decoder block's input, and the keyword arguments the model passes each block.
+
+    Blocks can differ in what they are given (Gemma's sliding and full attention layers take
+    different masks and rotary embeddings). Every block is skipped for this pass (it returns
+    its input) and the pass stops before the last block runs, so nothing past the embeddings
+    is computed; the keyword arguments of blocks of the same kind are the same tensors.
+    """
     if isinstance(inputs, torch.Tensor):
         inputs = {"input_ids": inputs}
-    block0 = adapter.blocks(model)[0]
-    captured: dict = {}
+    blocks = arch.blocks(model)
+    x: list[torch.Tensor] = []
+    kwargs: list[dict] = []
 
-    def hook(module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def hook(module, args, kw, last):
+        if not x:
+            x.append(args[0] if args else kw["hidden_states"])
+        given = {
+            k: v
+            for k, v in kw.items()
+            if k not in ("hidden_states", "past_key_values", "past_key_value")
+        }
+        kwargs.append(given | {"use_cache": False})
+        if last:
+            raise _StopForward
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    def skip(*args, **kw):
+        return args[0] if args else kw["hidden_states"]
+
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(
+            block.register_forward_pre_hook(
+                partial(hook, last=i == len(blocks) - 1), with_kwargs=True
+            )
+        )
+        block.forward = skip
     try:
         model(**inputs, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    kwargs = captured["kwargs"]
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return captured["x"], kwargs
+        for h in handles:
+            h.remove()
+        for block in blocks:
+            del block.forward
+    if len(kwargs) != len(blocks):
+        raise RuntimeError(f"the model called {len(kwargs)} of its {len(blocks)} blocks")
+    return x[0], kwargs
 
 
 BLOCK_CALL = ""
@@ -125,7 +151,7 @@ def capture_calls(
 
 def stream_blocks(
     model: nn.Module,
-    adapter: Adapter,
+    arch: Architecture,
     inputs: Inputs,
     device: torch.device,
     capture: Callable[[int, nn.Module], Capture],
@@ -143,11 +169,19 @@ def stream_blocks(
     full-precision pass is skipped. Each block is moved to ``device`` for its turn and back
     afterwards, so only one block's weights and activations live there.
     """
-    blocks = adapter.blocks(model)
-    x, kwargs = first_block_inputs(model, adapter, inputs)
+    blocks = arch.blocks(model)
+    x, given = block_inputs(model, arch, inputs)
     x = x.to(device)
-    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    moved: dict[int, object] = {}  # blocks of one kind share their tensors: move them once
+
+    def move(v):
+        if id(v) not in moved:
+            moved[id(v)] = _to(v, device)
+        return moved[id(v)]
+
+    given = [{k: move(v) for k, v in kw.items()} for kw in given]
     for i, block in enumerate(blocks):
+        kwargs = given[i]
         home = next(block.parameters()).device
         block.to(device)
         names = capture(i, block)
@@ -311,7 +345,7 @@ BlockResult = tuple[dict[str, torch.Tensor], dict[str, str]]
 
 def run_resumable(
     model: nn.Module,
-    adapter: Adapter,
+    arch: Architecture,
     inputs: Inputs,
     device: torch.device,
     store: BlockStore | MemoryStore,
@@ -329,7 +363,7 @@ def run_resumable(
     Returns the search seconds per block (``None`` for blocks resumed).
     """
     seconds: list[float | None] = []
-    bar = tqdm(total=len(adapter.blocks(model)), desc=desc)
+    bar = tqdm(total=len(arch.blocks(model)), desc=desc)
 
     def names(i: int, block: nn.Module) -> Capture:
         return [] if store.has(i) else capture(i, block)
@@ -348,7 +382,7 @@ def run_resumable(
         return None if distort is None else distort(i, block, result, resumed)
 
     try:
-        stream_blocks(model, adapter, inputs, device, names, visit, distort is not None)
+        stream_blocks(model, arch, inputs, device, names, visit, distort is not None)
     finally:
         bar.close()
     return seconds

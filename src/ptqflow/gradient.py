@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ptqflow.blockwise import first_output
-from ptqflow.models.adapters import Adapter
+from ptqflow.models.architectures import Architecture
 from ptqflow.multimodal import ImageTextBatch, model_inputs
 
 FULL = ("grad_w", "fisher")  # the weight-sized statistics, stored in bfloat16
@@ -139,7 +139,7 @@ def _raise_nonfinite(acc: _Accumulator, prefix: str, n_blocks: int, rows: slice)
 
 def collect(
     model: nn.Module,
-    adapter: Adapter,
+    arch: Architecture,
     data: torch.Tensor | ImageTextBatch,
     groups: Mapping[str, torch.Tensor],
     device: torch.device,
@@ -174,8 +174,8 @@ def collect(
     for p in model.parameters():
         p.requires_grad_(False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    blocks = adapter.blocks(model)
-    prefix = adapter.block_prefix
+    blocks = arch.blocks(model)
+    prefix = arch.block_prefix
     n, seq = input_ids.shape
     token_abs = torch.zeros(len(blocks), n, seq, dtype=torch.float32)
     token_sq = torch.zeros(len(blocks), n, seq, dtype=torch.float32)

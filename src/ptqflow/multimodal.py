@@ -28,6 +28,7 @@ import torch
 
 from ptqflow.artifacts import sha256_tensor
 from ptqflow.imagetext import Pair
+from ptqflow.models.architectures import ARCHITECTURES, get_architecture
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,7 +94,7 @@ class ImageTextBatch:
 class Family:
     """How a vision-language family reads images (module docstring); subclasses fill it in."""
 
-    model_types: tuple[str, ...] = ()
+    name = ""  # the registry's ``inputs`` for the architectures that use this family
     mean, std = CLIP_MEAN, CLIP_STD
     user, assistant = "USER: ", " ASSISTANT:"  # the text around <image> prompt
 
@@ -129,7 +130,7 @@ class LlavaFamily(Family):
     """LLaVA 1.5: a CLIP tower on a square crop; one image is ``(side / patch)^2`` tokens
     (one more when the projector keeps the CLS feature)."""
 
-    model_types = ("llava",)
+    name = "llava"
 
     def n_image_tokens(self) -> int:
         v = self.config.vision_config
@@ -158,7 +159,7 @@ class Qwen2VLFamily(Family):
     token; the image span is wrapped in vision start/end tokens, and M-RoPE reads the patch grid
     and the token types."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    name = "qwen2_vl"
     user = "<|im_start|>user\n"
     assistant = "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -211,7 +212,7 @@ class Idefics3Family(Family):
     shuffled by ``scale_factor``; the span is wrapped in ``<fake_token_around_image>`` and
     starts with ``<global-img>`` when the tokenizer has them."""
 
-    model_types = ("idefics3",)
+    name = "idefics3"
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     user, assistant = "User:", "<end_of_utterance>\nAssistant:"
 
@@ -254,11 +255,13 @@ FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily, Idefics3Family
 
 
 def family_of(config) -> Family:
-    """The input family of a vision-language ``config``; other types list the supported ones."""
+    """The input family of a vision-language ``config`` (the registry's ``inputs``); a text
+    model's type is refused with the types that have one."""
+    inputs = get_architecture(config.model_type).inputs
     for cls in FAMILIES:
-        if config.model_type in cls.model_types:
+        if cls.name == inputs:
             return cls(config)
-    known = sorted(t for cls in FAMILIES for t in cls.model_types)
+    known = sorted(t for a in ARCHITECTURES if a.inputs for t in a.model_types)
     raise ValueError(
         f"'{config.model_type}' has no image-text input family; ptqflow builds image-text "
         f"inputs for: {', '.join(known)}"

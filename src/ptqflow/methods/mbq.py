@@ -12,31 +12,21 @@ from __future__ import annotations
 import torch
 
 from ptqflow.gradient import LANGUAGE, VISION, GradientStats
+from ptqflow.models.architectures import Architecture
 
 BALANCES = ("none", "mbq")
 
-# The linears whose output gradients MBQ averages per layer. Their outputs at a vision position
-# reach the caption tokens through attention (v_proj) or the residual stream; a block's own
-# output at a vision position of the last layer reaches no scored token at all (its gradient
-# there is exactly zero), so the block output cannot serve.
-MBQ_LINEARS = (
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
-
-def modality_ratios(stats: GradientStats, prefix: str) -> torch.Tensor:
+def modality_ratios(stats: GradientStats, arch: Architecture) -> torch.Tensor:
     """MBQ's per-block balance from the caption loss: ``r_i = sum_l mean|dL/dy_l|`` over vision
-    tokens divided by the same over language tokens, ``l`` the ``MBQ_LINEARS`` of block ``i``
-    (``y_l`` their outputs), floored at the median over blocks so one block with a vanishing
-    vision gradient cannot drop the vision error from its search. Float32 ``[n_blocks]``.
+    tokens divided by the same over language tokens, ``l`` the architecture's ``mbq_linears``
+    of block ``i`` (``y_l`` their outputs), floored at the median over blocks so one block with
+    a vanishing vision gradient cannot drop the vision error from its search. Float32
+    ``[n_blocks]``.
 
     Raises:
         ValueError: the statistics are text-only (no vision and language token groups), or a
-            block has none of the ``MBQ_LINEARS``.
+            block has none of the ``mbq_linears``.
         FloatingPointError: a block's ratio is NaN, infinite or zero, naming the block.
     """
     if VISION not in stats.groups or LANGUAGE not in stats.groups:
@@ -46,17 +36,18 @@ def modality_ratios(stats: GradientStats, prefix: str) -> torch.Tensor:
             "set); use balance=none for a text model"
         )
     v, lang = stats.groups.index(VISION), stats.groups.index(LANGUAGE)
+    prefix, wanted = arch.block_prefix, arch.mbq_linears
     blocks: dict[int, list[torch.Tensor]] = {}
     for name, d in stats.linears.items():
         block, _, rel = name.removeprefix(prefix + ".").partition(".")
-        if name.startswith(prefix + ".") and rel in MBQ_LINEARS:
+        if name.startswith(prefix + ".") and rel in wanted:
             blocks.setdefault(int(block), []).append(d["grad_abs"].double())
     if not blocks:
-        raise ValueError(f"the gradient statistics hold none of {MBQ_LINEARS} under {prefix}")
+        raise ValueError(f"the gradient statistics hold none of {wanted} under {prefix}")
     ratios = []
     for i in range(max(blocks) + 1):
         if i not in blocks:
-            raise ValueError(f"the gradient statistics hold none of {MBQ_LINEARS} in {prefix}.{i}")
+            raise ValueError(f"the gradient statistics hold none of {wanted} in {prefix}.{i}")
         g = torch.stack(blocks[i]).sum(0)
         r = g[v] / g[lang]
         if not torch.isfinite(r) or r <= 0:

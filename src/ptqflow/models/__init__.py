@@ -1,8 +1,13 @@
 """Models: where they come from (:mod:`ptqflow.models.source`: resolution, integrity checks,
 fingerprints), how they load (:mod:`ptqflow.models.loading`), and what each architecture looks
-like to the quantizer (:mod:`ptqflow.models.adapters`)."""
+like to the quantizer (:mod:`ptqflow.models.architectures`)."""
 
-from ptqflow.models.adapters import Adapter, ScaleGroup, get_adapter, supported_model_types
+from ptqflow.models.architectures import (
+    Architecture,
+    ScaleGroup,
+    get_architecture,
+    supported_model_types,
+)
 from ptqflow.models.loading import (
     auto_class,
     linear_layers,
@@ -21,13 +26,13 @@ from ptqflow.models.source import (
 )
 
 __all__ = [
-    "Adapter",
+    "Architecture",
     "ModelRef",
     "ScaleGroup",
     "auto_class",
     "check_safetensors_complete",
     "check_weight_files",
-    "get_adapter",
+    "get_architecture",
     "linear_layers",
     "linear_shapes",
     "load_config",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ptqflow.dtypes import torch_dtype as dtype_of
-from ptqflow.models.adapters import get_adapter
+from ptqflow.models.architectures import get_architecture
 from ptqflow.models.source import ModelRef
 
 
@@ -56,10 +56,10 @@ def load_tokenizer(ref: ModelRef):
 
 def auto_class(config):
     """The transformers auto class that builds the model ``config`` describes (causal LM, or
-    image-text-to-text for a vision-language model), as its adapter says."""
+    image-text-to-text for a vision-language model), as its arch says."""
     import transformers
 
-    return getattr(transformers, get_adapter(config.model_type).auto_class)
+    return getattr(transformers, get_architecture(config.model_type).auto_class)
 
 
 def load_model(ref: ModelRef, dtype: str = "float32", config=None) -> nn.Module:
@@ -80,7 +80,7 @@ def linear_layers(config) -> list[tuple[str, int | None, int]]:
     Builds the module tree on the meta device, so no weights are read or allocated: this is how
     a recipe is checked against a model before loading it.
     """
-    return get_adapter(config.model_type).linears(skeleton(config))
+    return get_architecture(config.model_type).linears(skeleton(config))
 
 
 def skeleton(config) -> nn.Module:

@@ -33,14 +33,14 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     calib = parse(CalibConfig, "calib", cfg["calib"])
     # Everything that can be checked without heavy work is checked first.
     opened = open_stage(cfg, run)
-    ref, hf_config, adapter = opened.ref, opened.hf_config, opened.adapter
+    ref, hf_config, arch = opened.ref, opened.hf_config, opened.arch
     pairs = data_source(
         "calib.source",
         calib.source,
         calib.n_samples * calib.shots,
         calib.seqlen,
         hf_config,
-        adapter.multimodal,
+        arch.multimodal,
         text_field=calib.text_field,
         split=calib.split,
     )

@@ -69,15 +69,15 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     parse(BenchConfig, "bench", cfg["bench"])
     parse(TrackingConfig, "tracking", cfg["tracking"])
     opened = open_stage(cfg, run)
-    reports, hf_config, adapter = opened.reports, opened.hf_config, opened.adapter
+    reports, hf_config, arch = opened.reports, opened.hf_config, opened.arch
     model_type = hf_config.model_type
     n_calib = calib.n_samples * calib.shots
     where = {"text_field": calib.text_field, "split": calib.split}
-    multimodal = adapter.multimodal
+    multimodal = arch.multimodal
     data_source("calib.source", calib.source, n_calib, calib.seqlen, hf_config, multimodal, **where)
     where = {"text_field": ev.text_field, "split": ev.split}
     data_source("eval.source", ev.source, ev.n_windows, ev.seqlen, hf_config, multimodal, **where)
-    check_balance(cfg, adapter, model_type)
+    check_balance(cfg, arch, model_type)
     shapes = linear_shapes(hf_config)
     fmt = get_format(pack.format)
     plan = {}  # recipe=auto: its plan is the recipe stage's, checked by gguf-export

@@ -35,7 +35,7 @@ STAGE = BY_NAME["clip-search"]
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     setup = quant_setup(cfg, run)
-    check_balance(cfg, setup.adapter, setup.hf_config.model_type)
+    check_balance(cfg, setup.arch, setup.hf_config.model_type)
     _, clip_cfg = parse_search(cfg["search"])
     calib, calib_sha = load_calib(setup, cfg)
     scales_dir = setup.artifacts / "scales"
@@ -52,9 +52,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         apply_scales(model, scales)
 
     act = parse_act(cfg["quant"])
-    blocks = clip_pass(
-        setup.adapter, setup.plan, clip_cfg, act, weights, parse_distort(cfg["search"])
-    )
+    blocks = clip_pass(setup.arch, setup.plan, clip_cfg, act, weights, parse_distort(cfg["search"]))
 
     return run_blockwise(
         STAGE,

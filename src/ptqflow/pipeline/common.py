@@ -27,9 +27,9 @@ from ptqflow.calib import CalibData, load_blocks
 from ptqflow.config import ModelConfig, PathsConfig, TrackingConfig, is_auto, parse, quant_label
 from ptqflow.imagetext import Pair, check_images, is_image_text, load_pairs
 from ptqflow.models import (
-    Adapter,
+    Architecture,
     ModelRef,
-    get_adapter,
+    get_architecture,
     load_config,
     model_fingerprint,
     resolve_model,
@@ -245,7 +245,7 @@ class StageModel:
         artifacts, reports: ``paths.*`` resolved, checked writable.
         ref: the resolved model source (its files checked).
         hf_config: its transformers config (reading it from a GGUF takes seconds).
-        adapter: its architecture's adapter (an unsupported one is refused).
+        arch: its architecture's arch (an unsupported one is refused).
         fingerprint: the identity of its weights (:func:`~ptqflow.models.model_fingerprint`).
     """
 
@@ -254,7 +254,7 @@ class StageModel:
     reports: Path
     ref: ModelRef
     hf_config: Any
-    adapter: Adapter
+    arch: Architecture
     fingerprint: str
 
     @property
@@ -271,10 +271,8 @@ def open_stage(cfg: Mapping[str, Any], run: StageRun) -> StageModel:
     ref = resolve_model(model_cfg.source)
     model_cfg.torch_device()  # a device that is not there is refused here
     hf_config = load_config(ref)
-    adapter = get_adapter(hf_config.model_type)
-    return StageModel(
-        model_cfg, artifacts, reports, ref, hf_config, adapter, model_fingerprint(ref)
-    )
+    arch = get_architecture(hf_config.model_type)
+    return StageModel(model_cfg, artifacts, reports, ref, hf_config, arch, model_fingerprint(ref))
 
 
 def data_source(

@@ -26,7 +26,7 @@ from typing import Any
 from ptqflow.artifacts import check_writable, params_hash
 from ptqflow.config import EvalConfig, parse
 from ptqflow.evaluate import eval_windows, perplexity
-from ptqflow.models import get_adapter, load_config, load_tokenizer
+from ptqflow.models import get_architecture, load_config, load_tokenizer
 from ptqflow.multimodal import build_batch, family_of
 from ptqflow.pipeline.common import StageRun, data_source, stage_params, tracked
 from ptqflow.pipeline.subject import output_path, subject, write_result
@@ -42,7 +42,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     stage = BY_NAME[f"eval-{ev.method}"]
     evaluated = subject(ev, cfg, run)
     config = load_config(evaluated.ref)
-    multimodal = get_adapter(config.model_type).multimodal
+    multimodal = get_architecture(config.model_type).multimodal
     where = {"text_field": ev.text_field, "split": ev.split}
     pairs = data_source(
         "eval.source", ev.source, ev.n_windows, ev.seqlen, config, multimodal, **where

@@ -43,7 +43,7 @@ def run_stage(method: str, cfg: dict[str, Any], run: StageRun | None = None) -> 
     if on_awq:
         scales, clips, found = awq_inputs(cfg, setup, True, gptq_cfg.awq_clips)
         inputs.update(found)
-    check_balance(cfg, setup.adapter, setup.hf_config.model_type)
+    check_balance(cfg, setup.arch, setup.hf_config.model_type)
     weights = None
     if balanced := mbq_weights(setup, cfg, inputs, calib, run.root, "gptq.balance"):
         weights, inputs["gradient"] = balanced
@@ -51,7 +51,7 @@ def run_stage(method: str, cfg: dict[str, Any], run: StageRun | None = None) -> 
     def prepare(model):
         apply_scales(model, scales)
 
-    blocks = gptq_pass(setup.adapter, setup.plan, gptq_cfg, clips, weights)
+    blocks = gptq_pass(setup.arch, setup.plan, gptq_cfg, clips, weights)
     return run_blockwise(
         stage,
         cfg,

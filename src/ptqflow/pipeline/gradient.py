@@ -57,7 +57,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
     model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
     ref, device, hf_config = opened.ref, opened.device, opened.hf_config
-    adapter, fingerprint = opened.adapter, opened.fingerprint
+    arch, fingerprint = opened.arch, opened.fingerprint
     data, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
     inputs = {"model": fingerprint, "calib_tokens": calib_sha}
 
@@ -67,10 +67,10 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         groups = (
             text_groups(data) if isinstance(data, torch.Tensor) else modality_groups(data.vision)
         )
-        stats = collect(model, adapter, data, groups, device, sens.batch_size, sens.seed)
+        stats = collect(model, arch, data, groups, device, sens.batch_size, sens.seed)
         seconds = time.perf_counter() - t0
         # MBQ's ratios, checked before anything is written (a NaN/inf/zero names its block).
-        ratios = modality_ratios(stats, adapter.block_prefix) if VISION in stats.groups else None
+        ratios = modality_ratios(stats, arch) if VISION in stats.groups else None
         outputs = {
             "groups": list(stats.groups),
             "group_tokens": list(stats.group_tokens),

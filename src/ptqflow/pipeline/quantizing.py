@@ -43,7 +43,7 @@ from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.methods.mbq import balance_weights, modality_ratios
 from ptqflow.methods.result import MethodResult
 from ptqflow.models import (
-    Adapter,
+    Architecture,
     linear_layers,
     linear_shapes,
     load_model,
@@ -125,11 +125,11 @@ def quant_setup(cfg: Mapping[str, Any], run: StageRun) -> QuantSetup:
     return QuantSetup(**vars(opened), plan=plan, recipe_inputs=recipe_inputs)
 
 
-def check_balance(cfg: Mapping[str, Any], adapter: Adapter, model_type: str) -> None:
+def check_balance(cfg: Mapping[str, Any], arch: Architecture, model_type: str) -> None:
     """Refuse ``search.balance=mbq`` or ``gptq.balance=mbq`` for a text model: MBQ weighs
     vision tokens against language tokens, and a text model has no vision tokens."""
     for key, balance in balances(cfg).items():
-        if balance == "mbq" and not adapter.multimodal:
+        if balance == "mbq" and not arch.multimodal:
             raise ValueError(
                 f"{key}=mbq weighs vision tokens against language tokens, but "
                 f"'{model_type}' is a text model; use {key}=none"
@@ -183,7 +183,7 @@ def mbq_weights(
         lambda k: k.startswith("linear/") and k.endswith("/grad_abs"),
     )
     stats = from_tensors(grad_abs, manifest["outputs"])
-    ratios = modality_ratios(stats, setup.adapter.block_prefix)
+    ratios = modality_ratios(stats, setup.arch)
     log.info("mbq: vision/language weight per block %s", [round(r, 4) for r in ratios.tolist()])
     weights = torch.stack([balance_weights(r, calib.vision) for r in ratios.tolist()])
     return weights, manifest["files"]
@@ -283,7 +283,7 @@ def run_blockwise(
         forward = model_inputs(setup.hf_config, calib)
         seconds = run_resumable(
             model,
-            setup.adapter,
+            setup.arch,
             forward,
             device,
             store,

@@ -39,7 +39,7 @@ TOKEN_KEY = "/token_grad_sq"  # the per-token statistics the token weights come 
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     setup = quant_setup(cfg, run)
-    check_balance(cfg, setup.adapter, setup.hf_config.model_type)
+    check_balance(cfg, setup.arch, setup.hf_config.model_type)
     scale_cfg, _ = parse_search(cfg["search"])
     act = parse_act(cfg["quant"])
     calib, calib_sha = load_calib(setup, cfg)
@@ -51,7 +51,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
         weights, inputs["gradient"] = balanced
 
     blocks = scale_pass(
-        setup.adapter, setup.plan, scale_cfg, act, weights, parse_distort(cfg["search"])
+        setup.arch, setup.plan, scale_cfg, act, weights, parse_distort(cfg["search"])
     )
     return run_blockwise(
         STAGE,

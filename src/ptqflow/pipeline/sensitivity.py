@@ -42,7 +42,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
     model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
     ref, device, hf_config = opened.ref, opened.device, opened.hf_config
-    adapter, fingerprint = opened.adapter, opened.fingerprint
+    arch, fingerprint = opened.arch, opened.fingerprint
     settings = Settings(
         scale=parse(ScaleSearchConfig, "search.scale", cfg["search"]["scale"]),
         gptq=parse(GPTQConfig, "gptq", cfg["gptq"]),
@@ -58,7 +58,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
 
     with tracked(STAGE, cfg, run, "sensitivity", inputs, str(device)) as mlrun:
         model = load_model(ref, model_cfg.dtype, hf_config)
-        decoder = [(name, layer) for name, layer, _ in adapter.linears(model) if layer is not None]
+        decoder = [(name, layer) for name, layer, _ in arch.linears(model) if layer is not None]
         weights = {name: model.get_submodule(name).weight for name, _ in decoder}
         seen = collect_inputs(model, list(weights), data, device, sens.batch_size)
 

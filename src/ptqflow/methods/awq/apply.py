@@ -19,30 +19,67 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def fold_scales(root: nn.Module, prev: str, linears: list[str], s: torch.Tensor) -> None:
+def fold_scales(
+    root: nn.Module,
+    prev: str,
+    linears: list[str],
+    s: torch.Tensor,
+    rows: tuple[int, int] | None = None,
+    offset: bool = False,
+) -> None:
     """Divide the output of ``root``'s module ``prev`` by ``s`` and multiply the inputs of the
     ``linears`` (paths under ``root``) by it, in place; the composed function is unchanged up
     to rounding.
 
-    ``prev`` is a norm (``weight`` and optional ``bias`` of shape ``[C]``), a linear (its output
-    rows), or an activation, which is wrapped in (or merged into) a :class:`ScaledActivation`.
+    ``prev`` is a norm (``weight`` and optional ``bias`` of shape ``[C]``; an ``offset`` norm
+    computes ``x̂ · (1 + w)``, so ``1 + w`` is divided), a linear (its output ``rows``
+    ``[start, stop)``, or all of them), or an activation, which is wrapped in (or merged into) a
+    :class:`ScaledActivation`.
+
+    Raises:
+        ValueError: the norm does not compute what its kind says (its output did not scale by
+            ``1/s`` on a probe): the architecture registry gives the wrong norm kind.
     """
     module = root.get_submodule(prev)
     if isinstance(module, ScaledActivation):
         module.scales.mul_(s.to(module.scales.device))
-    elif hasattr(module, "weight"):
+    elif isinstance(module, nn.Linear):
+        start, stop = rows if rows is not None else (0, module.out_features)
         s = s.to(module.weight.device)
-        if isinstance(module, nn.Linear):
-            module.weight.div_(s.view(-1, 1).to(module.weight.dtype))
-        else:
-            module.weight.div_(s.to(module.weight.dtype))
-        if getattr(module, "bias", None) is not None:
-            module.bias.div_(s.to(module.bias.dtype))
+        module.weight[start:stop].div_(s.view(-1, 1).to(module.weight.dtype))
+        if module.bias is not None:
+            module.bias[start:stop].div_(s.to(module.bias.dtype))
+    elif hasattr(module, "weight"):
+        _fold_into_norm(module, prev, s.to(module.weight.device), offset)
     else:
         root.set_submodule(prev, ScaledActivation(module, s))
     for path in linears:
         lin = root.get_submodule(path)
         lin.weight.mul_(s.view(1, -1).to(device=lin.weight.device, dtype=lin.weight.dtype))
+
+
+def _fold_into_norm(norm: nn.Module, path: str, s: torch.Tensor, offset: bool) -> None:
+    """Divide a norm's output by ``s``, checked on a probe: a norm whose formula is not the
+    registry's (Gemma's ``1 + w`` folded the Llama way) would silently change the model."""
+    w = norm.weight
+    probe = torch.randn(4, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w)
+    before = norm(probe).float()
+    if offset:
+        w.copy_(((1 + w.float()) / s.float() - 1).to(w.dtype))
+    else:
+        w.div_(s.to(w.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    after = norm(probe).float()
+    want = before / s.float()
+    tol = 1e-3 if w.dtype == torch.float32 else 3e-2
+    if not torch.allclose(after, want, rtol=tol, atol=tol * want.abs().max().item()):
+        kind = "offset (x̂·(1 + w))" if offset else "plain (x̂·w)"
+        raise ValueError(
+            f"folding a scale into '{path}' ({type(norm).__name__}) as a {kind} norm did not "
+            "scale its output: the architecture registry gives the wrong norm kind for this "
+            "model (ptqflow.models.architectures)"
+        )
 
 
 @torch.no_grad()
@@ -57,7 +94,7 @@ def clip_weight(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
 def apply_scales(model: nn.Module, groups: list[GroupScale]) -> None:
     """Fold saved scales (full module paths) into a model, in search order."""
     for g in groups:
-        fold_scales(model, g.prev, list(g.linears), g.scales)
+        fold_scales(model, g.prev, list(g.linears), g.scales, g.rows, g.offset)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from ptqflow.artifacts import read_safetensors
 from ptqflow.blockwise import BlockPass, Calls, block_files, block_specs, quantized_copy
 from ptqflow.methods.awq.apply import apply_clips, clip_weight
 from ptqflow.methods.awq.config import ClipSearchConfig
-from ptqflow.models.adapters import Adapter
+from ptqflow.models.architectures import Architecture
 from ptqflow.quant import QuantSpec, fake_quantize
 
 BlockClips = dict[str, torch.Tensor]
@@ -79,7 +79,10 @@ def search_clip(
 
 
 def clip_capture(specs: dict[str, QuantSpec | None], cfg: ClipSearchConfig) -> list[str]:
-    """The linears :func:`search_block_clips` searches (and whose calls it needs)."""
+    """The linears :func:`search_block_clips` searches (and whose calls it needs); ``cfg``'s
+    ``skip`` must be decided (:meth:`ClipSearchConfig.for_arch`)."""
+    if cfg.skip is None:
+        raise ValueError("the clip config's skip is undecided: pass cfg.for_arch(arch)")
     return [n for n, spec in specs.items() if spec is not None and not n.endswith(cfg.skip)]
 
 
@@ -130,7 +133,7 @@ def load_clips(
 
 
 def clip_pass(
-    adapter: Adapter,
+    arch: Architecture,
     plan: dict[str, QuantSpec | None],
     cfg: ClipSearchConfig,
     act: ActSpec | None = None,
@@ -142,7 +145,7 @@ def clip_pass(
     (:func:`clip_ratios`). ``weights``: per-token loss weights ``[n_blocks, n, seq]``, or
     None; ``distort``: the next block sees this one as quantized (clipped, weights and
     activations quantized)."""
-    prefix = adapter.block_prefix
+    prefix, cfg = arch.block_prefix, cfg.for_arch(arch)
 
     def capture(i, block):
         return clip_capture(block_specs(plan, f"{prefix}.{i}"), cfg)

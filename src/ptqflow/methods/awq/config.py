@@ -4,12 +4,13 @@ and its ``distort`` switch."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ptqflow.config import parse, require_positive
 from ptqflow.fields import check_value
 from ptqflow.methods.mbq import BALANCES
+from ptqflow.models.architectures import Architecture
 
 SEARCH_LOSSES = ("mse", "mae")
 SCALE_GRIDS = ("awq", "smoothquant")
@@ -68,7 +69,8 @@ class ClipSearchConfig:
         max_shrink: largest shrink tried (0.5: down to half the max).
         n_tokens: calibration tokens used, taken at an even stride; ``0`` (default) uses every
             token, which the Gram-matrix error makes about as cheap as a sub-sample.
-        skip: linear-name suffixes left unclipped (q/k: their errors are re-weighted by softmax).
+        skip: linear-name suffixes left unclipped; ``None`` (default): the architecture's
+            ``clip_skip``, its q/k projections (their errors are re-weighted by softmax).
         apply_scales: search on the scaled model (AWQ); False searches the plain model, for a
             clip-only ablation.
     """
@@ -76,7 +78,7 @@ class ClipSearchConfig:
     n_grid: int = 20
     max_shrink: float = 0.5
     n_tokens: int = 0
-    skip: tuple[str, ...] = ("q_proj", "k_proj", "query_key_value")
+    skip: tuple[str, ...] | None = None
     apply_scales: bool = True
 
     def __post_init__(self) -> None:
@@ -85,7 +87,12 @@ class ClipSearchConfig:
             raise ValueError(f"max_shrink={self.max_shrink!r} must be in (0, 1)")
         if not isinstance(self.n_tokens, int) or self.n_tokens < 0:
             raise ValueError(f"n_tokens={self.n_tokens!r} must be >= 0 (0 = every token)")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.skip is not None:
+            object.__setattr__(self, "skip", tuple(self.skip))
+
+    def for_arch(self, arch: Architecture) -> ClipSearchConfig:
+        """This config with ``skip`` decided: the architecture's when not given."""
+        return self if self.skip is not None else replace(self, skip=arch.clip_skip)
 
 
 def parse_search(values: Mapping[str, Any]) -> tuple[ScaleSearchConfig, ClipSearchConfig]:

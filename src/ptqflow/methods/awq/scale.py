@@ -63,7 +63,7 @@ from ptqflow.blockwise import (
 )
 from ptqflow.methods.awq.apply import fold_scales
 from ptqflow.methods.awq.config import ScaleSearchConfig
-from ptqflow.models.adapters import Adapter, ScaleGroup
+from ptqflow.models.architectures import Architecture, ScaleGroup
 from ptqflow.numerics import fixed_sum
 from ptqflow.quant import QuantSpec, fake_quantize, group_width
 
@@ -136,7 +136,8 @@ class GroupScale:
     score that point on all of them), and ``coarse_losses`` on the coarse pass's sequences.
 
     ``prev`` and ``linears`` are module paths: relative to the block during the search,
-    absolute (:meth:`under`) once saved.
+    absolute (:meth:`under`) once saved; ``rows`` and ``offset`` say how the scale folds into
+    ``prev`` (:class:`~ptqflow.models.architectures.ScaleGroup`).
     """
 
     prev: str
@@ -145,6 +146,8 @@ class GroupScale:
     alpha: float
     losses: list[float | None]
     coarse_losses: list[float] | None = None
+    rows: tuple[int, int] | None = None
+    offset: bool = False
 
     def under(self, prefix: str) -> GroupScale:
         """The same result with paths under ``prefix`` (a block's path)."""
@@ -336,15 +339,22 @@ def search_group(
             "(the calibration activations or weights hold NaN/inf)"
         )
     return GroupScale(
-        group.prev, group.linears, scales(best).cpu(), best / cfg.n_grid, losses, coarse_losses
+        group.prev,
+        group.linears,
+        scales(best).cpu(),
+        best / cfg.n_grid,
+        losses,
+        coarse_losses,
+        group.rows,
+        group.offset,
     )
 
 
-def scale_capture(adapter: Adapter, block: nn.Module) -> dict[str, bool]:
+def scale_capture(arch: Architecture, block: nn.Module) -> dict[str, bool]:
     """The submodules whose calls :func:`search_block_scales` needs, mapped to whether their
     output is kept (the inspected modules': the search's full-precision reference)."""
     keep: dict[str, bool] = {}
-    for g in adapter.scale_groups(block):
+    for g in arch.scale_groups(block):
         keep.setdefault(g.linears[0], False)
         keep[g.inspect] = keep.get(g.inspect, False) or g.linears != (g.inspect,)
     return keep
@@ -352,7 +362,7 @@ def scale_capture(adapter: Adapter, block: nn.Module) -> dict[str, bool]:
 
 def search_block_scales(
     block: nn.Module,
-    adapter: Adapter,
+    arch: Architecture,
     calls: Calls,
     specs: dict[str, QuantSpec | None],
     cfg: ScaleSearchConfig,
@@ -367,13 +377,13 @@ def search_block_scales(
     other group's inputs.
     """
     results = []
-    for group in adapter.scale_groups(block):
+    for group in arch.scale_groups(block):
         x = calls[group.linears[0]].args[0]
         res = search_group(block, group, specs, x, calls[group.inspect], cfg, token_weights, act)
         if res is not None:
             results.append(res)
     for res in results:
-        fold_scales(block, res.prev, list(res.linears), res.scales)
+        fold_scales(block, res.prev, list(res.linears), res.scales, res.rows, res.offset)
     return results
 
 
@@ -387,6 +397,8 @@ def block_record(results: list[GroupScale]) -> tuple[dict[str, torch.Tensor], di
     groups = [
         {"prev": r.prev, "linears": list(r.linears), "alpha": r.alpha, "losses": r.losses}
         | ({"coarse_losses": r.coarse_losses} if r.coarse_losses is not None else {})
+        | ({"rows": list(r.rows)} if r.rows is not None else {})
+        | ({"offset": True} if r.offset else {})
         for r in results
     ]
     return tensors, {"groups": json.dumps(groups)}
@@ -402,6 +414,8 @@ def from_record(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> l
             g["alpha"],
             g["losses"],
             g.get("coarse_losses"),
+            tuple(g["rows"]) if "rows" in g else None,
+            g.get("offset", False),
         )
         for g in json.loads(metadata["groups"])
     ]
@@ -433,7 +447,7 @@ def load_scales(
 
 
 def scale_pass(
-    adapter: Adapter,
+    arch: Architecture,
     plan: dict[str, QuantSpec | None],
     cfg: ScaleSearchConfig,
     act: ActSpec | None = None,
@@ -444,15 +458,15 @@ def scale_pass(
     chosen scales into the block), its result saved with full paths. ``weights``: per-token
     loss weights ``[n_blocks, n, seq]``, or None; ``distort``: the next block sees this one as
     quantized (scales folded, weights and activations quantized)."""
-    prefix = adapter.block_prefix
+    prefix = arch.block_prefix
 
     def capture(i, block):
-        return scale_capture(adapter, block)
+        return scale_capture(arch, block)
 
     def search(i, block, calls):
         specs = block_specs(plan, f"{prefix}.{i}")
         w = None if weights is None else weights[i].to(next(block.parameters()).device)
-        results = search_block_scales(block, adapter, calls, specs, cfg, w, act)
+        results = search_block_scales(block, arch, calls, specs, cfg, w, act)
         return block_record([r.under(f"{prefix}.{i}") for r in results])
 
     def distorted(i, block, result, resumed):
@@ -463,7 +477,7 @@ def scale_pass(
         def fold(copy):
             for g in from_record(*result):
                 rel = [n.removeprefix(here) for n in g.linears]
-                fold_scales(copy, g.prev.removeprefix(here), rel, g.scales)
+                fold_scales(copy, g.prev.removeprefix(here), rel, g.scales, g.rows, g.offset)
 
         specs = block_specs(plan, f"{prefix}.{i}")
         return quantized_copy(block, specs, act, fold if resumed else None)

@@ -35,7 +35,7 @@ from ptqflow.blockwise import (
 )
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.methods.gptq.solve import Hessian, Rounded
-from ptqflow.models.adapters import Adapter
+from ptqflow.models.architectures import Architecture
 from ptqflow.quant import QuantSpec, int_range
 
 
@@ -173,7 +173,7 @@ def quantize_block(
 
 
 def gptq_pass(
-    adapter: Adapter,
+    arch: Architecture,
     plan: Mapping[str, QuantSpec | None],
     cfg: GPTQConfig,
     clips: Mapping[str, torch.Tensor] | None = None,
@@ -184,7 +184,7 @@ def gptq_pass(
     as group ranges; ``weights``: per-token weights ``[n_blocks, n, seq]`` (MBQ), or None.
     With ``cfg.propagate == "quantized"`` the next block sees this one with its GPTQ weights.
     The call order of a block's linears is found once per set of linears."""
-    prefix = adapter.block_prefix
+    prefix = arch.block_prefix
     clips = clips or {}
     orders: dict[tuple[str, ...], list[list[str]]] = {}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tokenizer, compose, tiny_overrides
+from conftest import TINY_DECODER, build_tokenizer, compose, tiny_overrides
 from torch import nn
 
 from ptqflow.blockwise import block_inputs
@@ -32,16 +32,8 @@ from ptqflow.pipeline import (
 
 OUTLIERS = [3, 17, 40, 51]
 
-# Each family as transformers builds it (hidden 64, 2 layers, 4 heads of 16).
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=16,
-    max_position_embeddings=256,
-)
+# Each family as transformers builds it: the tiny decoder, 4 heads of 16.
+SHAPE = dict(TINY_DECODER, head_dim=16, max_position_embeddings=256)
 FAMILIES = {
     "qwen3": {},
     "phi3": {"pad_token_id": 0},

@@ -27,6 +27,7 @@ from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.artifacts import load_safetensors, publish_dir, save_safetensors, to_json
 from ptqflow.models.architectures import Architecture
+from ptqflow.models.experts import all_experts
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
 
@@ -167,7 +168,8 @@ def stream_blocks(
     the next block's input is that module's output on the same input. When ``visit`` always
     does (``distorts``) and only the block's own call is asked for (:data:`BLOCK_CALL`), the
     full-precision pass is skipped. Each block is moved to ``device`` for its turn and back
-    afterwards, so only one block's weights and activations live there.
+    afterwards, so only one block's weights and activations live there. A mixture's experts
+    each see every token here (:func:`~ptqflow.models.experts.all_experts`).
     """
     blocks = arch.blocks(model)
     x, given = block_inputs(model, arch, inputs)
@@ -180,25 +182,26 @@ def stream_blocks(
         return moved[id(v)]
 
     given = [{k: move(v) for k, v in kw.items()} for kw in given]
-    for i, block in enumerate(blocks):
-        kwargs = given[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        names = capture(i, block)
-        if distorts and set(names) <= {BLOCK_CALL}:
-            out, calls = None, {n: Call((x,), dict(kwargs)) for n in names}
-        else:
-            out, calls = capture_calls(block, x, kwargs, names)
-        distorted = visit(i, block, calls)
-        del calls
-        if distorted is None and out is None:
-            raise ValueError(f"block {i}: visit promised a distorted block and returned None")
-        if distorted is not None:
-            with torch.no_grad():
-                out = first_output(distorted(x, **kwargs))
-            del distorted
-        x = out
-        block.to(home)
+    with all_experts(model):  # every expert sees every token (models.experts)
+        for i, block in enumerate(blocks):
+            kwargs = given[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            names = capture(i, block)
+            if distorts and set(names) <= {BLOCK_CALL}:
+                out, calls = None, {n: Call((x,), dict(kwargs)) for n in names}
+            else:
+                out, calls = capture_calls(block, x, kwargs, names)
+            distorted = visit(i, block, calls)
+            del calls
+            if distorted is None and out is None:
+                raise ValueError(f"block {i}: visit promised a distorted block and returned None")
+            if distorted is not None:
+                with torch.no_grad():
+                    out = first_output(distorted(x, **kwargs))
+                del distorted
+            x = out
+            block.to(home)
 
 
 @torch.no_grad()

@@ -23,7 +23,10 @@ Per linear ``y = x W^T`` (``g = dL/dy``, means over all ``N`` token positions):
 - ``grad_sq [out]``: ``mean_t g[t, i]^2`` (data pass), the output-gradient second moment;
 - ``act_sq [in]``: ``mean_t x[t, j]^2``, the input second moment;
 - ``grad_abs [groups]``: ``mean |g|`` (data pass) over the tokens of each token group (MBQ's
-  statistic).
+  statistic; not for a mixture's experts, which see only their routed tokens).
+
+Means are over all ``N`` tokens: an expert's sums hold only the tokens routed to it, so its
+statistics weigh it by how often it is used, as its share of the loss does.
 
 :mod:`ptqflow.sensitivity` turns ``grad_w`` and ``fisher`` into a loss estimate for a
 quantization error. The two are stored in bfloat16 (an estimate needs no more than its 3
@@ -201,8 +204,9 @@ def collect(
                 if in_block:
                     acc.add(f"{name}.grad_w", gf.T @ xf, torch.float32)
                 acc.add(f"{name}.grad_sq", gf.pow(2).sum(0))
-                per_token = g.float().abs().mean(-1)
-                acc.add(f"{name}.grad_abs", _group_sums(per_token, batch_masks[0]))
+                if g.shape[:-1] == batch_masks[0].shape[1:]:  # not an expert's routed tokens
+                    per_token = g.float().abs().mean(-1)
+                    acc.add(f"{name}.grad_abs", _group_sums(per_token, batch_masks[0]))
 
             if out.requires_grad:
                 out.register_hook(backward)
@@ -279,7 +283,11 @@ def collect(
             **{k: mean(f"{name}.{k}", n_tokens) for k in FULL if f"{name}.{k}" in acc.sums},
             "grad_sq": mean(f"{name}.grad_sq", n_tokens),
             "act_sq": mean(f"{name}.act_sq", n_tokens),
-            "grad_abs": mean(f"{name}.grad_abs", per_group),
+            **(
+                {"grad_abs": mean(f"{name}.grad_abs", per_group)}
+                if f"{name}.grad_abs" in acc.sums
+                else {}
+            ),
         }
         for name in linears
         if f"{name}.grad_sq" in acc.sums

@@ -94,7 +94,7 @@ def clip_weight(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
 def apply_scales(model: nn.Module, groups: list[GroupScale]) -> None:
     """Fold saved scales (full module paths) into a model, in search order."""
     for g in groups:
-        fold_scales(model, g.prev, list(g.linears), g.scales, g.rows, g.offset)
+        g.fold(model)
 
 
 @torch.no_grad()

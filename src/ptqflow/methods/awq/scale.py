@@ -148,12 +148,21 @@ class GroupScale:
     coarse_losses: list[float] | None = None
     rows: tuple[int, int] | None = None
     offset: bool = False
+    also: tuple[str, ...] = ()
 
     def under(self, prefix: str) -> GroupScale:
         """The same result with paths under ``prefix`` (a block's path)."""
         return replace(
-            self, prev=f"{prefix}.{self.prev}", linears=tuple(f"{prefix}.{n}" for n in self.linears)
+            self,
+            prev=f"{prefix}.{self.prev}",
+            linears=tuple(f"{prefix}.{n}" for n in self.linears),
+            also=tuple(f"{prefix}.{n}" for n in self.also),
         )
+
+    def fold(self, root: nn.Module, prefix: str = "") -> None:
+        """Fold the scale into ``root`` (paths relative to it after removing ``prefix``)."""
+        rel = [n.removeprefix(prefix) for n in (*self.linears, *self.also)]
+        fold_scales(root, self.prev.removeprefix(prefix), rel, self.scales, self.rows, self.offset)
 
 
 def _take(value, idx: torch.Tensor, n: int):
@@ -347,6 +356,7 @@ def search_group(
         coarse_losses,
         group.rows,
         group.offset,
+        group.also,
     )
 
 
@@ -383,7 +393,7 @@ def search_block_scales(
         if res is not None:
             results.append(res)
     for res in results:
-        fold_scales(block, res.prev, list(res.linears), res.scales, res.rows, res.offset)
+        res.fold(block)
     return results
 
 
@@ -399,6 +409,7 @@ def block_record(results: list[GroupScale]) -> tuple[dict[str, torch.Tensor], di
         | ({"coarse_losses": r.coarse_losses} if r.coarse_losses is not None else {})
         | ({"rows": list(r.rows)} if r.rows is not None else {})
         | ({"offset": True} if r.offset else {})
+        | ({"also": list(r.also)} if r.also else {})
         for r in results
     ]
     return tensors, {"groups": json.dumps(groups)}
@@ -416,6 +427,7 @@ def from_record(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> l
             g.get("coarse_losses"),
             tuple(g["rows"]) if "rows" in g else None,
             g.get("offset", False),
+            tuple(g.get("also", ())),
         )
         for g in json.loads(metadata["groups"])
     ]
@@ -476,8 +488,7 @@ def scale_pass(
 
         def fold(copy):
             for g in from_record(*result):
-                rel = [n.removeprefix(here) for n in g.linears]
-                fold_scales(copy, g.prev.removeprefix(here), rel, g.scales, g.rows, g.offset)
+                g.fold(copy, here)
 
         specs = block_specs(plan, f"{prefix}.{i}")
         return quantized_copy(block, specs, act, fold if resumed else None)

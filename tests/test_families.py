@@ -269,13 +269,13 @@ def test_packed_mixture_uses_the_checkpoint_names(tmp_path):
     model = tiny_family("mixtral", 64).eval()
     model.save_pretrained(tmp_path / "hf")
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
-        theirs = {k.removesuffix(".weight") for k in f.keys()}
+        theirs = {k.removesuffix(".weight") for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     arch = get_architecture("mixtral")
     arch.prepare(model)
     plan = {n: QuantSpec(4, 32) for n, layer, _ in arch.linears(model) if layer is not None}
     save_packed(model, None, plan, PackConfig(format="ptqflow"), tmp_path / "packed")
     with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
-        ours = {k.rsplit(".", 1)[0] for k in f.keys()}
+        ours = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     assert ours == theirs
     assert "model.layers.1.block_sparse_moe.experts.3.w2" in ours
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(3))
@@ -292,3 +292,89 @@ def test_unknown_router_type_is_refused_with_the_known_ones():
     model.model.layers[1].mlp.gate = MyRouter()
     with pytest.raises(ValueError, match=r"mlp.gate is a MyRouter.*known: Qwen3MoeTopKRouter"):
         get_architecture("qwen3_moe").prepare(model)
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "mixtral"])
+def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, monkeypatch):
+    """model.load=blocks (the skeleton on meta, one block's weights read at a time from the
+    shards) gives the scale, clip and GPTQ searches exactly the bytes of the whole model."""
+    import ptqflow.pipeline.quantizing as quantizing
+
+    whole = quantizing.load_model
+    model_dir = tmp_path / "model"
+    tok = build_tokenizer(model_dir)
+    tiny_family(kind, len(tok)).save_pretrained(model_dir, max_shard_size="100KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()  # several shards
+    files = {}
+    for load in ("whole", "blocks"):
+        if load == "blocks":  # the whole model never loads
+            monkeypatch.setattr(quantizing, "load_model", None)
+        assert load == "blocks" or quantizing.load_model is whole
+        work = tmp_path / load
+        cfg = family_cfg(model_dir, texts, work, f"model.load={load}")
+        check.run(cfg)
+        calib_data.run(cfg)
+        scale_search.run(cfg)
+        clip_search.run(cfg)
+        gptq_search.run_awq_gptq(cfg)
+        files[load] = {
+            p.relative_to(work): p.read_bytes()
+            for d in ("scales", "clips", "awq_gptq")
+            for p in sorted((work / "artifacts" / d).glob("block_*.safetensors"))
+        }
+    assert files["whole"] and files["whole"] == files["blocks"]
+
+
+def test_block_loading_refuses_what_it_cannot_read(tmp_path, texts):
+    """A shard that lacks a block's tensor is named before any search; a GGUF source and the
+    stages that need the whole model refuse model.load=blocks with the fix."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    tok = build_tokenizer(model_dir)
+    tiny_family("qwen3", len(tok)).save_pretrained(model_dir)
+    cfg = family_cfg(model_dir, texts, tmp_path, "model.load=blocks")
+    with pytest.raises(ValueError, match="model.load=blocks: the evaluation stage loads the whole"):
+        fake_quant_eval.run(
+            family_cfg(model_dir, texts, tmp_path, "model.load=blocks", "eval.method=fp")
+        )
+    state = load_file(model_dir / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"'model.layers.1.mlp.down_proj.weight' \(block 1\) is missing"
+    ):
+        check.run(cfg)
+    gguf = compose(
+        [
+            "model.load=blocks",
+            "tracking=none",
+            f"paths.artifacts={tmp_path}/a",
+            f"paths.reports={tmp_path}/r",
+        ]
+    )
+    with pytest.raises(ValueError, match="is a GGUF file, which loads whole: use model.load=whole"):
+        check.run(gguf)
+
+
+def test_shard_reader_reads_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ptqflow.models.blockload import Shard
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g),
+        "b": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c": torch.randint(-9, 9, (2, 2), generator=g),
+        "d": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "e": torch.zeros(0, 3),
+    }
+    save_file(tensors, tmp_path / "x.safetensors")
+    theirs = load_file(tmp_path / "x.safetensors")
+    shard = Shard(tmp_path / "x.safetensors")
+    assert set(shard.keys()) == set(theirs)
+    for name, t in theirs.items():
+        mine = shard.read(name)
+        assert mine.dtype == t.dtype and mine.shape == t.shape
+        assert torch.equal(mine.view(torch.uint8), t.view(torch.uint8)) if t.numel() else True

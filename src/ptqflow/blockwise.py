@@ -27,6 +27,7 @@ from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.artifacts import load_safetensors, publish_dir, save_safetensors, to_json
 from ptqflow.models.architectures import Architecture
+from ptqflow.models.blockload import BlockWeights
 from ptqflow.models.experts import all_experts
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
@@ -158,6 +159,8 @@ def stream_blocks(
     capture: Callable[[int, nn.Module], Capture],
     visit: Callable[[int, nn.Module, Calls], nn.Module | None],
     distorts: bool = False,
+    weights: BlockWeights | None = None,
+    prepare: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Run the decoder blocks one at a time on ``device`` and hand each to ``visit``.
 
@@ -170,6 +173,10 @@ def stream_blocks(
     full-precision pass is skipped. Each block is moved to ``device`` for its turn and back
     afterwards, so only one block's weights and activations live there. A mixture's experts
     each see every token here (:func:`~ptqflow.models.experts.all_experts`).
+
+    ``weights``: the model's blocks are on ``meta`` (:func:`~ptqflow.models.blockload.
+    open_blockwise`); each is read from the checkpoint for its turn and released after it.
+    ``prepare(i, block)``: what precedes the pass in block ``i`` (folding searched scales).
     """
     blocks = arch.blocks(model)
     x, given = block_inputs(model, arch, inputs)
@@ -186,7 +193,11 @@ def stream_blocks(
         for i, block in enumerate(blocks):
             kwargs = given[i]
             home = next(block.parameters()).device
+            if weights is not None:
+                weights.load(i, block, device)
             block.to(device)
+            if prepare is not None:
+                prepare(i, block)
             names = capture(i, block)
             if distorts and set(names) <= {BLOCK_CALL}:
                 out, calls = None, {n: Call((x,), dict(kwargs)) for n in names}
@@ -356,6 +367,8 @@ def run_resumable(
     search: Callable[[int, nn.Module, Calls], BlockResult],
     desc: str,
     distort: Callable[[int, nn.Module, BlockResult, bool], nn.Module] | None = None,
+    weights: BlockWeights | None = None,
+    prepare: Callable[[int, nn.Module], None] | None = None,
 ) -> list[float | None]:
     """Stream the blocks; for each not already in ``store``, ``search`` and save its result.
 
@@ -363,7 +376,8 @@ def run_resumable(
     in the store are only run forward. With ``distort``, the next block's input is the output
     of ``distort(i, block, result, resumed)``, the block as quantized with its result (found
     now, or read back from the store when ``resumed``), so a resumed run sees the same inputs.
-    Returns the search seconds per block (``None`` for blocks resumed).
+    ``weights`` and ``prepare`` are as in :func:`stream_blocks`. Returns the search seconds per
+    block (``None`` for blocks resumed).
     """
     seconds: list[float | None] = []
     bar = tqdm(total=len(arch.blocks(model)), desc=desc)
@@ -385,7 +399,9 @@ def run_resumable(
         return None if distort is None else distort(i, block, result, resumed)
 
     try:
-        stream_blocks(model, arch, inputs, device, names, visit, distort is not None)
+        stream_blocks(
+            model, arch, inputs, device, names, visit, distort is not None, weights, prepare
+        )
     finally:
         bar.close()
     return seconds

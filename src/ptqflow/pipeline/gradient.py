@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     opened = open_stage(cfg, run)
+    opened.model_cfg.whole("gradient")
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
     model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
     ref, device, hf_config = opened.ref, opened.device, opened.hf_config

@@ -46,6 +46,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     pack = parse(PackConfig, "pack", cfg["pack"])
     setup = quant_setup(cfg, run)
+    setup.model_cfg.whole("real-pack")
     act = parse_act(cfg["quant"])
     check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config), act)
     if rounding(pack.method).name == "gptq":

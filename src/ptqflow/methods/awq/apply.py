@@ -98,6 +98,15 @@ def apply_scales(model: nn.Module, groups: list[GroupScale]) -> None:
 
 
 @torch.no_grad()
+def apply_block_scales(block: nn.Module, prefix: str, groups: list[GroupScale]) -> None:
+    """Fold the saved groups of the block at path ``prefix`` into ``block``."""
+    here = prefix + "."
+    for g in groups:
+        if g.prev.startswith(here):
+            g.fold(block, here)
+
+
+@torch.no_grad()
 def apply_clips(model: nn.Module, clips: dict[str, torch.Tensor]) -> None:
     """Clamp saved clip ranges (``{linear path: max_val [out, n_groups]}``) into a model."""
     for name, max_val in clips.items():

@@ -179,7 +179,8 @@ def open_blockwise(
     directory: str | Path, config, dtype: torch.dtype
 ) -> tuple[nn.Module, BlockWeights]:
     """The model ``config`` describes with only what lies outside the decoder blocks loaded
-    (the blocks stay on ``meta``), and the loader of the blocks' weights.
+    (the blocks, and a head not tied to the embeddings, stay on ``meta``), and the loader of
+    the blocks' weights.
 
     Raises:
         FileNotFoundError: no safetensors weights in ``directory``.
@@ -187,21 +188,24 @@ def open_blockwise(
             (named, before any weight is read).
     """
     model, weights, tied = _checked_skeleton(directory, config, dtype)
-    blocks = weights.arch.blocks(model)
+    # The searches read up to the last block: an untied head stays on meta.
+    skip = {id(weights.arch.blocks(model))}
+    if not tied and model.get_output_embeddings() is not None:
+        skip.add(id(model.get_output_embeddings()))
     for name, module in model.named_children():
-        _materialize_outside(weights, module, f"{name}.", blocks, tied)
+        _materialize_outside(weights, module, f"{name}.", skip, tied)
     if tied:
         model.tie_weights()
     return model.eval(), weights
 
 
-def _materialize_outside(weights, module, prefix, blocks, tied) -> None:
-    """Load ``module``'s parameters, recursing around the decoder blocks (left on meta)."""
-    if module is blocks:
+def _materialize_outside(weights, module, prefix, skip, tied) -> None:
+    """Load ``module``'s parameters, recursing around the ``skip`` modules (left on meta)."""
+    if id(module) in skip:
         return
     for name, _ in list(module.named_parameters(recurse=False)):
         if prefix + name not in tied:
             value = weights.read(weights.arch.checkpoint_name(prefix + name))
             setattr(module, name, nn.Parameter(value, requires_grad=False))
     for name, child in module.named_children():
-        _materialize_outside(weights, child, f"{prefix}{name}.", blocks, tied)
+        _materialize_outside(weights, child, f"{prefix}{name}.", skip, tied)

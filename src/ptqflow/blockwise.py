@@ -212,7 +212,10 @@ def stream_blocks(
                     out = first_output(distorted(x, **kwargs))
                 del distorted
             x = out
-            block.to(home)
+            if weights is not None:
+                weights.release(block)
+            else:
+                block.to(home)
 
 
 @torch.no_grad()
@@ -234,6 +237,18 @@ def quantized_copy(
     for name in done if act is not None else ():
         copy.get_submodule(name).register_forward_pre_hook(activation.pre_hook(act))
     return copy
+
+
+def take_rows(value, idx, n: int):
+    """``value`` (a tensor, or tuples, lists and dicts of them) with every tensor of leading
+    size ``n`` (the batch) cut to rows ``idx`` (a slice or an index tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value[idx] if value.dim() and value.shape[0] == n else value
+    if isinstance(value, tuple | list):
+        return type(value)(take_rows(v, idx, n) for v in value)
+    if isinstance(value, dict):
+        return {k: take_rows(v, idx, n) for k, v in value.items()}
+    return value
 
 
 def _to(v, device):

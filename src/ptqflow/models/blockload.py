@@ -138,6 +138,15 @@ class BlockWeights:
         """Block ``i``'s weights on ``device``."""
         self.materialize(block, f"{self.arch.blocks_path}.{i}.", device)
 
+    @staticmethod
+    def release(block: nn.Module) -> None:
+        """Drop ``block``'s parameters (back to ``meta``); its buffers stay."""
+        for name, p in list(block.named_parameters()):
+            owner, _, attr = name.rpartition(".")
+            sub = block.get_submodule(owner) if owner else block
+            meta = torch.empty_like(p, device="meta")
+            setattr(sub, attr, nn.Parameter(meta, requires_grad=False))
+
 
 def _block_of(arch: Architecture, name: str) -> str:
     head = arch.blocks_path + "."
@@ -176,11 +185,15 @@ def check_blockwise(directory: str | Path, config) -> None:
 
 
 def open_blockwise(
-    directory: str | Path, config, dtype: torch.dtype
+    directory: str | Path,
+    config,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    head: bool = False,
 ) -> tuple[nn.Module, BlockWeights]:
-    """The model ``config`` describes with only what lies outside the decoder blocks loaded
-    (the blocks, and a head not tied to the embeddings, stay on ``meta``), and the loader of
-    the blocks' weights.
+    """The model ``config`` describes with only what lies outside the decoder blocks loaded, on
+    ``device`` (the blocks, and a head not tied to the embeddings unless ``head``, stay on
+    ``meta``), and the loader of the blocks' weights.
 
     Raises:
         FileNotFoundError: no safetensors weights in ``directory``.
@@ -190,22 +203,26 @@ def open_blockwise(
     model, weights, tied = _checked_skeleton(directory, config, dtype)
     # The searches read up to the last block: an untied head stays on meta.
     skip = {id(weights.arch.blocks(model))}
-    if not tied and model.get_output_embeddings() is not None:
+    if not tied and not head and model.get_output_embeddings() is not None:
         skip.add(id(model.get_output_embeddings()))
     for name, module in model.named_children():
-        _materialize_outside(weights, module, f"{name}.", skip, tied)
+        _materialize_outside(weights, module, f"{name}.", skip, tied, device)
     if tied:
         model.tie_weights()
+    for m in model.modules():  # buffers (rotary tables) where the compute is
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and not b.is_meta:
+                m._buffers[name] = b.to(device)
     return model.eval(), weights
 
 
-def _materialize_outside(weights, module, prefix, skip, tied) -> None:
+def _materialize_outside(weights, module, prefix, skip, tied, device) -> None:
     """Load ``module``'s parameters, recursing around the ``skip`` modules (left on meta)."""
     if id(module) in skip:
         return
     for name, _ in list(module.named_parameters(recurse=False)):
         if prefix + name not in tied:
-            value = weights.read(weights.arch.checkpoint_name(prefix + name))
+            value = weights.read(weights.arch.checkpoint_name(prefix + name), device)
             setattr(module, name, nn.Parameter(value, requires_grad=False))
     for name, child in module.named_children():
-        _materialize_outside(weights, child, f"{prefix}{name}.", skip, tied)
+        _materialize_outside(weights, child, f"{prefix}{name}.", skip, tied, device)

@@ -60,6 +60,7 @@ from ptqflow.blockwise import (
     block_specs,
     first_output,
     quantized_copy,
+    take_rows,
 )
 from ptqflow.methods.awq.apply import fold_scales
 from ptqflow.methods.awq.config import ScaleSearchConfig
@@ -165,17 +166,6 @@ class GroupScale:
         fold_scales(root, self.prev.removeprefix(prefix), rel, self.scales, self.rows, self.offset)
 
 
-def _take(value, idx: torch.Tensor, n: int):
-    """``value`` with every tensor of leading size ``n`` (the batch) cut to rows ``idx``."""
-    if isinstance(value, torch.Tensor):
-        return value[idx] if value.dim() and value.shape[0] == n else value
-    if isinstance(value, tuple | list):
-        return type(value)(_take(v, idx, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _take(v, idx, n) for k, v in value.items()}
-    return value
-
-
 def _argmin(losses: list[float | None]) -> int | None:
     """Index of the smallest finite loss (the first on ties), or ``None``."""
     best = None
@@ -227,7 +217,7 @@ def _coarse_batch(inspect: nn.Module, full: _Batch, every: int) -> _Batch | None
     idx = torch.arange(0, n, every, device=full.ref.device)
     if every == 1 or len(idx) == n:
         return None
-    args, kwargs = _take(full.args, idx, n), _take(full.kwargs, idx, n)
+    args, kwargs = take_rows(full.args, idx, n), take_rows(full.kwargs, idx, n)
     try:
         ref = first_output(inspect(*args, **kwargs))
     except RuntimeError:

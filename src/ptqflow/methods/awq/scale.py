@@ -105,6 +105,21 @@ def candidate_scales(
     return s / (s.max() * s.min()).sqrt()
 
 
+CHUNK = 1 << 24
+"""Weight elements above which a candidate is quantized (and scored) in chunks of rows, so a
+large linear's search holds a chunk's temporaries instead of the whole weight's several
+times over. Integer specs only: their groups never span rows."""
+
+
+def row_chunks(w: torch.Tensor, spec: QuantSpec) -> list[slice]:
+    """The row ranges ``w``'s candidates are quantized in (one, unless ``w`` is large)."""
+    out_f, in_f = w.shape
+    if w.numel() <= CHUNK or spec.is_float or spec.per_tensor:
+        return [slice(0, out_f)]
+    rows = max(1, CHUNK // in_f // spec.group_rows) * spec.group_rows
+    return [slice(r, min(r + rows, out_f)) for r in range(0, out_f, rows)]
+
+
 def gram(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """``X^T diag(w) X`` in float32 for ``x [..., C]`` and optional weights ``[...]``."""
     x2 = x.reshape(-1, x.shape[-1]).float()
@@ -278,11 +293,18 @@ def search_group(
         n_tok = x.shape[:-1].numel() if token_weights is None else fixed_sum(token_weights.float())
         norm = float(n_tok) * linears[0].out_features
         w, spec = originals[0].float(), quantized[0][1]
+        chunks = row_chunks(w, spec)
 
         def score(i: int, batch: _Batch | None = None) -> float:
             s = scales(i)
-            d = fake_quantize(w * s, spec) / s - w
-            return fixed_sum((d @ g) * d).item() / norm
+            if len(chunks) == 1:
+                d = fake_quantize(w * s, spec) / s - w
+                return fixed_sum((d @ g) * d).item() / norm
+            per_row = []  # a large weight: row sums chunk by chunk, then one fixed sum
+            for r in chunks:
+                d = fake_quantize(w[r] * s, spec) / s - w[r]
+                per_row.append(((d @ g) * d).sum(1))
+            return fixed_sum(torch.cat(per_row)).item() / norm
 
         full = coarse = None
     else:
@@ -297,10 +319,10 @@ def search_group(
             for name, lin, w in zip(group.linears, linears, originals, strict=True):
                 if specs[name] is not None:
                     sw = s.to(w.dtype)
-                    if act is None:
-                        lin.weight.copy_(fake_quantize(w * sw, specs[name]) / sw)
-                    else:
-                        lin.weight.copy_(fake_quantize(w * sw, specs[name]))
+                    for r in row_chunks(w, specs[name]):
+                        q = fake_quantize(w[r] * sw, specs[name])
+                        lin.weight[r].copy_(q / sw if act is None else q)
+                    if act is not None:
                         # Q_a(x / s): the input once 1/s is folded into the previous op.
                         hook = activation.pre_hook(act, divide=sw)
                         hooks.append(lin.register_forward_pre_hook(hook))

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ptqflow.artifacts import read_safetensors
 from ptqflow.blockwise import block_inputs, first_output, take_rows
 from ptqflow.models.architectures import Architecture
 from ptqflow.models.blockload import BlockWeights
@@ -208,11 +209,11 @@ class _Hooks:
         """The means of the linears ``names`` (``keys``: which statistics), popped from the
         sums."""
         sums = self.acc.sums
+        wanted = keys or (*FULL, "grad_sq", "act_sq", "grad_abs")
         out = {}
         for name in names:
             if f"{name}.grad_sq" not in sums:
                 continue
-            wanted = keys or (*FULL, "grad_sq", "act_sq", "grad_abs")
             d = {}
             for k in wanted:
                 if f"{name}.{k}" in sums:
@@ -250,6 +251,8 @@ def _sampled_loss(predicted: torch.Tensor, sampler: torch.Generator) -> torch.Te
 
 
 def _setup(data, groups):
+    """The group names, token ids, scored-token mask (captions; None for text) and group masks
+    ``[G, n, seq]`` of the calibration ``data``."""
     names = list(groups)
     input_ids = data if isinstance(data, torch.Tensor) else data.input_ids
     scored = None if isinstance(data, torch.Tensor) else data.caption[:, 1:]
@@ -391,9 +394,9 @@ def collect_blockwise(
         x, given = block_inputs(model, arch, inputs)
     x = x.cpu()
     outside = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not n.startswith(prefix + ".")
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not name.startswith(prefix + ".")
     }
     handles = [m.register_forward_hook(hooks.linear(name)) for name, m in outside.items()]
     for i, block in enumerate(tqdm(blocks, desc="gradient forward", unit="block")):
@@ -416,12 +419,10 @@ def collect_blockwise(
             with _fed(blocks, top):
                 loss, predicted = _loss(model, data, scored, input_ids[r].to(device), r, device)
             hooks.phase = "data"
-            (grads["data"][r],) = [
-                g.cpu() for g in torch.autograd.grad(loss, top, retain_graph=True)
-            ]
+            grads["data"][r] = torch.autograd.grad(loss, top, retain_graph=True)[0].cpu()
             sampled = _sampled_loss(predicted, sampler)
             hooks.phase = "model"
-            (grads["model"][r],) = [g.cpu() for g in torch.autograd.grad(sampled, top)]
+            grads["model"][r] = torch.autograd.grad(sampled, top)[0].cpu()
             _raise_nonfinite(hooks.acc, prefix, len(blocks), r)
             total_loss += loss.item()
     finally:
@@ -432,10 +433,10 @@ def collect_blockwise(
         block = blocks[i]
         weights.load(i, block, device)
         here = f"{prefix}.{i}."
-        inner = [here + n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        inner = [here + name for name in linears]
         handles = [
-            block.get_submodule(n[len(here) :]).register_forward_hook(hooks.linear(n))
-            for n in inner
+            m.register_forward_hook(hooks.linear(here + name)) for name, m in linears.items()
         ]
         h = torch.load(work / f"input_{i:03d}.pt")
         try:
@@ -488,8 +489,6 @@ FULL_FILE = "full_{:03d}.safetensors"  # block i's grad_w and fisher (collect_bl
 def read_stats(directory: Path, meta: Mapping[str, object]) -> GradientStats:
     """Every statistic a gradient stage wrote in ``directory`` (its manifest's ``meta``), the
     per-block files of a block-wise run included."""
-    from ptqflow.artifacts import read_safetensors
-
     tensors = read_safetensors(directory / STATS_FILE, "gradient")[0]
     for path in sorted(directory.glob(FULL_FILE.replace("{:03d}", "*"))):
         tensors.update(read_safetensors(path, "gradient")[0])

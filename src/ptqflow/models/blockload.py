@@ -15,7 +15,9 @@ so memory would grow with every block read.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import platform
 import struct
 from pathlib import Path
 
@@ -148,6 +150,21 @@ class BlockWeights:
             setattr(sub, attr, nn.Parameter(meta, requires_grad=False))
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> None:
+    """Have glibc map buffers from ``threshold`` bytes up on their own and unmap them when
+    freed, and trim its heap. The stages' heap tunables keep freed buffers for reuse (faster
+    searches), so a released block's memory would stay with the process and memory would grow
+    with every block read; a block-wise run gives it back instead. A no-op off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(M_TRIM_THRESHOLD, threshold)
+
+
 def _block_of(arch: Architecture, name: str) -> str:
     head = arch.blocks_path + "."
     if name.startswith(head):
@@ -200,6 +217,7 @@ def open_blockwise(
         ValueError: a tensor the model needs is missing from the shards, or has another shape
             (named, before any weight is read).
     """
+    return_freed_memory()
     model, weights, tied = _checked_skeleton(directory, config, dtype)
     # The searches read up to the last block: an untied head stays on meta.
     skip = {id(weights.arch.blocks(model))}

@@ -58,10 +58,11 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run_name = f"pack-{pack.method}-{quant_tag(cfg)}-{pack.format}"
     device = str(setup.model_cfg.torch_device())
     act_scales = None
-    if act is not None and act.static:
+    static = act is not None and act.static  # one input scale per linear, calibrated here
+    if static:
         calib, inputs["calib_tokens"] = load_calib(setup, cfg)
     with tracked(STAGE, cfg, run, run_name, inputs, device) as mlrun:
-        if act is not None and act.static:  # the scales fake-quant evaluation calibrates
+        if static:  # the scales fake-quant evaluation calibrates
             model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
             done = result.fake_quantize(model, setup.plan)
             model = model.to(device)

@@ -37,10 +37,10 @@ SHAPE = dict(
 )
 DEPTHS = (4, 8)
 STAGES = ("scale_search.py", "gradient.py")
-# The whole model's gradient pass at 8 layers holds the model and two weight-sized float32
-# statistics per linear, about 3x the model (some 20 GB): more than this 24 GB machine can
-# spare beside other work. Its 4-layer figure and the growth of the others stand for it.
-SKIP = {("gradient.py", 8, "whole")}
+# Whole-model loading is measured at 4 layers only: it grows with the model by construction
+# (8 layers hold 4 more blocks), and the gradient pass at 8 layers would hold the model and two
+# weight-sized float32 statistics per linear, some 20 GB, more than this machine can spare.
+SKIP = {("gradient.py", 8, "whole"), ("scale_search.py", 8, "whole")}
 CALIB = ("calib.n_samples=4", "calib.seqlen=256")
 SEARCH = ("search.scale.n_grid=4", "quant.group_size=128")
 
@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "artifacts" / "exp" / "memory")
     args = parser.parse_args()
     rows = []
+    done_file = args.work / "rows.json"  # finished runs, so a restarted benchmark skips them
+    done = json.loads(done_file.read_text()) if done_file.is_file() else []
     for layers in DEPTHS:
         model_dir = args.work / f"llama7b-shapes-{layers}l"
         build(model_dir, layers)
@@ -98,6 +100,11 @@ def main() -> None:
         embed_mb = SHAPE["hidden_size"] * _vocab(model_dir) * 4 / 2**20
         for load, script in [(lo, sc) for sc in STAGES for lo in ("blocks", "whole")]:
             if (script, layers, load) in SKIP:
+                continue
+            key = (script.removesuffix(".py"), layers, load)
+            found = [r for r in done if (r["stage"], r["layers"], r["load"]) == key]
+            if found:
+                rows.append(found[0])
                 continue
             work = args.work / f"run-{layers}l-{load}"
             common = [
@@ -129,6 +136,7 @@ def main() -> None:
             row["ratio_to_budget"] = round(row["peak_rss_mb"] / budget, 3)
             print(row, flush=True)
             rows.append(row)
+            done_file.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     by = {(r["stage"], r["layers"], r["load"]): r["peak_rss_mb"] for r in rows}
     summary = {
         f"{name}/{load}": round(by[(name, DEPTHS[1], load)] / by[(name, DEPTHS[0], load)] - 1, 4)

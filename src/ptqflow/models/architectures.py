@@ -3,7 +3,7 @@
 The quantization passes are written against :class:`Architecture`; supporting a new decoder
 family means adding one entry to :data:`ARCHITECTURES`, not touching the passes. An entry says:
 
-- where the decoder blocks are (``blocks``) and which transformers class builds the model;
+- where the decoder blocks are (``block_prefix``) and which transformers class builds the model;
 - the AWQ scale groups (:class:`GroupRule`): each op whose output feeds some linears, so one
   per-input-channel scale can be divided out of the op and multiplied into the linears, with
   the module whose output scores the search. A rule's previous op can be a norm, an activation,
@@ -201,7 +201,7 @@ class Architecture:
 
     name: str
     model_types: tuple[str, ...]
-    blocks_path: str
+    block_prefix: str
     groups: tuple[GroupRule, ...]
     norm: str = "plain"
     clip_skip: tuple[str, ...] = ("q_proj", "k_proj")
@@ -216,16 +216,12 @@ class Architecture:
             raise ValueError(f"{self.name}: norm={self.norm!r} is not one of {NORM_KINDS}")
 
     @property
-    def block_prefix(self) -> str:
-        return self.blocks_path
-
-    @property
     def multimodal(self) -> bool:
         """Whether the model reads images as well as text."""
         return self.inputs is not None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.blocks_path)
+        return model.get_submodule(self.block_prefix)
 
     def scale_groups(self, block: nn.Module) -> list[ScaleGroup]:
         """The block's scale groups, in search order (a ``*`` rule expanded per expert).
@@ -287,7 +283,7 @@ class Architecture:
             router = type(block.get_submodule(moe.router)).__name__
             if router not in moe.routers:
                 raise ValueError(
-                    f"{self.blocks_path}.{i}.{moe.router} is a {router}, a router type ptqflow "
+                    f"{self.block_prefix}.{i}.{moe.router} is a {router}, a router type ptqflow "
                     f"does not know for {self.name}; known: {', '.join(moe.routers)}"
                 )
             block.set_submodule(moe.experts, linearize(fused, moe.linears))
@@ -295,9 +291,9 @@ class Architecture:
 
     def checkpoint_name(self, path: str, back: bool = False) -> str:
         """A model path as the checkpoint on disk spells it (``back``: the reverse)."""
-        if self.moe is None or not self.moe.renames or not path.startswith(self.blocks_path):
+        if self.moe is None or not self.moe.renames or not path.startswith(self.block_prefix):
             return path
-        head = self.blocks_path + "."
+        head = self.block_prefix + "."
         layer, _, rel = path[len(head) :].partition(".")
         for ours, theirs in self.moe.renames:
             a, b = (theirs, ours) if back else (ours, theirs)
@@ -307,7 +303,7 @@ class Architecture:
 
     def linears(self, model: nn.Module) -> list[tuple[str, int | None, int]]:
         """Every ``nn.Linear`` as ``(path, decoder layer number or None, in_features)``."""
-        prefix = self.blocks_path + "."
+        prefix = self.block_prefix + "."
         out = []
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
@@ -518,7 +514,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
 )
 """The registry. A vision-language model's decoder is quantized; its vision tower and projector
-sit outside ``blocks_path``, so they stay in full precision unless a recipe rule names them."""
+sit outside ``block_prefix``, so they stay in full precision unless a recipe rule names them."""
 
 
 def supported_model_types() -> list[str]:

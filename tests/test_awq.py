@@ -340,3 +340,24 @@ def test_coarse_pass_matches_the_exhaustive_grid_and_scores_fewer_points(tiny_mo
     )
     assert res.coarse_losses is None  # the cut batch was refused: all sequences throughout
     assert all(v == every.losses[i] for i, v in enumerate(res.losses) if v is not None)
+
+
+@pytest.mark.parametrize("inspect", ["down", "block"], ids=["gram-path", "direct-path"])
+def test_large_weights_are_scored_in_row_chunks_alike(inspect, monkeypatch):
+    """A weight above the chunk size is quantized (and its Gram loss summed) a chunk of rows at
+    a time: the same losses to rounding and the same scale as all at once."""
+    from ptqflow.methods.awq import scale as scale_mod
+
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"up": nn.Linear(32, 48), "down": nn.Linear(48, 40)})
+    block["block"] = nn.Sequential(block["down"], nn.Tanh())
+    x = torch.randn(2, 10, 48).abs()
+    specs = {"down": QuantSpec(3, 16)}
+    group = ScaleGroup("up", ("down",), inspect)
+    cfg = ScaleSearchConfig(n_grid=6, coarse_every=1, coarse_step=1)
+    whole = search_group(block, group, specs, x, ((x,), {}), cfg)
+    monkeypatch.setattr(scale_mod, "CHUNK", 48 * 7)  # 7 rows a chunk: 6 chunks, the last short
+    assert len(scale_mod.row_chunks(block["down"].weight, specs["down"])) == 6
+    chunked = search_group(block, group, specs, x, ((x,), {}), cfg)
+    torch.testing.assert_close(chunked.losses, whole.losses, rtol=1e-5, atol=1e-9)
+    assert torch.equal(chunked.scales, whole.scales)

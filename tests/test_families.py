@@ -1,6 +1,7 @@
-"""The decoder families beyond Llama (Qwen3, Phi-3, Gemma 2, Gemma 3 text) on tiny random configs
-built here: the whole DAG runs on each; folding the searched scales keeps the logits; the packed
-checkpoint scores what fake quantization scores. Their norms are randomized and a few channels
+"""The decoder families beyond Llama (Qwen3, Phi-3, Gemma 2, Gemma 3 text, and the mixtures of
+experts Mixtral, Qwen3-MoE and DeepSeek-V3) on tiny random configs built here: the whole DAG runs
+on each; folding the searched scales keeps the logits; the packed checkpoint scores what fake
+quantization scores. Their norms are randomized and a few channels
 amplified (the activation outliers AWQ exists for), so a fold done the wrong way shows."""
 
 from __future__ import annotations
@@ -44,14 +45,40 @@ FAMILIES = {
         "sliding_window": 8,
         "layer_types": ["sliding_attention", "full_attention"],
     },
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    # layer 0 dense among the mixtures
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "mlp_only_layers": [0],
+    },
+    # multi-head latent attention, a shared expert, layer 0 dense
+    "deepseek_v3": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_rope_head_dim": 32,  # kv_a's output, kv_lora_rank + this, packs in runs of 32
+        "head_dim": 32,  # the rotary part's
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+        "n_group": 1,
+        "topk_group": 1,
+    },
 }
+# Linears no scale group can take: DeepSeek's o_proj reads heads mixed from kv_b_proj's rows.
+UNGROUPED = {"deepseek_v3": {"self_attn.o_proj"}}
 
 
 def tiny_family(kind: str, vocab_size: int) -> nn.Module:
     """A seeded random model of ``kind`` with random norms and amplified outlier channels."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(kind, vocab_size=vocab_size, **SHAPE, **FAMILIES[kind])
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, **{**SHAPE, **FAMILIES[kind]})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     offset = get_architecture(kind).norm == "offset"
@@ -134,11 +161,12 @@ def test_dag_on_each_family(family_dir, texts, tmp_path):
         apply_scales(model, scales)
         after = model(ids).logits
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
-    # every linear of every block took part in a group
+    # every linear of every block took part in a group (every expert: each saw every token)
     arch = get_architecture(config.model_type)
     scaled = {name for g in scales for name in g.linears}
     decoder = {name for name, layer, _ in arch.linears(model) if layer is not None}
-    assert scaled == decoder
+    ungrouped = {n for n in decoder if n.split(".", 3)[3] in UNGROUPED.get(config.model_type, ())}
+    assert decoder - scaled == ungrouped
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
@@ -194,3 +222,183 @@ def test_offset_norm_folded_the_plain_way_is_refused():
 def test_unknown_architecture_is_refused_with_the_list():
     with pytest.raises(ValueError, match=r"unsupported architecture 'bloom'.*gemma2.*phi3.*qwen3"):
         get_architecture("bloom")
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_experts_as_linears_compute_the_fused_layer(kind):
+    """One linear per expert computes what transformers' fused experts compute; with every
+    expert on every token (calibration) the output is still the routed sum, while each
+    expert's linears see every token."""
+    from ptqflow.models.experts import LinearExperts, all_experts
+
+    fused = tiny_family(kind, 64).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = fused(ids).logits
+    model = get_architecture(kind).prepare(tiny_family(kind, 64).eval())
+    experts = [m for m in model.modules() if isinstance(m, LinearExperts)]
+    assert experts and not any(hasattr(m, "gate_up_proj") for m in model.modules())
+    seen = []
+    lin = next(iter(experts[-1][-1].children()))  # the last expert's gate
+    lin.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        routed = model(ids).logits
+        with all_experts(model):
+            every = model(ids).logits
+    assert torch.allclose(routed, want, atol=1e-5)
+    assert torch.allclose(every, want, atol=1e-5)
+    assert seen[-1] == ids.numel() and (not seen[:-1] or seen[0] < ids.numel())
+
+
+def test_packed_mixture_uses_the_checkpoint_names(tmp_path):
+    """The packed checkpoint names every tensor as transformers' own save of the model does
+    (Mixtral: block_sparse_moe, w1/w3/w2), and load_packed reads it back."""
+    from safetensors import safe_open
+
+    from ptqflow.pack import PackConfig, load_packed, save_packed
+    from ptqflow.quant import QuantSpec
+
+    model = tiny_family("mixtral", 64).eval()
+    model.save_pretrained(tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        theirs = {k.removesuffix(".weight") for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    arch = get_architecture("mixtral")
+    arch.prepare(model)
+    plan = {n: QuantSpec(4, 32) for n, layer, _ in arch.linears(model) if layer is not None}
+    save_packed(model, None, plan, PackConfig(format="ptqflow"), tmp_path / "packed")
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        ours = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    assert ours == theirs
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in ours
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert load_packed(tmp_path / "packed")(ids).logits.shape == (1, 8, 64)
+
+
+def test_unknown_router_type_is_refused_with_the_known_ones():
+    model = tiny_family("qwen3_moe", 64)
+
+    class MyRouter(nn.Module):
+        weight = None
+
+    model.model.layers[1].mlp.gate = MyRouter()
+    with pytest.raises(ValueError, match=r"mlp.gate is a MyRouter.*known: Qwen3MoeTopKRouter"):
+        get_architecture("qwen3_moe").prepare(model)
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "mixtral"])
+def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, monkeypatch):
+    """model.load=blocks (the skeleton on meta, one block's weights read at a time from the
+    shards) gives the scale, clip and GPTQ searches exactly the bytes of the whole model."""
+    import ptqflow.pipeline.quantizing as quantizing
+
+    whole = quantizing.load_model
+    model_dir = tmp_path / "model"
+    tok = build_tokenizer(model_dir)
+    tiny_family(kind, len(tok)).save_pretrained(model_dir, max_shard_size="100KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()  # several shards
+    files = {}
+    for load in ("whole", "blocks"):
+        if load == "blocks":  # the whole model never loads
+            monkeypatch.setattr(quantizing, "load_model", None)
+        assert load == "blocks" or quantizing.load_model is whole
+        work = tmp_path / load
+        cfg = family_cfg(model_dir, texts, work, f"model.load={load}")
+        check.run(cfg)
+        calib_data.run(cfg)
+        scale_search.run(cfg)
+        clip_search.run(cfg)
+        gptq_search.run_awq_gptq(cfg)
+        files[load] = {
+            p.relative_to(work): p.read_bytes()
+            for d in ("scales", "clips", "awq_gptq")
+            for p in sorted((work / "artifacts" / d).glob("block_*.safetensors"))
+        }
+    assert files["whole"] and files["whole"] == files["blocks"]
+
+
+def test_block_loading_refuses_what_it_cannot_read(tmp_path, texts):
+    """A shard that lacks a block's tensor is named before any search; a GGUF source and the
+    stages that need the whole model refuse model.load=blocks with the fix."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    tok = build_tokenizer(model_dir)
+    tiny_family("qwen3", len(tok)).save_pretrained(model_dir)
+    cfg = family_cfg(model_dir, texts, tmp_path, "model.load=blocks")
+    with pytest.raises(ValueError, match="model.load=blocks: the evaluation stage loads the whole"):
+        fake_quant_eval.run(
+            family_cfg(model_dir, texts, tmp_path, "model.load=blocks", "eval.method=fp")
+        )
+    state = load_file(model_dir / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"'model.layers.1.mlp.down_proj.weight' \(block 1\) is missing"
+    ):
+        check.run(cfg)
+    gguf = compose(
+        [
+            "model.load=blocks",
+            "tracking=none",
+            f"paths.artifacts={tmp_path}/a",
+            f"paths.reports={tmp_path}/r",
+        ]
+    )
+    with pytest.raises(ValueError, match="is a GGUF file, which loads whole: use model.load=whole"):
+        check.run(gguf)
+
+
+def test_shard_reader_reads_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ptqflow.models.blockload import Shard
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g),
+        "b": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c": torch.randint(-9, 9, (2, 2), generator=g),
+        "d": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "e": torch.zeros(0, 3),
+    }
+    save_file(tensors, tmp_path / "x.safetensors")
+    theirs = load_file(tmp_path / "x.safetensors")
+    shard = Shard(tmp_path / "x.safetensors")
+    assert set(shard.keys()) == set(theirs)
+    for name, t in theirs.items():
+        mine = shard.read(name)
+        assert mine.dtype == t.dtype and mine.shape == t.shape
+        assert torch.equal(mine.view(torch.uint8), t.view(torch.uint8)) if t.numel() else True
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "qwen3_moe"])
+def test_block_by_block_gradient_equals_the_whole_models(kind, texts, tmp_path):
+    """The gradient stage with model.load=blocks (the backward pass block by block from the
+    top, each block's forward recomputed from its saved input, its weight-sized statistics
+    written as it is done) measures what the whole model's backward pass measures."""
+    from ptqflow.artifacts import read_manifest
+    from ptqflow.gradient import read_stats
+
+    model_dir = tmp_path / "model"
+    tok = build_tokenizer(model_dir)
+    tiny_family(kind, len(tok)).save_pretrained(model_dir, max_shard_size="100KB")
+    found = {}
+    for load in ("whole", "blocks"):
+        work = tmp_path / load
+        cfg = family_cfg(model_dir, texts, work, f"model.load={load}", "sensitivity.batch_size=4")
+        calib_data.run(cfg)
+        gradient.run(cfg)
+        grad_dir = work / "artifacts" / "gradient"
+        found[load] = read_stats(grad_dir, read_manifest(grad_dir, "gradient")["outputs"])
+    whole, blocks = found["whole"], found["blocks"]
+    assert blocks.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert whole.linears.keys() == blocks.linears.keys()
+    for name, stats in whole.linears.items():
+        assert stats.keys() == blocks.linears[name].keys(), name
+        for k, t in stats.items():
+            assert torch.allclose(blocks.linears[name][k], t, rtol=1e-4, atol=1e-9), (name, k)
+    for i, stats in whole.blocks.items():
+        for k, t in stats.items():
+            assert torch.allclose(blocks.blocks[i][k], t, rtol=1e-4, atol=1e-9), (i, k)
+    assert (tmp_path / "blocks" / "artifacts" / "gradient" / "full_001.safetensors").is_file()

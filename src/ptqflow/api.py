@@ -401,6 +401,7 @@ def _open_model(model: nn.Module | str | Path) -> _Model:
                 "model source (hub id, directory, .gguf)"
             )
         arch = get_architecture(config.model_type)
+        arch.prepare(model)
         embed = model.get_input_embeddings()
         vocab = getattr(embed, "num_embeddings", None)
         return _Model(model, None, config, arch, arch.linears(model), vocab)

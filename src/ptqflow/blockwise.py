@@ -27,6 +27,8 @@ from ptqflow import activation
 from ptqflow.activation import ActSpec
 from ptqflow.artifacts import load_safetensors, publish_dir, save_safetensors, to_json
 from ptqflow.models.architectures import Architecture
+from ptqflow.models.blockload import BlockWeights
+from ptqflow.models.experts import all_experts
 from ptqflow.quant import QuantSpec, fake_quantize_linears
 
 
@@ -157,6 +159,8 @@ def stream_blocks(
     capture: Callable[[int, nn.Module], Capture],
     visit: Callable[[int, nn.Module, Calls], nn.Module | None],
     distorts: bool = False,
+    weights: BlockWeights | None = None,
+    prepare: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Run the decoder blocks one at a time on ``device`` and hand each to ``visit``.
 
@@ -167,7 +171,12 @@ def stream_blocks(
     the next block's input is that module's output on the same input. When ``visit`` always
     does (``distorts``) and only the block's own call is asked for (:data:`BLOCK_CALL`), the
     full-precision pass is skipped. Each block is moved to ``device`` for its turn and back
-    afterwards, so only one block's weights and activations live there.
+    afterwards, so only one block's weights and activations live there. A mixture's experts
+    each see every token here (:func:`~ptqflow.models.experts.all_experts`).
+
+    ``weights``: the model's blocks are on ``meta`` (:func:`~ptqflow.models.blockload.
+    open_blockwise`); each is read from the checkpoint for its turn and released after it.
+    ``prepare(i, block)``: what precedes the pass in block ``i`` (folding searched scales).
     """
     blocks = arch.blocks(model)
     x, given = block_inputs(model, arch, inputs)
@@ -180,25 +189,33 @@ def stream_blocks(
         return moved[id(v)]
 
     given = [{k: move(v) for k, v in kw.items()} for kw in given]
-    for i, block in enumerate(blocks):
-        kwargs = given[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        names = capture(i, block)
-        if distorts and set(names) <= {BLOCK_CALL}:
-            out, calls = None, {n: Call((x,), dict(kwargs)) for n in names}
-        else:
-            out, calls = capture_calls(block, x, kwargs, names)
-        distorted = visit(i, block, calls)
-        del calls
-        if distorted is None and out is None:
-            raise ValueError(f"block {i}: visit promised a distorted block and returned None")
-        if distorted is not None:
-            with torch.no_grad():
-                out = first_output(distorted(x, **kwargs))
-            del distorted
-        x = out
-        block.to(home)
+    with all_experts(model):  # every expert sees every token (models.experts)
+        for i, block in enumerate(blocks):
+            kwargs = given[i]
+            home = next(block.parameters()).device
+            if weights is not None:
+                weights.load(i, block, device)
+            block.to(device)
+            if prepare is not None:
+                prepare(i, block)
+            names = capture(i, block)
+            if distorts and set(names) <= {BLOCK_CALL}:
+                out, calls = None, {n: Call((x,), dict(kwargs)) for n in names}
+            else:
+                out, calls = capture_calls(block, x, kwargs, names)
+            distorted = visit(i, block, calls)
+            del calls
+            if distorted is None and out is None:
+                raise ValueError(f"block {i}: visit promised a distorted block and returned None")
+            if distorted is not None:
+                with torch.no_grad():
+                    out = first_output(distorted(x, **kwargs))
+                del distorted
+            x = out
+            if weights is not None:
+                weights.release(block)
+            else:
+                block.to(home)
 
 
 @torch.no_grad()
@@ -220,6 +237,18 @@ def quantized_copy(
     for name in done if act is not None else ():
         copy.get_submodule(name).register_forward_pre_hook(activation.pre_hook(act))
     return copy
+
+
+def take_rows(value, idx, n: int):
+    """``value`` (a tensor, or tuples, lists and dicts of them) with every tensor of leading
+    size ``n`` (the batch) cut to rows ``idx`` (a slice or an index tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value[idx] if value.dim() and value.shape[0] == n else value
+    if isinstance(value, tuple | list):
+        return type(value)(take_rows(v, idx, n) for v in value)
+    if isinstance(value, dict):
+        return {k: take_rows(v, idx, n) for k, v in value.items()}
+    return value
 
 
 def _to(v, device):
@@ -353,6 +382,8 @@ def run_resumable(
     search: Callable[[int, nn.Module, Calls], BlockResult],
     desc: str,
     distort: Callable[[int, nn.Module, BlockResult, bool], nn.Module] | None = None,
+    weights: BlockWeights | None = None,
+    prepare: Callable[[int, nn.Module], None] | None = None,
 ) -> list[float | None]:
     """Stream the blocks; for each not already in ``store``, ``search`` and save its result.
 
@@ -360,7 +391,8 @@ def run_resumable(
     in the store are only run forward. With ``distort``, the next block's input is the output
     of ``distort(i, block, result, resumed)``, the block as quantized with its result (found
     now, or read back from the store when ``resumed``), so a resumed run sees the same inputs.
-    Returns the search seconds per block (``None`` for blocks resumed).
+    ``weights`` and ``prepare`` are as in :func:`stream_blocks`. Returns the search seconds per
+    block (``None`` for blocks resumed).
     """
     seconds: list[float | None] = []
     bar = tqdm(total=len(arch.blocks(model)), desc=desc)
@@ -382,7 +414,9 @@ def run_resumable(
         return None if distort is None else distort(i, block, result, resumed)
 
     try:
-        stream_blocks(model, arch, inputs, device, names, visit, distort is not None)
+        stream_blocks(
+            model, arch, inputs, device, names, visit, distort is not None, weights, prepare
+        )
     finally:
         bar.close()
     return seconds

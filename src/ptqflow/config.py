@@ -56,6 +56,9 @@ def require_positive(section_obj: Any, *names: str) -> None:
             raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
+LOADS = ("whole", "blocks")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Attributes:
@@ -64,17 +67,33 @@ class ModelConfig:
     dtype: compute dtype the weights are loaded in (GGUF weights are dequantized to it).
     device: where the model computes: ``auto`` (CUDA when present, else CPU), ``cpu``,
         ``cuda`` or ``cuda:N``.
+    load: ``whole`` (the model in memory) or ``blocks``: the block-wise searches (scale, clip,
+        GPTQ) build the model without weights and read one decoder block's weights at a time
+        from the safetensors shards (:mod:`ptqflow.models.blockload`), for models larger than
+        memory. Other stages refuse ``blocks``.
     """
 
     name: str
     source: str
     dtype: str = "float32"
     device: str = "auto"
+    load: str = "whole"
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.load not in LOADS:
+            raise ValueError(f"load={self.load!r}: use one of {', '.join(LOADS)}")
+
+    def whole(self, stage: str) -> None:
+        """Refuse ``load=blocks`` in a stage that needs the whole model in memory."""
+        if self.load != "whole":
+            raise ValueError(
+                f"model.load={self.load}: the {stage} stage loads the whole model; block-wise "
+                "loading serves scale-search, clip-search, gptq and awq-gptq (run the others "
+                "with model.load=whole)"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -48,7 +48,7 @@ from ptqflow.formats import (
 from ptqflow.kernels import cpu_int4, w4a16_matmul
 from ptqflow.kernels import reference as ref
 from ptqflow.methods import METHODS
-from ptqflow.models import auto_class
+from ptqflow.models import auto_class, get_architecture
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
 
@@ -302,6 +302,7 @@ def save_packed(
     out_dir = Path(out_dir)
     fmt = FORMATS[cfg.format]
     state = packed_state_dict(model, plan, fmt, cfg.torch_dtype, integers)
+    disk = get_architecture(model.config.model_type).checkpoint_name  # the names on disk
     specs = {n: s for n, s in plan.items() if s is not None}
     if act is not None and act.static:
         missing = [n for n in specs if act_scales is None or n not in act_scales]
@@ -320,6 +321,12 @@ def save_packed(
     if "lm_head" in specs:  # a quantized head cannot share the embedding's tensor
         config.tie_word_embeddings = False
     ordered = [n for n, w in (integers or {}).items() if w.g_idx is not None and n in specs]
+    state = {disk(k): t for k, t in state.items()}
+    specs, in_features = (
+        {disk(n): s for n, s in specs.items()},
+        {disk(n): k for n, k in in_features.items()},
+    )
+    skipped, ordered = [disk(n) for n in skipped], [disk(n) for n in ordered]
     qc = fmt.quantization_config(specs, sorted(skipped), in_features, ordered)
     if act is not None:
         fmt.declare_activations(qc, act)
@@ -428,6 +435,8 @@ def load_packed(
     # Parameters on meta (never allocated); buffers such as rotary tables computed for real.
     with init_empty_weights(include_buffers=False):
         model = auto_class(config).from_config(config)
+    arch = get_architecture(config.model_type)
+    arch.prepare(model)
     state, _ = load_safetensors(path / WEIGHTS, f"the checkpoint is damaged: {REPACK}")
     marker = "." + fmt.marker
     names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))
@@ -436,7 +445,7 @@ def load_packed(
         k.removesuffix(suffix): state.pop(k).float().reshape(())
         for k in [k for k in state if k.endswith(suffix)]
     }
-    for name in names:
+    for name in names:  # as the checkpoint spells them (arch.checkpoint_name)
         tensors = {s: state.pop(f"{name}.{s}") for s in fmt.tensors if f"{name}.{s}" in state}
         _check_config(path, fmt, qc, name, tensors)
         w = fmt.unpack(tensors)
@@ -446,7 +455,10 @@ def load_packed(
             layer = FloatLinear(w, bias)
         else:
             layer = QuantLinear(w, w.scales.dtype, bias)
-        model.set_submodule(name, layer)
+        model.set_submodule(arch.checkpoint_name(name, back=True), layer)
+    names = [arch.checkpoint_name(n, back=True) for n in names]
+    input_scales = {arch.checkpoint_name(n, back=True): s for n, s in input_scales.items()}
+    state = {arch.checkpoint_name(k, back=True): t for k, t in state.items()}
     # Scales folded into an activation (GELU MLPs) are stored as `<act>.scales`.
     for key in [k for k in state if k.endswith(".scales")]:
         act_path = key[: -len(".scales")]

@@ -331,11 +331,20 @@ def _ungrouped(t: torch.Tensor, spec: QuantSpec, out_f: int, in_f: int) -> torch
     return t.reshape(out_f // rows, in_f // g, rows, g).transpose(1, 2).reshape(out_f, in_f)
 
 
-def _expanded(scale: torch.Tensor, spec: QuantSpec, out_f: int, in_f: int) -> torch.Tensor:
-    """Per-group scales ``[n_groups, 1]`` as ``[out, in/g]``, a block's repeated on its rows."""
+def expanded(scale: torch.Tensor, spec: QuantSpec, out_f: int, in_f: int) -> torch.Tensor:
+    """Per-group scales (one per group, any shape) as ``[out, in/g]``, a block's (or the
+    tensor's) repeated on its rows; :func:`collapsed` is the inverse."""
     rows = out_f if spec.per_tensor else spec.group_rows
     g = group_width(spec.group_size, in_f)
     return scale.reshape(out_f // rows, in_f // g).repeat_interleave(rows, dim=0)
+
+
+def collapsed(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``[out, in/g]`` scales back to one per group: ``[out/rows, in/g]`` (``[1]`` for one
+    per tensor)."""
+    if spec.per_tensor:
+        return scale[:1, :1].reshape(1)
+    return scale[:: spec.group_rows].contiguous()
 
 
 def quantize(
@@ -360,7 +369,7 @@ def quantize(
     if spec.is_float:
         scale = group_scale(wg.abs().amax(dim=1, keepdim=True), spec, w)
         q = spec.element.round(wg / scale)
-        return _ungrouped(q, spec, out_f, in_f), _expanded(scale, spec, out_f, in_f), None
+        return _ungrouped(q, spec, out_f, in_f), expanded(scale, spec, out_f, in_f), None
     if spec.zero_point:
         lo, hi = wg.amin(dim=1, keepdim=True), wg.amax(dim=1, keepdim=True)
     else:
@@ -373,8 +382,8 @@ def quantize(
     q = _ungrouped(q.to(torch.int32), spec, out_f, in_f)
     if zero is not None and not spec.float_min:
         zero = zero.to(torch.int32)
-    zero_out = None if zero is None else _expanded(zero, spec, out_f, in_f)
-    return q, _expanded(scale, spec, out_f, in_f), zero_out
+    zero_out = None if zero is None else expanded(zero, spec, out_f, in_f)
+    return q, expanded(scale, spec, out_f, in_f), zero_out
 
 
 def group_scale(

@@ -71,6 +71,23 @@ def check_packable(
             f"{act.a_bit} layers with unquantized activations, not what was evaluated; pick "
             f"pack.format={' or '.join(holders)}"
         )
+    if not all(fmt.holds(s) for s in specs.values()):
+        raise ValueError(_refusal(fmt, specs))
+    fmt.check_plan(specs)
+    for name, spec in specs.items():
+        out_f, in_f = shapes[name]
+        spec.check_divides(in_f, name, out_f)
+        if out_f % fmt.out_multiple:
+            raise ValueError(
+                f"pack.format={fmt.name} packs along the output dimension in runs of "
+                f"{fmt.out_multiple}, but '{name}' has out_features={out_f}; leave it "
+                "unquantized in the recipe or pick pack.format=compressed-tensors"
+            )
+
+
+def _refusal(fmt: PackFormat, specs: dict[str, QuantSpec]) -> str:
+    """Why ``fmt`` cannot hold some of ``specs`` (one :meth:`PackFormat.holds` refuses),
+    naming the first layer at fault and the fix."""
     bad = {name: s.tag for name, s in specs.items() if s.type not in fmt.types}
     if bad:
         name, tag = next(iter(bad.items()))
@@ -82,14 +99,14 @@ def check_packable(
             else "no packed format holds it yet: score it with fake-quant-eval "
             "(`python stages/fake_quant_eval.py eval.method=rtn quant=...`)"
         )
-        raise ValueError(
+        return (
             f"pack.format={fmt.name} holds {' and '.join(fmt.types)} values, but '{name}' is "
             f"{tag} ({len(bad)} such layers); {fix}"
         )
     bad = {name: s.tag for name, s in specs.items() if s.scales.super_block}
     if bad:
         name, tag = next(iter(bad.items()))
-        raise ValueError(
+        return (
             f"'{name}' is {tag}, a GGUF K-quant ({len(bad)} such layers): its group scales sit "
             f"under super-block scales that pack.format={fmt.name} cannot store; the "
             "gguf-export stage writes it (real-pack needs a plain spec, e.g. quant=w4g32)"
@@ -97,7 +114,7 @@ def check_packable(
     bad = {name: s.tag for name, s in specs.items() if fmt.refuses(s)}
     if bad:
         name, tag = next(iter(bad.items()))
-        raise ValueError(
+        return (
             f"'{name}' is {tag} ({len(bad)} such layers), which pack.format={fmt.name} cannot "
             f"hold: {fmt.refuses(specs[name])}"
         )
@@ -106,17 +123,8 @@ def check_packable(
         name, tag = next(iter(bad.items()))
         widths = {s.w_bit for s in specs.values()}
         holders = [f.name for f in FORMATS.values() if widths <= set(f.bits)]
-        raise ValueError(
+        return (
             f"pack.format={fmt.name} holds {fmt.bits_text}, but '{name}' is {tag} "
             f"({len(bad)} such layers); pick pack.format={' or '.join(holders)}"
         )
-    fmt.check_plan(specs)
-    for name, spec in specs.items():
-        out_f, in_f = shapes[name]
-        spec.check_divides(in_f, name, out_f)
-        if out_f % fmt.out_multiple:
-            raise ValueError(
-                f"pack.format={fmt.name} packs along the output dimension in runs of "
-                f"{fmt.out_multiple}, but '{name}' has out_features={out_f}; leave it "
-                "unquantized in the recipe or pick pack.format=compressed-tensors"
-            )
+    raise AssertionError("holds() refused a spec that every check accepts")

@@ -10,7 +10,7 @@ import torch
 from ptqflow.activation import ActSpec
 from ptqflow.elements import ELEMENTS, global_scale
 from ptqflow.kernels import reference as ref
-from ptqflow.quant import QuantSpec, quantize
+from ptqflow.quant import QuantSpec, collapsed, quantize
 
 
 @dataclass
@@ -184,11 +184,7 @@ class FloatWeight:
         """The group scales as stored: NVFP4's e4m3 values (``scale * G``, exact), an MX
         scale's biased exponent (uint8, ``log2 scale + 127``), float32 otherwise; one per
         group ``[out/rows, in/g]`` (``[1]`` for a tensor scale)."""
-        s = self.scales
-        rows = self.values.shape[0] if self.spec.per_tensor else self.spec.group_rows
-        s = s[::rows].contiguous()
-        if self.spec.per_tensor:
-            s = s.reshape(1)
+        s = collapsed(self.scales, self.spec)
         if self.spec.scale_type == "e4m3":
             return ELEMENTS["fp8"].round(s * self.global_scale).to(torch.float8_e4m3fn)
         if self.spec.scale_type == "e8m0":

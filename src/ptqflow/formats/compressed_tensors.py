@@ -37,7 +37,7 @@ import torch
 from ptqflow.activation import ActSpec
 from ptqflow.formats.base import FloatWeight, IntWeight, Layout, PackFormat
 from ptqflow.kernels import reference as ref
-from ptqflow.quant import NAMED, QuantSpec
+from ptqflow.quant import NAMED, QuantSpec, expanded
 
 # The sub-format of each spec compressed-tensors holds: integers, FP8, NVFP4, MXFP4.
 INT, FP8, NVFP4, MXFP4 = (
@@ -143,9 +143,7 @@ class CompressedTensors(PackFormat):
                 rows, groups = out_f // codes.shape[0], codes.shape[1]
                 group = -1 if groups == 1 and rows == 1 else in_f // groups
                 spec = QuantSpec(8, group, False, "fp8", "float", rows)
-            scales = codes.float().reshape(-1, codes.shape[-1] if codes.dim() == 2 else 1)
-            rows = out_f if spec.per_tensor else spec.group_rows
-            return FloatWeight(values, scales.repeat_interleave(rows, dim=0), spec)
+            return FloatWeight(values, expanded(codes.float(), spec, out_f, in_f), spec)
         values = ref.unpack_fp4(tensors["weight_packed"]).to(torch.float8_e4m3fn)
         if codes.dtype == torch.uint8:  # MXFP4: biased exponents
             scales = torch.ldexp(torch.ones(codes.shape), codes.int() - 127)

@@ -21,6 +21,7 @@ from ptqflow.models.source import (
     ModelRef,
     check_safetensors_complete,
     check_weight_files,
+    checkpoint_dir,
     model_fingerprint,
     resolve_model,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ScaleGroup",
     "auto_class",
     "check_safetensors_complete",
+    "checkpoint_dir",
     "check_weight_files",
     "get_architecture",
     "linear_layers",

@@ -71,7 +71,7 @@ def load_model(ref: ModelRef, dtype: str = "float32", config=None) -> nn.Module:
         model = auto_class(config).from_pretrained(
             ref.location, dtype=torch_dtype, **ref.hf_kwargs()
         )
-    return model.eval()
+    return get_architecture(config.model_type).prepare(model).eval()
 
 
 def linear_layers(config) -> list[tuple[str, int | None, int]]:
@@ -84,9 +84,11 @@ def linear_layers(config) -> list[tuple[str, int | None, int]]:
 
 
 def skeleton(config) -> nn.Module:
-    """The model ``config`` describes, built on the meta device (no weights read or allocated)."""
+    """The model ``config`` describes, built on the meta device (no weights read or allocated),
+    as the passes see it (mixtures' experts as linears)."""
     with torch.device("meta"):
-        return auto_class(config).from_config(config)
+        model = auto_class(config).from_config(config)
+    return get_architecture(config.model_type).prepare(model)
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:

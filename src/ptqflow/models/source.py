@@ -102,6 +102,33 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
+def checkpoint_dir(ref: ModelRef) -> Path:
+    """The directory of a safetensors checkpoint (a local one, or a hub id's cached
+    snapshot), for reading it tensor by tensor (:mod:`ptqflow.models.blockload`).
+
+    Raises:
+        ValueError: a GGUF source (its tensors load whole, through transformers).
+        FileNotFoundError: a hub id not in the local cache.
+    """
+    if ref.kind == "gguf":
+        raise ValueError(
+            f"model.load=blocks reads a safetensors checkpoint tensor by tensor; '{ref.spec}' "
+            "is a GGUF file, which loads whole: use model.load=whole (or convert it to a "
+            "checkpoint directory)"
+        )
+    if ref.kind == "dir":
+        return Path(ref.location)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref.location, "config.json")
+    if not isinstance(cached, str):
+        raise FileNotFoundError(
+            f"model '{ref.spec}' is not in the local hub cache; model.load=blocks reads the "
+            "cached checkpoint (download it once, or give its directory)"
+        )
+    return Path(cached).parent
+
+
 REDOWNLOAD = "copy or download it again"
 # What transformers loads from a checkpoint directory in preference to any pickle beside them.
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")

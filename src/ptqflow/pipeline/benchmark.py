@@ -35,6 +35,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     bench = parse(BenchConfig, "bench", cfg["bench"])
     opened = open_stage(cfg, run)
+    opened.model_cfg.whole("benchmark")
     model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
     ref, device, fingerprint = opened.ref, opened.device, opened.fingerprint
     packed_dir = artifacts / "packed"

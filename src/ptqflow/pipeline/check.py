@@ -42,9 +42,11 @@ from ptqflow.config import (
 from ptqflow.formats import check_packable, get_format
 from ptqflow.methods.awq.config import parse_search
 from ptqflow.models import (
+    checkpoint_dir,
     linear_layers,
     linear_shapes,
 )
+from ptqflow.models.blockload import check_blockwise
 from ptqflow.pack import PackConfig
 from ptqflow.pipeline.common import StageRun, data_source, open_stage
 from ptqflow.pipeline.dag import code_fingerprints
@@ -69,6 +71,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     parse(BenchConfig, "bench", cfg["bench"])
     parse(TrackingConfig, "tracking", cfg["tracking"])
     opened = open_stage(cfg, run)
+    if opened.model_cfg.load == "blocks":  # a checkpoint the searches can read block by block
+        check_blockwise(checkpoint_dir(opened.ref), opened.hf_config)
     reports, hf_config, arch = opened.reports, opened.hf_config, opened.arch
     model_type = hf_config.model_type
     n_calib = calib.n_samples * calib.shots

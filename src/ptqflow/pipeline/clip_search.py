@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from ptqflow.config import parse_act
-from ptqflow.methods.awq.apply import apply_scales
+from ptqflow.methods.awq.apply import apply_block_scales
 from ptqflow.methods.awq.clip import clip_pass
 from ptqflow.methods.awq.config import parse_distort, parse_search
 from ptqflow.methods.awq.scale import load_scales
@@ -48,8 +48,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     if balanced := mbq_weights(setup, cfg, inputs, calib, run.root):
         weights, inputs["gradient"] = balanced
 
-    def prepare(model):
-        apply_scales(model, scales)
+    def prepare(i, block):
+        apply_block_scales(block, f"{setup.arch.block_prefix}.{i}", scales)
 
     act = parse_act(cfg["quant"])
     blocks = clip_pass(setup.arch, setup.plan, clip_cfg, act, weights, parse_distort(cfg["search"]))

@@ -90,6 +90,7 @@ def check_export(cfg: dict[str, Any], ref: ModelRef, hf_config, plan, shapes) ->
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     setup = quant_setup(cfg, run)
+    setup.model_cfg.whole("gguf-export")
     ev = parse(EvalConfig, "eval", cfg["eval"])
     shapes = linear_shapes(setup.hf_config)
     export = check_export(cfg, setup.ref, setup.hf_config, setup.plan, shapes)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ptqflow.config import parse
 from ptqflow.methods import search_stage, transforms
-from ptqflow.methods.awq.apply import apply_scales
+from ptqflow.methods.awq.apply import apply_block_scales
 from ptqflow.methods.gptq.block import gptq_pass
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.pipeline.common import StageRun
@@ -48,8 +48,8 @@ def run_stage(method: str, cfg: dict[str, Any], run: StageRun | None = None) -> 
     if balanced := mbq_weights(setup, cfg, inputs, calib, run.root, "gptq.balance"):
         weights, inputs["gradient"] = balanced
 
-    def prepare(model):
-        apply_scales(model, scales)
+    def prepare(i, block):
+        apply_block_scales(block, f"{setup.arch.block_prefix}.{i}", scales)
 
     blocks = gptq_pass(setup.arch, setup.plan, gptq_cfg, clips, weights)
     return run_blockwise(

@@ -5,7 +5,9 @@ Reads ``<artifacts>/calib/`` (image-text samples: the caption loss, with vision 
 token groups); writes ``<artifacts>/gradient/``: ``gradient.safetensors``
 (per decoder linear the weight gradient and diagonal Fisher; per linear ``grad_sq``,
 ``act_sq``, ``grad_abs``; per block the per-token gradient magnitudes and ``grad_abs`` per token
-group) and ``manifest.json`` (token groups and counts, the loss), and
+group; with ``model.load=blocks`` the weight gradients and Fishers are in ``full_<block>.
+safetensors`` instead, one file per block, written as each block is done) and
+``manifest.json`` (token groups and counts, the loss), and
 ``<reports>/gradient.json`` (per block and token group, mean |dL/dh|). Peak memory and time go
 to MLflow.
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import resource
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,15 +32,18 @@ from ptqflow.artifacts import (
 )
 from ptqflow.config import SensitivityConfig, parse
 from ptqflow.gradient import (
+    FULL_FILE,
     STATS_FILE,
     VISION,
     collect,
+    collect_blockwise,
     modality_groups,
     text_groups,
     to_tensors,
 )
 from ptqflow.methods.mbq import modality_ratios
-from ptqflow.models import load_model
+from ptqflow.models import checkpoint_dir, load_model
+from ptqflow.models.blockload import open_blockwise
 from ptqflow.pipeline.common import (
     StageRun,
     calib_blocks,
@@ -61,24 +68,36 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     data, calib_sha = calib_blocks(artifacts, fingerprint, cfg)
     inputs = {"model": fingerprint, "calib_tokens": calib_sha}
 
+    groups = text_groups(data) if isinstance(data, torch.Tensor) else modality_groups(data.vision)
     with tracked(STAGE, cfg, run, "gradient", inputs, str(device)) as mlrun:
-        model = load_model(ref, model_cfg.dtype, hf_config)
-        t0 = time.perf_counter()
-        groups = (
-            text_groups(data) if isinstance(data, torch.Tensor) else modality_groups(data.vision)
-        )
-        stats = collect(model, arch, data, groups, device, sens.batch_size, sens.seed)
-        seconds = time.perf_counter() - t0
-        # MBQ's ratios, checked before anything is written (a NaN/inf/zero names its block).
-        ratios = modality_ratios(stats, arch) if VISION in stats.groups else None
-        outputs = {
-            "groups": list(stats.groups),
-            "group_tokens": list(stats.group_tokens),
-            "n_tokens": stats.n_tokens,
-            "n_loss_tokens": stats.n_loss_tokens,
-            "loss": stats.loss,
-        }
         with atomic_dir(artifacts / "gradient") as tmp:
+            t0 = time.perf_counter()
+            if model_cfg.load == "blocks":  # one block in memory; its statistics saved at once
+                model, weights = open_blockwise(
+                    checkpoint_dir(ref), hf_config, model_cfg.torch_dtype, device, head=True
+                )
+
+                def save(i: int, tensors: dict[str, torch.Tensor]) -> None:
+                    save_safetensors(tensors, tmp / FULL_FILE.format(i))
+
+                with tempfile.TemporaryDirectory(dir=artifacts) as work:
+                    stats = collect_blockwise(
+                        model, arch, weights, data, groups, device, Path(work), save,
+                        sens.batch_size, sens.seed,
+                    )  # fmt: skip
+            else:
+                model = load_model(ref, model_cfg.dtype, hf_config)
+                stats = collect(model, arch, data, groups, device, sens.batch_size, sens.seed)
+            seconds = time.perf_counter() - t0
+            # MBQ's ratios, checked before anything is written (a NaN/inf/zero names its block).
+            ratios = modality_ratios(stats, arch) if VISION in stats.groups else None
+            outputs = {
+                "groups": list(stats.groups),
+                "group_tokens": list(stats.group_tokens),
+                "n_tokens": stats.n_tokens,
+                "n_loss_tokens": stats.n_loss_tokens,
+                "loss": stats.loss,
+            }
             save_safetensors(to_tensors(stats), tmp / STATS_FILE)
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, outputs, code)

@@ -44,10 +44,12 @@ from ptqflow.methods.mbq import balance_weights, modality_ratios
 from ptqflow.methods.result import MethodResult
 from ptqflow.models import (
     Architecture,
+    checkpoint_dir,
     linear_layers,
     linear_shapes,
     load_model,
 )
+from ptqflow.models.blockload import open_blockwise
 from ptqflow.multimodal import ImageTextBatch, model_inputs
 from ptqflow.pipeline.common import (
     StageModel,
@@ -257,11 +259,12 @@ def run_blockwise(
     calib: CalibData,
     inputs: dict[str, str],
     blocks: BlockPass,
-    prepare: Callable[[torch.nn.Module], None] | None = None,
+    prepare: Callable[[int, torch.nn.Module], None] | None = None,
     summary: Callable[[dict[str, str]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The body the block-wise search stages share: load the model (``prepare`` it), stream
-    its blocks through a method's pass with resume (:func:`ptqflow.blockwise.run_resumable`),
+    """The body the block-wise search stages share: load the model (whole, or block by block
+    with ``model.load=blocks``), stream its blocks through a method's pass with resume
+    (:func:`ptqflow.blockwise.run_resumable`; ``prepare(i, block)`` first in each block),
     then write index and manifest and move the results to ``stage.outs[0]``'s directory under
     ``paths.artifacts``. ``summary`` turns a saved block's metadata into the figures MLflow
     records for it (one step per block).
@@ -276,9 +279,13 @@ def run_blockwise(
     store = BlockStore(out_dir, key)
     run_name = f"{stage.name.removesuffix('-search')}-{quant_tag(cfg)}"
     with tracked(stage, cfg, run, run_name, inputs, str(device)) as run_log:
-        model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
-        if prepare is not None:
-            prepare(model)
+        weights = None
+        if setup.model_cfg.load == "blocks":
+            model, weights = open_blockwise(
+                checkpoint_dir(setup.ref), setup.hf_config, setup.model_cfg.torch_dtype
+            )
+        else:
+            model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
         t0 = time.perf_counter()
         forward = model_inputs(setup.hf_config, calib)
         seconds = run_resumable(
@@ -291,6 +298,8 @@ def run_blockwise(
             blocks.search,
             stage.name,
             blocks.distort,
+            weights,
+            prepare,
         )
         total = time.perf_counter() - t0
 

@@ -46,6 +46,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     pack = parse(PackConfig, "pack", cfg["pack"])
     setup = quant_setup(cfg, run)
+    setup.model_cfg.whole("real-pack")
     act = parse_act(cfg["quant"])
     check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config), act)
     if rounding(pack.method).name == "gptq":
@@ -57,10 +58,11 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run_name = f"pack-{pack.method}-{quant_tag(cfg)}-{pack.format}"
     device = str(setup.model_cfg.torch_device())
     act_scales = None
-    if act is not None and act.static:
+    static = act is not None and act.static  # one input scale per linear, calibrated here
+    if static:
         calib, inputs["calib_tokens"] = load_calib(setup, cfg)
     with tracked(STAGE, cfg, run, run_name, inputs, device) as mlrun:
-        if act is not None and act.static:  # the scales fake-quant evaluation calibrates
+        if static:  # the scales fake-quant evaluation calibrates
             model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
             done = result.fake_quantize(model, setup.plan)
             model = model.to(device)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ptqflow.artifacts import atomic_dir, read_safetensors, write_manifest
+from ptqflow.artifacts import atomic_dir, write_manifest
 from ptqflow.config import SensitivityConfig, parse
-from ptqflow.gradient import STATS_FILE, from_tensors
+from ptqflow.gradient import read_stats
 from ptqflow.methods.alone import Settings, method_error
 from ptqflow.methods.awq.config import ScaleSearchConfig
 from ptqflow.methods.gptq.config import GPTQConfig
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     opened = open_stage(cfg, run)
+    opened.model_cfg.whole("sensitivity")
     sens = parse(SensitivityConfig, "sensitivity", cfg["sensitivity"])
     model_cfg, artifacts, reports = opened.model_cfg, opened.artifacts, opened.reports
     ref, device, hf_config = opened.ref, opened.device, opened.hf_config
@@ -51,9 +52,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     inputs = {"model": fingerprint, "calib_tokens": calib_sha}
     grad_dir = artifacts / "gradient"
     manifest = read_upstream(grad_dir, "gradient", inputs, cfg, code_root=run.root)
-    stats = from_tensors(
-        read_safetensors(grad_dir / STATS_FILE, "gradient")[0], manifest["outputs"]
-    )
+    stats = read_stats(grad_dir, manifest["outputs"])
     inputs["gradient"] = manifest["files"]
 
     with tracked(STAGE, cfg, run, "sensitivity", inputs, str(device)) as mlrun:

@@ -95,6 +95,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
     any weight is read."""
     if ev.method in ("fp", "packed"):
         opened = open_stage(cfg, run)
+        opened.model_cfg.whole("evaluation")
         model_cfg, reports, ref, device = (
             opened.model_cfg,
             opened.reports,
@@ -134,6 +135,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         )
 
     setup = quant_setup(cfg, run)
+    setup.model_cfg.whole("evaluation")
     tag = quant_tag(cfg)
     inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
     act, calib = parse_act(cfg["quant"]), None

@@ -94,7 +94,16 @@ def clip_weight(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
 def apply_scales(model: nn.Module, groups: list[GroupScale]) -> None:
     """Fold saved scales (full module paths) into a model, in search order."""
     for g in groups:
-        fold_scales(model, g.prev, list(g.linears), g.scales, g.rows, g.offset)
+        g.fold(model)
+
+
+@torch.no_grad()
+def apply_block_scales(block: nn.Module, prefix: str, groups: list[GroupScale]) -> None:
+    """Fold the saved groups of the block at path ``prefix`` into ``block``."""
+    here = prefix + "."
+    for g in groups:
+        if g.prev.startswith(here):
+            g.fold(block, here)
 
 
 @torch.no_grad()

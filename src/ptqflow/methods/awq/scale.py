@@ -60,6 +60,7 @@ from ptqflow.blockwise import (
     block_specs,
     first_output,
     quantized_copy,
+    take_rows,
 )
 from ptqflow.methods.awq.apply import fold_scales
 from ptqflow.methods.awq.config import ScaleSearchConfig
@@ -102,6 +103,21 @@ def candidate_scales(
     else:
         s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
+
+
+CHUNK = 1 << 24
+"""Weight elements above which a candidate is quantized (and scored) in chunks of rows, so a
+large linear's search holds a chunk's temporaries instead of the whole weight's several
+times over. Integer specs only: their groups never span rows."""
+
+
+def row_chunks(w: torch.Tensor, spec: QuantSpec) -> list[slice]:
+    """The row ranges ``w``'s candidates are quantized in (one, unless ``w`` is large)."""
+    out_f, in_f = w.shape
+    if w.numel() <= CHUNK or spec.is_float or spec.per_tensor:
+        return [slice(0, out_f)]
+    rows = max(1, CHUNK // in_f // spec.group_rows) * spec.group_rows
+    return [slice(r, min(r + rows, out_f)) for r in range(0, out_f, rows)]
 
 
 def gram(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,23 +164,21 @@ class GroupScale:
     coarse_losses: list[float] | None = None
     rows: tuple[int, int] | None = None
     offset: bool = False
+    also: tuple[str, ...] = ()
 
     def under(self, prefix: str) -> GroupScale:
         """The same result with paths under ``prefix`` (a block's path)."""
         return replace(
-            self, prev=f"{prefix}.{self.prev}", linears=tuple(f"{prefix}.{n}" for n in self.linears)
+            self,
+            prev=f"{prefix}.{self.prev}",
+            linears=tuple(f"{prefix}.{n}" for n in self.linears),
+            also=tuple(f"{prefix}.{n}" for n in self.also),
         )
 
-
-def _take(value, idx: torch.Tensor, n: int):
-    """``value`` with every tensor of leading size ``n`` (the batch) cut to rows ``idx``."""
-    if isinstance(value, torch.Tensor):
-        return value[idx] if value.dim() and value.shape[0] == n else value
-    if isinstance(value, tuple | list):
-        return type(value)(_take(v, idx, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _take(v, idx, n) for k, v in value.items()}
-    return value
+    def fold(self, root: nn.Module, prefix: str = "") -> None:
+        """Fold the scale into ``root`` (paths relative to it after removing ``prefix``)."""
+        rel = [n.removeprefix(prefix) for n in (*self.linears, *self.also)]
+        fold_scales(root, self.prev.removeprefix(prefix), rel, self.scales, self.rows, self.offset)
 
 
 def _argmin(losses: list[float | None]) -> int | None:
@@ -218,7 +232,7 @@ def _coarse_batch(inspect: nn.Module, full: _Batch, every: int) -> _Batch | None
     idx = torch.arange(0, n, every, device=full.ref.device)
     if every == 1 or len(idx) == n:
         return None
-    args, kwargs = _take(full.args, idx, n), _take(full.kwargs, idx, n)
+    args, kwargs = take_rows(full.args, idx, n), take_rows(full.kwargs, idx, n)
     try:
         ref = first_output(inspect(*args, **kwargs))
     except RuntimeError:
@@ -279,11 +293,18 @@ def search_group(
         n_tok = x.shape[:-1].numel() if token_weights is None else fixed_sum(token_weights.float())
         norm = float(n_tok) * linears[0].out_features
         w, spec = originals[0].float(), quantized[0][1]
+        chunks = row_chunks(w, spec)
 
         def score(i: int, batch: _Batch | None = None) -> float:
             s = scales(i)
-            d = fake_quantize(w * s, spec) / s - w
-            return fixed_sum((d @ g) * d).item() / norm
+            if len(chunks) == 1:
+                d = fake_quantize(w * s, spec) / s - w
+                return fixed_sum((d @ g) * d).item() / norm
+            per_row = []  # a large weight: row sums chunk by chunk, then one fixed sum
+            for r in chunks:
+                d = fake_quantize(w[r] * s, spec) / s - w[r]
+                per_row.append(((d @ g) * d).sum(1))
+            return fixed_sum(torch.cat(per_row)).item() / norm
 
         full = coarse = None
     else:
@@ -298,10 +319,10 @@ def search_group(
             for name, lin, w in zip(group.linears, linears, originals, strict=True):
                 if specs[name] is not None:
                     sw = s.to(w.dtype)
-                    if act is None:
-                        lin.weight.copy_(fake_quantize(w * sw, specs[name]) / sw)
-                    else:
-                        lin.weight.copy_(fake_quantize(w * sw, specs[name]))
+                    for r in row_chunks(w, specs[name]):
+                        q = fake_quantize(w[r] * sw, specs[name])
+                        lin.weight[r].copy_(q / sw if act is None else q)
+                    if act is not None:
                         # Q_a(x / s): the input once 1/s is folded into the previous op.
                         hook = activation.pre_hook(act, divide=sw)
                         hooks.append(lin.register_forward_pre_hook(hook))
@@ -347,6 +368,7 @@ def search_group(
         coarse_losses,
         group.rows,
         group.offset,
+        group.also,
     )
 
 
@@ -383,7 +405,7 @@ def search_block_scales(
         if res is not None:
             results.append(res)
     for res in results:
-        fold_scales(block, res.prev, list(res.linears), res.scales, res.rows, res.offset)
+        res.fold(block)
     return results
 
 
@@ -399,6 +421,7 @@ def block_record(results: list[GroupScale]) -> tuple[dict[str, torch.Tensor], di
         | ({"coarse_losses": r.coarse_losses} if r.coarse_losses is not None else {})
         | ({"rows": list(r.rows)} if r.rows is not None else {})
         | ({"offset": True} if r.offset else {})
+        | ({"also": list(r.also)} if r.also else {})
         for r in results
     ]
     return tensors, {"groups": json.dumps(groups)}
@@ -416,6 +439,7 @@ def from_record(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> l
             g.get("coarse_losses"),
             tuple(g["rows"]) if "rows" in g else None,
             g.get("offset", False),
+            tuple(g.get("also", ())),
         )
         for g in json.loads(metadata["groups"])
     ]
@@ -476,8 +500,7 @@ def scale_pass(
 
         def fold(copy):
             for g in from_record(*result):
-                rel = [n.removeprefix(here) for n in g.linears]
-                fold_scales(copy, g.prev.removeprefix(here), rel, g.scales, g.rows, g.offset)
+                g.fold(copy, here)
 
         specs = block_specs(plan, f"{prefix}.{i}")
         return quantized_copy(block, specs, act, fold if resumed else None)

@@ -289,10 +289,18 @@ def test_unknown_router_type_is_refused_with_the_known_ones():
 @pytest.mark.parametrize("kind", ["gemma3_text", "mixtral"])
 def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, monkeypatch):
     """model.load=blocks (the skeleton on meta, one block's weights read at a time from the
-    shards) gives the scale, clip and GPTQ searches exactly the bytes of the whole model."""
+    shards) gives the scale, clip and GPTQ searches exactly the bytes of the whole model, and
+    leaves no weight loaded: the embeddings go once the first block's input is known."""
     import ptqflow.pipeline.quantizing as quantizing
 
-    whole = quantizing.load_model
+    whole, real_open, opened = quantizing.load_model, quantizing.open_blockwise, []
+
+    def open_blockwise(*args, **kwargs):
+        model, weights = real_open(*args, **kwargs)
+        opened.append(model)
+        return model, weights
+
+    monkeypatch.setattr(quantizing, "open_blockwise", open_blockwise)
     model_dir = tmp_path / "model"
     tok = build_tokenizer(model_dir)
     tiny_family(kind, len(tok)).save_pretrained(model_dir, max_shard_size="100KB")
@@ -315,6 +323,7 @@ def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, m
             for p in sorted((work / "artifacts" / d).glob("block_*.safetensors"))
         }
     assert files["whole"] and files["whole"] == files["blocks"]
+    assert len(opened) == 3 and all(p.is_meta for m in opened for p in m.parameters())
 
 
 def test_block_loading_refuses_what_it_cannot_read(tmp_path, texts):

@@ -175,11 +175,14 @@ def stream_blocks(
     each see every token here (:func:`~ptqflow.models.experts.all_experts`).
 
     ``weights``: the model's blocks are on ``meta`` (:func:`~ptqflow.models.blockload.
-    open_blockwise`); each is read from the checkpoint for its turn and released after it.
+    open_blockwise`); each is read from the checkpoint for its turn and released after it, and
+    what lies outside the blocks is released once the first block's input is known.
     ``prepare(i, block)``: what precedes the pass in block ``i`` (folding searched scales).
     """
     blocks = arch.blocks(model)
     x, given = block_inputs(model, arch, inputs)
+    if weights is not None:
+        weights.release_outside(model)
     x = x.to(device)
     moved: dict[int, object] = {}  # blocks of one kind share their tensors: move them once
 

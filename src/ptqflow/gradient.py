@@ -374,8 +374,9 @@ def collect_blockwise(
 
     A forward pass runs the blocks in order, writing each block's input under ``work``; the
     loss's gradients at the last block's output (the data pass's and the model pass's) are
-    taken on each batch; then, from the top, each block is read again, its forward recomputed
-    from its saved input, and both gradients carried down through it. Each block's weight-sized
+    taken on each batch, and what lies outside the blocks is released; then, from the top, each
+    block is read again, its forward recomputed from its saved input, and both gradients carried
+    down through it. Each block's weight-sized
     statistics (``grad_w``, ``fisher``) go to ``save(i, tensors)`` as soon as it is done
     (:func:`to_tensors`'s keys); the rest is returned. Same batches, same draws, same sums as
     :func:`collect`.
@@ -429,6 +430,7 @@ def collect_blockwise(
         for h in handles:
             h.remove()
     del x
+    weights.release_outside(model)  # the head's statistics are taken
     for i in tqdm(reversed(range(len(blocks))), desc="gradient backward", total=len(blocks)):
         block = blocks[i]
         weights.load(i, block, device)

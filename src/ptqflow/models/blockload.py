@@ -141,13 +141,21 @@ class BlockWeights:
         self.materialize(block, f"{self.arch.block_prefix}.{i}.", device)
 
     @staticmethod
-    def release(block: nn.Module) -> None:
-        """Drop ``block``'s parameters (back to ``meta``); its buffers stay."""
-        for name, p in list(block.named_parameters()):
-            owner, _, attr = name.rpartition(".")
-            sub = block.get_submodule(owner) if owner else block
-            meta = torch.empty_like(p, device="meta")
-            setattr(sub, attr, nn.Parameter(meta, requires_grad=False))
+    def release(block: nn.Module, skip: set[int] = frozenset()) -> None:
+        """Drop ``block``'s parameters (back to ``meta``), but those of the ``skip`` modules
+        (ids); its buffers stay."""
+        for name, sub in block.named_modules():
+            if id(sub) in skip:
+                continue
+            for attr, p in list(sub.named_parameters(recurse=False)):
+                if not p.is_meta:
+                    meta = torch.empty_like(p, device="meta")
+                    setattr(sub, attr, nn.Parameter(meta, requires_grad=False))
+
+    def release_outside(self, model: nn.Module) -> None:
+        """Drop what lies outside the decoder blocks (embeddings, final norm, head: the passes
+        need them only before the first block and after the last)."""
+        self.release(model, skip={id(m) for m in self.arch.blocks(model).modules()})
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from functools import partial
@@ -117,6 +118,24 @@ def block_inputs(
     if len(kwargs) != len(blocks):
         raise RuntimeError(f"the model called {len(kwargs)} of its {len(blocks)} blocks")
     return x[0], kwargs
+
+
+@contextmanager
+def fed_top(blocks: nn.ModuleList, h: torch.Tensor):
+    """Within the block, the model's forward skips its blocks and the last one hands on ``h``:
+    what follows the blocks (final norm, head, soft-capping) runs on ``h``."""
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        block.forward = (
+            (lambda *a, **k: h)
+            if i == last
+            else (lambda *a, **k: a[0] if a else k["hidden_states"])
+        )
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 BLOCK_CALL = ""

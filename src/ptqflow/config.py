@@ -91,8 +91,8 @@ class ModelConfig:
         if self.load != "whole":
             raise ValueError(
                 f"model.load={self.load}: the {stage} stage loads the whole model; block-wise "
-                "loading serves scale-search, clip-search, gptq and awq-gptq (run the others "
-                "with model.load=whole)"
+                "loading serves gradient, scale-search, clip-search, gptq, awq-gptq, real-pack "
+                "and eval-fp/rtn/awq/gptq/awq_gptq (run the others with model.load=whole)"
             )
 
     @property

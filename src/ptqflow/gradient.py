@@ -45,7 +45,6 @@ and language token positions for vision-language models.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ptqflow.artifacts import read_safetensors
-from ptqflow.blockwise import block_inputs, first_output, take_rows
+from ptqflow.blockwise import block_inputs, fed_top, first_output, take_rows
 from ptqflow.models.architectures import Architecture
 from ptqflow.models.blockload import BlockWeights
 from ptqflow.multimodal import ImageTextBatch, model_inputs
@@ -417,7 +416,7 @@ def collect_blockwise(
         for r in batches:  # the loss on the last block's output
             hooks.rows, hooks.masks = r, masks[:, r].to(device)
             top = x[r].to(device).requires_grad_(True)
-            with _fed(blocks, top):
+            with fed_top(blocks, top):
                 loss, predicted = _loss(model, data, scored, input_ids[r].to(device), r, device)
             hooks.phase = "data"
             grads["data"][r] = torch.autograd.grad(loss, top, retain_graph=True)[0].cpu()
@@ -462,24 +461,6 @@ def collect_blockwise(
         save(i, to_tensors(GradientStats(full, {}, (), (), 0, 0, 0.0)))
     every = [n for n, _, _ in arch.linears(model)]
     return _result(hooks, names, masks, every, len(blocks), scored, total_loss, device)
-
-
-@contextmanager
-def _fed(blocks: nn.ModuleList, h: torch.Tensor):
-    """Within the block, the model's forward skips its blocks and the last one hands on ``h``:
-    what follows the blocks (final norm, head, soft-capping) runs on ``h``."""
-    last = len(blocks) - 1
-    for i, block in enumerate(blocks):
-        block.forward = (
-            (lambda *a, **k: h)
-            if i == last
-            else (lambda *a, **k: a[0] if a else k["hidden_states"])
-        )
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
 
 
 # ----------------------------------------------------------------------------- saved form

@@ -144,7 +144,7 @@ class BlockWeights:
     def release(block: nn.Module, skip: set[int] = frozenset()) -> None:
         """Drop ``block``'s parameters (back to ``meta``), but those of the ``skip`` modules
         (ids); its buffers stay."""
-        for name, sub in block.named_modules():
+        for sub in block.modules():
             if id(sub) in skip:
                 continue
             for attr, p in list(sub.named_parameters(recurse=False)):

@@ -59,7 +59,8 @@ from ptqflow.models.architectures import Architecture
 from ptqflow.models.blockload import BlockWeights
 from ptqflow.multimodal import ImageTextBatch, model_inputs
 
-FULL = ("grad_w", "fisher")  # the weight-sized statistics, stored in bfloat16
+FULL = ("grad_w", "fisher")  # the weight-sized statistics, stored in FULL_DTYPE
+FULL_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -204,9 +205,10 @@ class _Hooks:
 
         return forward
 
-    def linear_stats(self, names, n_tokens: int, per_group, keys=None) -> dict:
+    def linear_stats(self, names, n_tokens: int, per_group, keys=None, stored=False) -> dict:
         """The means of the linears ``names`` (``keys``: which statistics), popped from the
-        sums."""
+        sums; ``stored``: the weight-sized ones in their stored dtype at once, so only one
+        linear's float32 mean lives beside them."""
         sums = self.acc.sums
         wanted = keys or (*FULL, "grad_sq", "act_sq", "grad_abs")
         out = {}
@@ -218,6 +220,8 @@ class _Hooks:
                 if f"{name}.{k}" in sums:
                     count = per_group if k == "grad_abs" else n_tokens
                     d[k] = (sums.pop(f"{name}.{k}") / count).float().cpu()
+                    if stored and k in FULL:
+                        d[k] = d[k].to(FULL_DTYPE)
             out[name] = d
         return out
 
@@ -457,7 +461,7 @@ def collect_blockwise(
                 handle.remove()
         weights.release(block)
         (work / f"input_{i:03d}.pt").unlink()
-        full = hooks.linear_stats(inner, n * seq, None, keys=FULL)
+        full = hooks.linear_stats(inner, n * seq, None, keys=FULL, stored=True)
         save(i, to_tensors(GradientStats(full, {}, (), (), 0, 0, 0.0)))
     every = [n for n, _, _ in arch.linears(model)]
     return _result(hooks, names, masks, every, len(blocks), scored, total_loss, device)
@@ -482,10 +486,8 @@ def to_tensors(stats: GradientStats) -> dict[str, torch.Tensor]:
     """Flat safetensors dict: ``linear/<path>/<stat>`` and ``block/<i>/<stat>``."""
     out = {}
     for name, d in stats.linears.items():
-        out.update({f"linear/{name}/{k}": v.contiguous() for k, v in d.items()})
-        for k in FULL:
-            if k in d:
-                out[f"linear/{name}/{k}"] = d[k].to(torch.bfloat16).contiguous()
+        for k, v in d.items():
+            out[f"linear/{name}/{k}"] = (v.to(FULL_DTYPE) if k in FULL else v).contiguous()
     for i, d in stats.blocks.items():
         out.update({f"block/{i:03d}/{k}": v.contiguous() for k, v in d.items()})
     return out

@@ -322,8 +322,7 @@ def collect(
     """
     names, input_ids, scored, masks = _setup(data, groups)
     model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     blocks = arch.blocks(model)
     prefix = arch.block_prefix
@@ -385,8 +384,7 @@ def collect_blockwise(
     :func:`collect`.
     """
     names, input_ids, scored, masks = _setup(data, groups)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     blocks = arch.blocks(model)
     prefix = arch.block_prefix
     n, seq = input_ids.shape
@@ -463,6 +461,7 @@ def collect_blockwise(
         (work / f"input_{i:03d}.pt").unlink()
         full = hooks.linear_stats(inner, n * seq, None, keys=FULL, stored=True)
         save(i, to_tensors(GradientStats(full, {}, (), (), 0, 0, 0.0)))
+        del full  # written: not kept beside the next block
     every = [n for n, _, _ in arch.linears(model)]
     return _result(hooks, names, masks, every, len(blocks), scored, total_loss, device)
 

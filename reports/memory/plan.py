@@ -11,7 +11,7 @@ Memory of a block-wise stage, from two measured runs at one depth and two calibr
 
 ``per_token`` is the slope between the two calibration sizes; it is scaled to another model by
 the width its tokens take inside a block (hidden size plus every MLP's or expert's intermediate
-size: in the searches every expert sees every token).
+size: in the searches every expert sees every token, in the gradient pass the routed ones).
 ``per_weight_byte`` is what the smaller run's peak holds beyond the process and its tokens, per
 byte of one block's float32 weights. What lies outside the blocks (embeddings, and the head for
 the gradient stage) is held only before the first block and after the last, so it bounds the
@@ -19,7 +19,8 @@ peak from below rather than adding to it. On a GPU (``model.device=cuda``) the b
 activations are on the device and the host holds the process and the outside weights.
 
 Time: the measured seconds per block of the larger run, scaled by the block's parameters (in a
-search every expert sees every token) times the calibration tokens: CPU time on the measuring
+search every expert sees every token; the gradient pass routes each token to its experts)
+times the calibration tokens: CPU time on the measuring
 machine. A GPU's time is that divided by its speed-up on these matmuls, which no run here
 measured. Writes ``reports/memory/plan.json``.
 
@@ -45,15 +46,23 @@ LLAMA_70B_BLOCK = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672
 MLA = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168
 DSV3_MOE_BLOCK = MLA + 257 * 3 * 7168 * 2048 + 256 * 7168
 DSV3_DENSE_BLOCK = MLA + 3 * 7168 * 18432
+DSV3_ROUTED = MLA + 9 * 3 * 7168 * 2048 + 256 * 7168  # 8 routed experts and the shared one
 MODELS = {
     "Llama-3-70B": dict(
-        hidden=8192, vocab=128256, blocks=[LLAMA_70B_BLOCK] * 80, width=8192 + 28672
+        hidden=8192,
+        vocab=128256,
+        blocks=[LLAMA_70B_BLOCK] * 80,
+        routed=[LLAMA_70B_BLOCK] * 80,
+        width=8192 + 28672,
+        routed_width=8192 + 28672,
     ),
     "DeepSeek-V3 (671B)": dict(
         hidden=7168,
         vocab=129280,
         blocks=[DSV3_DENSE_BLOCK] * 3 + [DSV3_MOE_BLOCK] * 58,
+        routed=[DSV3_DENSE_BLOCK] * 3 + [DSV3_ROUTED] * 58,
         width=7168 + 257 * 2048,
+        routed_width=7168 + 9 * 2048,
     ),
 }
 CALIBRATIONS = (128 * 512, 16 * 512)  # the default (128 blocks of 512 tokens), and a small one
@@ -105,14 +114,20 @@ def main() -> None:
             per = {}
             for stage, outside in (("scale_search", embed), ("gradient", 2 * embed)):
                 f = out["fits"][stage]
-                per_token = f["per_token_bytes"] * m["width"] / MEASURED_WIDTH
+                # the searches run every expert on every token; the gradient pass routes them
+                width, work = (
+                    (m["width"], m["blocks"])
+                    if stage == "scale_search"
+                    else (m["routed_width"], m["routed"])
+                )
+                per_token = f["per_token_bytes"] * width / MEASURED_WIDTH
                 device = per_token * tokens + f["per_weight_byte"] * block
                 row = {
                     "host_gb_cpu_run": round((base + max(device, outside)) / GB, 1),
                     "device_gb_gpu_run": round(device / GB, 1),
                     "host_gb_gpu_run": round((base + outside) / GB, 1),
                     "cpu_hours_measured_machine": round(
-                        f["seconds_per_param_token"] * sum(m["blocks"]) * tokens / 3600
+                        f["seconds_per_param_token"] * sum(work) * tokens / 3600
                     ),
                 }
                 if stage == "gradient":

@@ -369,6 +369,10 @@ def test_block_loading_refuses_what_it_cannot_read(tmp_path, texts):
         fake_quant_eval.run(
             family_cfg(model_dir, texts, tmp_path, "model.load=blocks", "eval.method=packed")
         )
+    static = ("model.load=blocks", "quant=fp8_static", "quant.w_bit=8", "pack=compressed_tensors")
+    for stage in (fake_quant_eval, real_pack):
+        with pytest.raises(ValueError, match="model.load=blocks with static activation scales"):
+            stage.run(family_cfg(model_dir, texts, tmp_path, *static, "eval.method=rtn"))
     state = load_file(model_dir / "model.safetensors")
     del state["model.layers.1.mlp.down_proj.weight"]
     save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})

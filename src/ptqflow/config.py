@@ -95,6 +95,17 @@ class ModelConfig:
                 "and eval-fp/rtn/awq/gptq/awq_gptq (run the others with model.load=whole)"
             )
 
+    def static_scales(self, quant: Mapping[str, Any]) -> None:
+        """Refuse ``load=blocks`` with static activation scales: they are calibrated on the
+        whole model."""
+        act = parse_act(quant)
+        if self.load != "whole" and act is not None and act.static:
+            raise ValueError(
+                f"model.load={self.load} with static activation scales ({quant_label(quant)}): "
+                "they are calibrated on the whole model; use model.load=whole, or dynamic "
+                "activation scales"
+            )
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)

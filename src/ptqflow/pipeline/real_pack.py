@@ -22,7 +22,7 @@ from torch import nn
 
 from ptqflow import activation
 from ptqflow.artifacts import atomic_dir, write_manifest
-from ptqflow.config import parse, parse_act, quant_label
+from ptqflow.config import parse, parse_act
 from ptqflow.formats import FORMATS, check_packable, get_format
 from ptqflow.methods import rounding
 from ptqflow.methods.gptq.config import GPTQConfig
@@ -53,13 +53,8 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     pack = parse(PackConfig, "pack", cfg["pack"])
     setup = quant_setup(cfg, run)
     act = parse_act(cfg["quant"])
+    setup.model_cfg.static_scales(cfg["quant"])
     streamed = setup.model_cfg.load == "blocks"
-    if streamed and act is not None and act.static:
-        raise ValueError(
-            f"model.load=blocks with static activation scales ({quant_label(cfg['quant'])}): "
-            "they are calibrated on the whole model; use model.load=whole, or dynamic "
-            "activation scales"
-        )
     check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config), act)
     if rounding(pack.method).name == "gptq":
         check_contiguous(cfg, pack)

@@ -187,12 +187,8 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun, stage: str) -> S
     act, calib = parse_act(cfg["quant"]), None
     if stage != "eval":
         setup.model_cfg.whole(f"{stage}-{ev.method}")
-    elif setup.model_cfg.load == "blocks" and act is not None and act.static:
-        raise ValueError(
-            f"model.load=blocks with static activation scales ({quant_label(cfg['quant'])}): "
-            "they are calibrated on the whole model; use model.load=whole, or dynamic "
-            "activation scales"
-        )
+    else:
+        setup.model_cfg.static_scales(cfg["quant"])
     tag = quant_tag(cfg)
     inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
     if act is not None and act.static:

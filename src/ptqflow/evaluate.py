@@ -20,7 +20,6 @@ from torch import nn
 from tqdm import tqdm
 
 from ptqflow.blockwise import block_inputs, fed_top, first_output
-from ptqflow.models.architectures import Architecture
 from ptqflow.models.blockload import BlockWeights
 from ptqflow.multimodal import ImageTextBatch, batches
 
@@ -105,7 +104,6 @@ def perplexity(
 @torch.no_grad()
 def perplexity_blockwise(
     model: nn.Module,
-    arch: Architecture,
     weights: BlockWeights,
     windows: torch.Tensor | ImageTextBatch,
     batch_size: int = 4,
@@ -120,6 +118,7 @@ def perplexity_blockwise(
     :func:`perplexity`. Holds the hidden states of all windows (``n_windows x seqlen x
     hidden`` in the model's dtype) besides one block."""
     device = next(p for p in model.parameters() if not p.is_meta).device
+    arch = weights.arch
     blocks = arch.blocks(model)
     runs = list(batches(model.config, windows, batch_size, device))
     states = [block_inputs(model, arch, kwargs) for kwargs, _ in runs]

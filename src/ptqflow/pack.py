@@ -49,13 +49,12 @@ from ptqflow.kernels import cpu_int4, w4a16_matmul
 from ptqflow.kernels import reference as ref
 from ptqflow.methods import METHODS
 from ptqflow.models import auto_class, get_architecture
-from ptqflow.models.blockload import BlockWeights
+from ptqflow.models.blockload import INDEX, SINGLE, BlockWeights, safetensors_files
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"  # a sharded checkpoint (streamed, one shard per block)
-SHARD = "model-{:05d}-of-{:05d}.safetensors"
+WEIGHTS = SINGLE
+SHARD = "model-{:05d}-of-{:05d}.safetensors"  # a streamed checkpoint's, one per block and INDEX
 INPUT_SCALE = "input_scale"  # a static activation scale's tensor, beside its linear's
 # What to do about a damaged or inconsistent checkpoint: it may be ours or downloaded.
 REPACK = "rerun real-pack (`dvc repro real-pack`) if ptqflow wrote it, or download it again"
@@ -341,7 +340,6 @@ def save_packed(
             "bytes": (out_dir / WEIGHTS).stat().st_size,
         }
     weights, prepare = blocks
-    prefix = arch.block_prefix
     n = len(arch.blocks(model))
     weight_map: dict[str, str] = {}
     total = 0
@@ -353,11 +351,11 @@ def save_packed(
         weight_map.update(dict.fromkeys(state, name))
         total += sum(t.numel() * t.element_size() for t in state.values())
 
-    write(0, packed(lambda k: not k.startswith(f"{prefix}.")))  # embeddings, norm, head
+    write(0, packed(lambda k: arch.block_of(k) is None))  # embeddings, norm, head
     for i, block in enumerate(arch.blocks(model)):
         weights.load(i, block, "cpu")
         prepare(i, block)
-        write(i + 1, packed(lambda k, i=i: k.startswith(f"{prefix}.{i}.")))
+        write(i + 1, packed(lambda k, i=i: arch.block_of(k) == i))
         weights.release(block)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(out_dir / INDEX, json.dumps(index, indent=2) + "\n")
@@ -376,13 +374,7 @@ is packed (scales folded, clips applied)."""
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: ``model.safetensors``, or the shards
     its index names; empty when it has neither."""
-    if (path / INDEX).is_file():
-        try:
-            weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path / INDEX} is not a readable index ({e}); {REPACK}") from None
-        return [path / f for f in sorted(set(weight_map.values()))]
-    return [path / WEIGHTS] if (path / WEIGHTS).is_file() else []
+    return [path / f for f in safetensors_files(path, REPACK)[0]]
 
 
 def _write_config(model, tokenizer, plan, cfg, out_dir, act, integers, fmt) -> None:

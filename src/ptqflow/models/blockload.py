@@ -87,12 +87,8 @@ class BlockWeights:
 
     def __init__(self, directory: Path, arch: Architecture, dtype: torch.dtype) -> None:
         self.directory, self.arch, self.dtype = directory, arch, dtype
-        if (directory / INDEX).is_file():
-            weight_map = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (directory / SINGLE).is_file():
-            files, weight_map = [SINGLE], None
-        else:
+        files, weight_map = safetensors_files(directory, "download or save the checkpoint again")
+        if not files:
             raise FileNotFoundError(
                 f"'{directory}' holds neither {INDEX} nor {SINGLE}: block-wise loading reads "
                 "safetensors checkpoints; use model.load=whole for other sources"
@@ -173,11 +169,30 @@ def return_freed_memory(threshold: int = 1 << 20) -> None:
     libc.mallopt(M_TRIM_THRESHOLD, threshold)
 
 
+def safetensors_files(directory: Path, remedy: str) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files of a checkpoint directory (the shards its index names, or
+    ``model.safetensors``; none when it has neither), and the index's tensor-to-file map
+    (None without an index).
+
+    Raises:
+        ValueError: the index is not readable JSON with a ``weight_map`` (``remedy`` says what
+            to do).
+    """
+    if (directory / INDEX).is_file():
+        try:
+            weight_map = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{directory / INDEX} is not a readable index ({e}); {remedy}"
+            ) from None
+        return files, weight_map
+    return ([SINGLE] if (directory / SINGLE).is_file() else []), None
+
+
 def _block_of(arch: Architecture, name: str) -> str:
-    head = arch.block_prefix + "."
-    if name.startswith(head):
-        return f"block {name[len(head) :].split('.', 1)[0]}"
-    return "outside the blocks"
+    i = arch.block_of(name)
+    return "outside the blocks" if i is None else f"block {i}"
 
 
 def _checked_skeleton(

@@ -80,11 +80,11 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             model, weights = open_blockwise(
                 checkpoint_dir(setup.ref), setup.hf_config, setup.model_cfg.torch_dtype, head=True
             )
-            prefix = f"{setup.arch.block_prefix}."
-            result.part(lambda n: not n.startswith(prefix)).transform(model)
+            arch = setup.arch
+            result.part(lambda n: arch.block_of(n) is None).transform(model)
 
             def transform(i: int, block: nn.Module) -> None:
-                result.part(lambda n: n.startswith(f"{prefix}{i}.")).transform(model)
+                result.part(lambda n: arch.block_of(n) == i).transform(model)
 
             blocks = (weights, transform)
         else:

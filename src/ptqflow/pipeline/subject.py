@@ -30,7 +30,6 @@ from ptqflow.evaluate import PerplexityResult, perplexity, perplexity_blockwise
 from ptqflow.methods.result import MethodResult
 from ptqflow.models import (
     ModelRef,
-    get_architecture,
     linear_layers,
     linear_shapes,
     load_model,
@@ -94,9 +93,7 @@ class Subject:
             )
         done: list[str] = []
         model, weights, prepare = self.blockwise(done)
-        result = perplexity_blockwise(
-            model, get_architecture(model.config.model_type), weights, windows, batch_size, prepare
-        )
+        result = perplexity_blockwise(model, weights, windows, batch_size, prepare)
         return result, done, {"eval_seconds": time.perf_counter() - t0}
 
 
@@ -211,7 +208,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun, stage: str) -> S
         return model, done
 
     def blockwise(done: list[str]) -> Blockwise:
-        device, prefix = setup.model_cfg.torch_device(), setup.arch.block_prefix
+        device, arch = setup.model_cfg.torch_device(), setup.arch
         model, weights = open_blockwise(
             checkpoint_dir(setup.ref), setup.hf_config, setup.model_cfg.torch_dtype, device, True
         )
@@ -224,10 +221,10 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun, stage: str) -> S
         def block_plan(keep: Callable[[str], bool]) -> tuple[MethodResult, dict]:
             return result.part(keep), {n: s for n, s in setup.plan.items() if keep(n)}
 
-        quantize(*block_plan(lambda n: not n.startswith(f"{prefix}.")))  # a head, say
+        quantize(*block_plan(lambda n: arch.block_of(n) is None))  # a head, say
 
         def prepare(i: int, block: nn.Module) -> None:
-            quantize(*block_plan(lambda n: n.startswith(f"{prefix}.{i}.")))
+            quantize(*block_plan(lambda n: arch.block_of(n) == i))
 
         return model, weights, prepare
 

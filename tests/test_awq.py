@@ -96,9 +96,12 @@ def test_clip_token_subsample_is_an_even_stride():
     assert torch.equal(got, search_clip(w, x[::10], spec, ClipSearchConfig(n_tokens=0)))
 
 
-def test_gram_loss_equals_direct_loss_for_a_single_linear():
+@pytest.mark.parametrize("n_seq", [4, 1], ids=["gram", "fewer-tokens-than-channels"])
+def test_single_linear_loss_equals_rerunning_the_linear(n_seq):
+    """The lone linear's loss (from the Gram matrix with 80 tokens, from the input itself with
+    20 of them; 48 input channels) is the output error of re-running the linear."""
     block = nn.ModuleDict({"up": nn.Linear(32, 48), "down": nn.Linear(48, 32)})
-    x = torch.randn(4, 20, 48, generator=GEN).abs()
+    x = torch.randn(n_seq, 20, 48, generator=GEN).abs()
     specs = {"down": QuantSpec(3, 16)}
     group = ScaleGroup("up", ("down",), "down")
     cfg = ScaleSearchConfig(duo_scaling=True, coarse_every=1, coarse_step=1)
@@ -239,14 +242,18 @@ def test_every_architecture_searches_folds_and_evaluates(family):
     assert ppl == pytest.approx(nll.exp().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("inspect", ["down", "block"], ids=["gram-path", "direct-path"])
-def test_token_weights_select_tokens(inspect):
+@pytest.mark.parametrize(
+    ("inspect", "n_seq"),
+    [("down", 6), ("down", 2), ("block", 2)],
+    ids=["gram-path", "input-path", "module-path"],
+)
+def test_token_weights_select_tokens(inspect, n_seq):
     """Weights of 0/1 give the search on the weighted tokens only; all-ones is uniform."""
     torch.manual_seed(0)
     block = nn.ModuleDict({"up": nn.Linear(32, 48), "down": nn.Linear(48, 32)})
     block["block"] = nn.Sequential(block["down"], nn.Tanh())
-    x = torch.randn(2, 10, 48).abs()
-    keep = torch.zeros(2, 10)
+    x = torch.randn(n_seq, 10, 48).abs()
+    keep = torch.zeros(n_seq, 10)
     keep[:, :5] = 1
     specs = {"down": QuantSpec(3, 16)}
     group = ScaleGroup("up", ("down",), inspect)
@@ -255,7 +262,7 @@ def test_token_weights_select_tokens(inspect):
     def losses(inp, weights=None):
         return search_group(block, group, specs, inp, ((inp,), {}), cfg, weights).losses
 
-    torch.testing.assert_close(losses(x, torch.ones(2, 10)), losses(x), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(losses(x, torch.ones(n_seq, 10)), losses(x), rtol=1e-5, atol=1e-9)
     # x_mean (the activation statistic) is over all tokens, so compare at fixed statistics:
     sub = x[:, :5]
     got = torch.tensor(
@@ -342,16 +349,20 @@ def test_coarse_pass_matches_the_exhaustive_grid_and_scores_fewer_points(tiny_mo
     assert all(v == every.losses[i] for i, v in enumerate(res.losses) if v is not None)
 
 
-@pytest.mark.parametrize("inspect", ["down", "block"], ids=["gram-path", "direct-path"])
-def test_large_weights_are_scored_in_row_chunks_alike(inspect, monkeypatch):
-    """A weight above the chunk size is quantized (and its Gram loss summed) a chunk of rows at
+@pytest.mark.parametrize(
+    ("inspect", "n_seq"),
+    [("down", 6), ("down", 2), ("block", 2)],
+    ids=["gram-path", "input-path", "module-path"],
+)
+def test_large_weights_are_scored_in_row_chunks_alike(inspect, n_seq, monkeypatch):
+    """A weight above the chunk size is quantized (and its loss summed) a chunk of rows at
     a time: the same losses to rounding and the same scale as all at once."""
     from ptqflow.methods.awq import scale as scale_mod
 
     torch.manual_seed(0)
     block = nn.ModuleDict({"up": nn.Linear(32, 48), "down": nn.Linear(48, 40)})
     block["block"] = nn.Sequential(block["down"], nn.Tanh())
-    x = torch.randn(2, 10, 48).abs()
+    x = torch.randn(n_seq, 10, 48).abs()
     specs = {"down": QuantSpec(3, 16)}
     group = ScaleGroup("up", ("down",), inspect)
     cfg = ScaleSearchConfig(n_grid=6, coarse_every=1, coarse_step=1)

@@ -16,6 +16,7 @@ from ptqflow.calib import load_blocks
 from ptqflow.methods.awq.apply import apply_scales, fold_scales
 from ptqflow.methods.awq.scale import load_scales
 from ptqflow.models import get_architecture, linear_shapes, load_config, load_model, resolve_model
+from ptqflow.pack import weight_files
 from ptqflow.pipeline import (
     benchmark,
     calib_data,
@@ -289,18 +290,34 @@ def test_unknown_router_type_is_refused_with_the_known_ones():
 @pytest.mark.parametrize("kind", ["gemma3_text", "mixtral"])
 def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, monkeypatch):
     """model.load=blocks (the skeleton on meta, one block's weights read at a time from the
-    shards) gives the scale, clip and GPTQ searches exactly the bytes of the whole model."""
-    import ptqflow.pipeline.quantizing as quantizing
+    shards) gives the scale, clip and GPTQ searches exactly the bytes of the whole model, and
+    leaves no weight loaded: the embeddings go once the first block's input is known. The
+    perplexity evaluation, block by block, scores what the whole model scores; the packed
+    checkpoint, streamed one shard per block, holds the whole model's tensors."""
+    from safetensors.torch import load_file
 
-    whole = quantizing.load_model
+    import ptqflow.pipeline.quantizing as quantizing
+    import ptqflow.pipeline.subject as subject
+
+    whole, real_open, opened = quantizing.load_model, quantizing.open_blockwise, []
+
+    def open_blockwise(*args, **kwargs):
+        model, weights = real_open(*args, **kwargs)
+        opened.append(model)
+        return model, weights
+
+    monkeypatch.setattr(quantizing, "open_blockwise", open_blockwise)
     model_dir = tmp_path / "model"
     tok = build_tokenizer(model_dir)
     tiny_family(kind, len(tok)).save_pretrained(model_dir, max_shard_size="100KB")
     assert (model_dir / "model.safetensors.index.json").is_file()  # several shards
     files = {}
+    scores, packed = {}, {}
     for load in ("whole", "blocks"):
         if load == "blocks":  # the whole model never loads
             monkeypatch.setattr(quantizing, "load_model", None)
+            monkeypatch.setattr(subject, "load_model", None)
+            monkeypatch.setattr(real_pack, "load_model", None)
         assert load == "blocks" or quantizing.load_model is whole
         work = tmp_path / load
         cfg = family_cfg(model_dir, texts, work, f"model.load={load}")
@@ -309,12 +326,32 @@ def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, m
         scale_search.run(cfg)
         clip_search.run(cfg)
         gptq_search.run_awq_gptq(cfg)
+        real_pack.run(cfg)
         files[load] = {
             p.relative_to(work): p.read_bytes()
             for d in ("scales", "clips", "awq_gptq")
             for p in sorted((work / "artifacts" / d).glob("block_*.safetensors"))
         }
+        packed[load] = {}
+        for f in weight_files(work / "artifacts" / "packed"):
+            packed[load].update(load_file(f))
+        scores[load] = {
+            m: fake_quant_eval.run(
+                family_cfg(model_dir, texts, work, f"model.load={load}", f"eval.method={m}")
+            )
+            for m in ("fp", "awq", "awq_gptq")
+        }
     assert files["whole"] and files["whole"] == files["blocks"]
+    shards = weight_files(tmp_path / "blocks" / "artifacts" / "packed")
+    assert len(shards) == 1 + SHAPE["num_hidden_layers"] and packed["whole"].keys()
+    assert packed["whole"].keys() == packed["blocks"].keys()
+    for k, v in packed["whole"].items():
+        assert torch.equal(v, packed["blocks"][k]), k
+    for m, got in scores["blocks"].items():
+        assert got["nll"] == pytest.approx(scores["whole"][m]["nll"], rel=1e-6, abs=0), m
+        assert got["quantized_linears"] == scores["whole"][m]["quantized_linears"], m
+    assert scores["blocks"]["awq"]["nll"] > scores["blocks"]["fp"]["nll"]
+    assert len(opened) == 3 and all(p.is_meta for m in opened for p in m.parameters())
 
 
 def test_block_loading_refuses_what_it_cannot_read(tmp_path, texts):
@@ -326,10 +363,16 @@ def test_block_loading_refuses_what_it_cannot_read(tmp_path, texts):
     tok = build_tokenizer(model_dir)
     tiny_family("qwen3", len(tok)).save_pretrained(model_dir)
     cfg = family_cfg(model_dir, texts, tmp_path, "model.load=blocks")
-    with pytest.raises(ValueError, match="model.load=blocks: the evaluation stage loads the whole"):
+    with pytest.raises(
+        ValueError, match="model.load=blocks: the eval-packed stage loads the whole"
+    ):
         fake_quant_eval.run(
-            family_cfg(model_dir, texts, tmp_path, "model.load=blocks", "eval.method=fp")
+            family_cfg(model_dir, texts, tmp_path, "model.load=blocks", "eval.method=packed")
         )
+    static = ("model.load=blocks", "quant=fp8_static", "quant.w_bit=8", "pack=compressed_tensors")
+    for stage in (fake_quant_eval, real_pack):
+        with pytest.raises(ValueError, match="model.load=blocks with static activation scales"):
+            stage.run(family_cfg(model_dir, texts, tmp_path, *static, "eval.method=rtn"))
     state = load_file(model_dir / "model.safetensors")
     del state["model.layers.1.mlp.down_proj.weight"]
     save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})

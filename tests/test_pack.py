@@ -208,6 +208,40 @@ def test_compressed_tensors_checkpoint_loads_in_transformers(
         assert max_logit_diff(plain, ours, windows) < 1e-5 * scale
 
 
+def test_a_streamed_checkpoint_is_the_whole_ones_tensors_in_shards(tiny_model_dir, tmp_path):
+    """Packed one block at a time from a sharded checkpoint (``blocks``): one shard for what
+    lies outside the blocks and one per block, with an index; the tensors are the whole-model
+    pack's, bit for bit, and transformers with compressed-tensors reads the shards as it reads
+    the single file."""
+    from ptqflow.models.blockload import open_blockwise
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.save_pretrained(tmp_path / "source", max_shard_size="50KB")
+    plan, cfg = plan_for(model, QuantSpec(4, 32, False)), PackConfig(format="compressed-tensors")
+    save_packed(model, None, plan, cfg, tmp_path / "whole")
+    skeleton, weights = open_blockwise(tmp_path / "source", model.config, torch.float32, head=True)
+    stats = save_packed(
+        skeleton, None, plan, cfg, tmp_path / "streamed", blocks=(weights, lambda i, b: None)
+    )
+    assert all(p.is_meta for p in skeleton.model.layers.parameters())
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 1 + model.config.num_hidden_layers
+    assert not (tmp_path / "streamed" / "model.safetensors").exists()
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    streamed = {}
+    for shard in shards:
+        streamed.update(load_file(tmp_path / "streamed" / shard))
+    assert streamed.keys() == whole.keys() and stats["tensors"] == len(whole)
+    assert all(torch.equal(streamed[k], v) for k, v in whole.items())
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32)
+    ours = load_packed(tmp_path / "whole")
+    assert max_logit_diff(theirs, ours, ids) < 1e-5 * ours(ids).logits.abs().max().item()
+
+
 def test_awq_config_lists_the_skipped_modules(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     plan = plan_for(model, QuantSpec(4, 32))

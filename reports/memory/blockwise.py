@@ -41,7 +41,7 @@ STAGES = ("scale_search.py", "gradient.py")
 # (8 layers hold 4 more blocks), and the gradient pass at 8 layers would hold the model and two
 # weight-sized float32 statistics per linear, some 20 GB, more than this machine can spare.
 SKIP = {("gradient.py", 8, "whole"), ("scale_search.py", 8, "whole")}
-CALIB = ("calib.n_samples=4", "calib.seqlen=256")
+N_SAMPLES, SEQLEN = 4, 256  # calibration blocks of 256 tokens
 SEARCH = ("search.scale.n_grid=4", "quant.group_size=128")
 
 
@@ -86,6 +86,21 @@ def stage(script: str, overrides: list[str]) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": usage.ru_maxrss // 1024}
 
 
+def runs() -> list[tuple[str, int, str, int]]:
+    """``(script, layers, load, calibration samples)`` of every run: both stages, both ways of
+    loading, at both depths (whole loading at the first only); and block-wise at the first depth
+    with four times the calibration, which separates what grows with the tokens from what
+    grows with the block."""
+    out = [
+        (script, layers, load, N_SAMPLES)
+        for layers in DEPTHS
+        for script in STAGES
+        for load in ("blocks", "whole")
+        if (script, layers, load) not in SKIP
+    ]
+    return out + [(script, DEPTHS[0], "blocks", 4 * N_SAMPLES) for script in STAGES]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=ROOT / "artifacts" / "exp" / "memory")
@@ -93,51 +108,54 @@ def main() -> None:
     rows = []
     done_file = args.work / "rows.json"  # finished runs, so a restarted benchmark skips them
     done = json.loads(done_file.read_text()) if done_file.is_file() else []
-    for layers in DEPTHS:
+    for script, layers, load, n_samples in runs():
         model_dir = args.work / f"llama7b-shapes-{layers}l"
         build(model_dir, layers)
         block_mb = sum(p.numel() for p in _block_params(model_dir)) * 4 / 2**20  # float32
         embed_mb = SHAPE["hidden_size"] * _vocab(model_dir) * 4 / 2**20
-        for load, script in [(lo, sc) for sc in STAGES for lo in ("blocks", "whole")]:
-            if (script, layers, load) in SKIP:
-                continue
-            key = (script.removesuffix(".py"), layers, load)
-            found = [r for r in done if (r["stage"], r["layers"], r["load"]) == key]
-            if found:
-                rows.append(found[0])
-                continue
-            work = args.work / f"run-{layers}l-{load}"
-            common = [
-                "model=local",
-                f"model.source={model_dir}",
-                "model.dtype=float32",
-                f"model.load={load}",
-                f"paths.artifacts={work / 'artifacts'}",
-                f"paths.reports={work / 'reports'}",
-                "tracking=none",
-                *CALIB,
-                *SEARCH,
-            ]
-            if not (work / "artifacts" / "calib").exists():
-                stage("calib_data.py", common)
-            seq = int(CALIB[1].split("=")[1])
-            act_mb = int(CALIB[0].split("=")[1]) * seq * SHAPE["hidden_size"] * 4 / 2**20
-            budget = block_mb + act_mb + embed_mb * (2 if script == "gradient.py" else 1)
-            row = {
-                "stage": script.removesuffix(".py"),
-                "layers": layers,
-                "load": load,
-                "block_fp32_mb": round(block_mb),
-                "embeddings_fp32_mb": round(embed_mb),
-                "calib_activations_mb": round(act_mb, 1),
-                "budget_mb": round(budget),
-                **stage(script, common),
-            }
-            row["ratio_to_budget"] = round(row["peak_rss_mb"] / budget, 3)
-            print(row, flush=True)
-            rows.append(row)
-            done_file.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    by = {(r["stage"], r["layers"], r["load"]): r["peak_rss_mb"] for r in rows}
+        tokens = n_samples * SEQLEN
+        key = (script.removesuffix(".py"), layers, load, tokens)
+        found = [r for r in done if (r["stage"], r["layers"], r["load"], r["tokens"]) == key]
+        if found:
+            rows.append(found[0])
+            continue
+        work = args.work / f"run-{layers}l-{load}-{tokens}"
+        common = [
+            "model=local",
+            f"model.source={model_dir}",
+            "model.dtype=float32",
+            f"model.load={load}",
+            f"paths.artifacts={work / 'artifacts'}",
+            f"paths.reports={work / 'reports'}",
+            "tracking=none",
+            f"calib.n_samples={n_samples}",
+            f"calib.seqlen={SEQLEN}",
+            *SEARCH,
+        ]
+        if not (work / "artifacts" / "calib").exists():
+            stage("calib_data.py", common)
+        act_mb = tokens * SHAPE["hidden_size"] * 4 / 2**20
+        budget = block_mb + act_mb + embed_mb * (2 if script == "gradient.py" else 1)
+        row = {
+            "stage": script.removesuffix(".py"),
+            "layers": layers,
+            "load": load,
+            "tokens": tokens,
+            "block_fp32_mb": round(block_mb),
+            "embeddings_fp32_mb": round(embed_mb),
+            "calib_activations_mb": round(act_mb, 1),
+            "budget_mb": round(budget),
+            **stage(script, common),
+        }
+        row["ratio_to_budget"] = round(row["peak_rss_mb"] / budget, 3)
+        print(row, flush=True)
+        rows.append(row)
+        done_file.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    by = {
+        (r["stage"], r["layers"], r["load"]): r["peak_rss_mb"]
+        for r in rows
+        if r["tokens"] == N_SAMPLES * SEQLEN
+    }
     summary = {
         f"{name}/{load}": round(by[(name, DEPTHS[1], load)] / by[(name, DEPTHS[0], load)] - 1, 4)
         for name in (sc.removesuffix(".py") for sc in STAGES)
@@ -148,7 +166,7 @@ def main() -> None:
         "what": "peak RSS against depth (Llama-7B block shapes, float32 compute)",
         "cpu": _cpu(),
         "baseline_mb": baseline(),
-        "overrides": [*CALIB, *SEARCH],
+        "overrides": [f"calib.seqlen={SEQLEN}", *SEARCH],
         "runs": rows,
         f"growth_{DEPTHS[0]}_to_{DEPTHS[1]}_layers": summary,
     }

@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from functools import partial
@@ -119,6 +120,24 @@ def block_inputs(
     return x[0], kwargs
 
 
+@contextmanager
+def fed_top(blocks: nn.ModuleList, h: torch.Tensor):
+    """Within the block, the model's forward skips its blocks and the last one hands on ``h``:
+    what follows the blocks (final norm, head, soft-capping) runs on ``h``."""
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        block.forward = (
+            (lambda *a, **k: h)
+            if i == last
+            else (lambda *a, **k: a[0] if a else k["hidden_states"])
+        )
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
 BLOCK_CALL = ""
 """The name under which a capture asks for the block's own call (its input and keyword
 arguments)."""
@@ -175,11 +194,14 @@ def stream_blocks(
     each see every token here (:func:`~ptqflow.models.experts.all_experts`).
 
     ``weights``: the model's blocks are on ``meta`` (:func:`~ptqflow.models.blockload.
-    open_blockwise`); each is read from the checkpoint for its turn and released after it.
+    open_blockwise`); each is read from the checkpoint for its turn and released after it, and
+    what lies outside the blocks is released once the first block's input is known.
     ``prepare(i, block)``: what precedes the pass in block ``i`` (folding searched scales).
     """
     blocks = arch.blocks(model)
     x, given = block_inputs(model, arch, inputs)
+    if weights is not None:
+        weights.release_outside(model)
     x = x.to(device)
     moved: dict[int, object] = {}  # blocks of one kind share their tensors: move them once
 

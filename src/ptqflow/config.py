@@ -91,8 +91,19 @@ class ModelConfig:
         if self.load != "whole":
             raise ValueError(
                 f"model.load={self.load}: the {stage} stage loads the whole model; block-wise "
-                "loading serves scale-search, clip-search, gptq and awq-gptq (run the others "
-                "with model.load=whole)"
+                "loading serves gradient, scale-search, clip-search, gptq, awq-gptq, real-pack "
+                "and eval-fp/rtn/awq/gptq/awq_gptq (run the others with model.load=whole)"
+            )
+
+    def static_scales(self, quant: Mapping[str, Any]) -> None:
+        """Refuse ``load=blocks`` with static activation scales: they are calibrated on the
+        whole model."""
+        act = parse_act(quant)
+        if self.load != "whole" and act is not None and act.static:
+            raise ValueError(
+                f"model.load={self.load} with static activation scales ({quant_label(quant)}): "
+                "they are calibrated on the whole model; use model.load=whole, or dynamic "
+                "activation scales"
             )
 
     @property

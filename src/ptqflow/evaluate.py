@@ -11,7 +11,7 @@ log-likelihood over all windows.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ptqflow.blockwise import block_inputs, fed_top, first_output
+from ptqflow.models.blockload import BlockWeights
 from ptqflow.multimodal import ImageTextBatch, batches
 
 
@@ -90,20 +92,65 @@ def perplexity(
     vision-language model, their caption tokens (caption perplexity). Log-probabilities in
     float32."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
     n_batches = -(-len(windows) // batch_size)
     runs = batches(model.config, windows, batch_size, device)
-    for kwargs, part in tqdm(runs, desc="perplexity", total=n_batches, disable=not progress):
-        logits = model(**kwargs).logits[:, :-1].float()
-        targets = kwargs["input_ids"][:, 1:]
-        if isinstance(part, ImageTextBatch):
-            scored = part.caption[:, 1:].to(device)
-            logits, targets = logits[scored], targets[scored]
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
-        )
-        total += nll.item()
-        count += targets.numel()
+    scored = [
+        _nll(model(**kwargs).logits, kwargs, part)
+        for kwargs, part in tqdm(runs, desc="perplexity", total=n_batches, disable=not progress)
+    ]
+    return _result(scored)
+
+
+@torch.no_grad()
+def perplexity_blockwise(
+    model: nn.Module,
+    weights: BlockWeights,
+    windows: torch.Tensor | ImageTextBatch,
+    batch_size: int = 4,
+    prepare: Callable[[int, nn.Module], None] | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """:func:`perplexity` with one decoder block's weights in memory at a time: ``model`` from
+    :func:`~ptqflow.models.blockload.open_blockwise` with its head, its blocks read from
+    ``weights``. Every batch's hidden states go through block ``i`` (read, then
+    ``prepare(i, block)``: quantized, say; then released) before block ``i + 1``; the head
+    scores the last block's output. The same batches and the same operations on each as
+    :func:`perplexity`. Holds the hidden states of all windows (``n_windows x seqlen x
+    hidden`` in the model's dtype) besides one block."""
+    device = next(p for p in model.parameters() if not p.is_meta).device
+    arch = weights.arch
+    blocks = arch.blocks(model)
+    runs = list(batches(model.config, windows, batch_size, device))
+    states = [block_inputs(model, arch, kwargs) for kwargs, _ in runs]
+    hidden, given = [x for x, _ in states], [kw for _, kw in states]
+    for i, block in enumerate(tqdm(blocks, desc="perplexity", unit="block", disable=not progress)):
+        weights.load(i, block, device)
+        if prepare is not None:
+            prepare(i, block)
+        hidden = [first_output(block(x, **kw[i])) for x, kw in zip(hidden, given, strict=True)]
+        weights.release(block)
+    scored = []
+    for (kwargs, part), h in zip(runs, hidden, strict=True):
+        with fed_top(blocks, h):
+            scored.append(_nll(model(**kwargs).logits, kwargs, part))
+    return _result(scored)
+
+
+def _nll(logits: torch.Tensor, kwargs: dict, part) -> tuple[float, int]:
+    """The summed next-token NLL (float32 log-probabilities) of one batch and its count."""
+    logits, targets = logits[:, :-1].float(), kwargs["input_ids"][:, 1:]
+    if isinstance(part, ImageTextBatch):
+        scored = part.caption[:, 1:].to(logits.device)
+        logits, targets = logits[scored], targets[scored]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+    return nll.item(), targets.numel()
+
+
+def _result(scored: list[tuple[float, int]]) -> PerplexityResult:
+    total, count = 0.0, 0
+    for nll, n in scored:  # summed in batch order
+        total += nll
+        count += n
     mean = total / count
     if not math.isfinite(mean):
         raise FloatingPointError(

@@ -45,7 +45,6 @@ and language token positions for vision-language models.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +54,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ptqflow.artifacts import read_safetensors
-from ptqflow.blockwise import block_inputs, first_output, take_rows
+from ptqflow.blockwise import block_inputs, fed_top, first_output, take_rows
 from ptqflow.models.architectures import Architecture
 from ptqflow.models.blockload import BlockWeights
 from ptqflow.multimodal import ImageTextBatch, model_inputs
 
-FULL = ("grad_w", "fisher")  # the weight-sized statistics, stored in bfloat16
+FULL = ("grad_w", "fisher")  # the weight-sized statistics, stored in FULL_DTYPE
+FULL_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -205,9 +205,10 @@ class _Hooks:
 
         return forward
 
-    def linear_stats(self, names, n_tokens: int, per_group, keys=None) -> dict:
+    def linear_stats(self, names, n_tokens: int, per_group, keys=None, stored=False) -> dict:
         """The means of the linears ``names`` (``keys``: which statistics), popped from the
-        sums."""
+        sums; ``stored``: the weight-sized ones in their stored dtype at once, so only one
+        linear's float32 mean lives beside them."""
         sums = self.acc.sums
         wanted = keys or (*FULL, "grad_sq", "act_sq", "grad_abs")
         out = {}
@@ -219,6 +220,8 @@ class _Hooks:
                 if f"{name}.{k}" in sums:
                     count = per_group if k == "grad_abs" else n_tokens
                     d[k] = (sums.pop(f"{name}.{k}") / count).float().cpu()
+                    if stored and k in FULL:
+                        d[k] = d[k].to(FULL_DTYPE)
             out[name] = d
         return out
 
@@ -319,8 +322,7 @@ def collect(
     """
     names, input_ids, scored, masks = _setup(data, groups)
     model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     blocks = arch.blocks(model)
     prefix = arch.block_prefix
@@ -374,15 +376,15 @@ def collect_blockwise(
 
     A forward pass runs the blocks in order, writing each block's input under ``work``; the
     loss's gradients at the last block's output (the data pass's and the model pass's) are
-    taken on each batch; then, from the top, each block is read again, its forward recomputed
-    from its saved input, and both gradients carried down through it. Each block's weight-sized
+    taken on each batch, and what lies outside the blocks is released; then, from the top, each
+    block is read again, its forward recomputed from its saved input, and both gradients carried
+    down through it. Each block's weight-sized
     statistics (``grad_w``, ``fisher``) go to ``save(i, tensors)`` as soon as it is done
     (:func:`to_tensors`'s keys); the rest is returned. Same batches, same draws, same sums as
     :func:`collect`.
     """
     names, input_ids, scored, masks = _setup(data, groups)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     blocks = arch.blocks(model)
     prefix = arch.block_prefix
     n, seq = input_ids.shape
@@ -416,7 +418,7 @@ def collect_blockwise(
         for r in batches:  # the loss on the last block's output
             hooks.rows, hooks.masks = r, masks[:, r].to(device)
             top = x[r].to(device).requires_grad_(True)
-            with _fed(blocks, top):
+            with fed_top(blocks, top):
                 loss, predicted = _loss(model, data, scored, input_ids[r].to(device), r, device)
             hooks.phase = "data"
             grads["data"][r] = torch.autograd.grad(loss, top, retain_graph=True)[0].cpu()
@@ -429,6 +431,7 @@ def collect_blockwise(
         for h in handles:
             h.remove()
     del x
+    weights.release_outside(model)  # the head's statistics are taken
     for i in tqdm(reversed(range(len(blocks))), desc="gradient backward", total=len(blocks)):
         block = blocks[i]
         weights.load(i, block, device)
@@ -456,28 +459,11 @@ def collect_blockwise(
                 handle.remove()
         weights.release(block)
         (work / f"input_{i:03d}.pt").unlink()
-        full = hooks.linear_stats(inner, n * seq, None, keys=FULL)
+        full = hooks.linear_stats(inner, n * seq, None, keys=FULL, stored=True)
         save(i, to_tensors(GradientStats(full, {}, (), (), 0, 0, 0.0)))
+        del full  # written: not kept beside the next block
     every = [n for n, _, _ in arch.linears(model)]
     return _result(hooks, names, masks, every, len(blocks), scored, total_loss, device)
-
-
-@contextmanager
-def _fed(blocks: nn.ModuleList, h: torch.Tensor):
-    """Within the block, the model's forward skips its blocks and the last one hands on ``h``:
-    what follows the blocks (final norm, head, soft-capping) runs on ``h``."""
-    last = len(blocks) - 1
-    for i, block in enumerate(blocks):
-        block.forward = (
-            (lambda *a, **k: h)
-            if i == last
-            else (lambda *a, **k: a[0] if a else k["hidden_states"])
-        )
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
 
 
 # ----------------------------------------------------------------------------- saved form
@@ -499,10 +485,8 @@ def to_tensors(stats: GradientStats) -> dict[str, torch.Tensor]:
     """Flat safetensors dict: ``linear/<path>/<stat>`` and ``block/<i>/<stat>``."""
     out = {}
     for name, d in stats.linears.items():
-        out.update({f"linear/{name}/{k}": v.contiguous() for k, v in d.items()})
-        for k in FULL:
-            if k in d:
-                out[f"linear/{name}/{k}"] = d[k].to(torch.bfloat16).contiguous()
+        for k, v in d.items():
+            out[f"linear/{name}/{k}"] = (v.to(FULL_DTYPE) if k in FULL else v).contiguous()
     for i, d in stats.blocks.items():
         out.update({f"block/{i:03d}/{k}": v.contiguous() for k, v in d.items()})
     return out

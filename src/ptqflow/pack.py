@@ -25,7 +25,7 @@ paths runs it after gathering the input columns in the same order.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from ptqflow import activation
 from ptqflow.activation import ActSpec
-from ptqflow.artifacts import load_safetensors, save_safetensors
+from ptqflow.artifacts import atomic_write_text, load_safetensors, save_safetensors
 from ptqflow.dtypes import torch_dtype
 from ptqflow.formats import (
     FORMATS,
@@ -49,10 +49,12 @@ from ptqflow.kernels import cpu_int4, w4a16_matmul
 from ptqflow.kernels import reference as ref
 from ptqflow.methods import METHODS
 from ptqflow.models import auto_class, get_architecture
+from ptqflow.models.blockload import INDEX, SINGLE, BlockWeights, safetensors_files
 from ptqflow.models.layers import ScaledActivation
 from ptqflow.quant import QuantSpec
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = SINGLE
+SHARD = "model-{:05d}-of-{:05d}.safetensors"  # a streamed checkpoint's, one per block and INDEX
 INPUT_SCALE = "input_scale"  # a static activation scale's tensor, beside its linear's
 # What to do about a damaged or inconsistent checkpoint: it may be ours or downloaded.
 REPACK = "rerun real-pack (`dvc repro real-pack`) if ptqflow wrote it, or download it again"
@@ -242,8 +244,10 @@ def packed_state_dict(
     fmt: PackFormat,
     dtype: torch.dtype,
     integers: Mapping[str, IntWeight | FloatWeight] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint: the quantized linears packed, the rest cast to ``dtype``.
+    """Every tensor of the checkpoint (those whose path ``keep`` accepts, default all): the
+    quantized linears packed, the rest cast to ``dtype``.
 
     ``model`` already carries whatever transforms precede quantization (folded AWQ scales,
     clips); each linear named in ``plan`` with a spec is packed from ``integers`` (a method
@@ -255,9 +259,10 @@ def packed_state_dict(
     ordered = sorted(n for n, w in (integers or {}).items() if w.g_idx is not None)
     if ordered:  # refused before any packing by a format that cannot hold a g_idx
         fmt.check_g_idx(ordered)
+    keep = keep or (lambda name: True)
     out: dict[str, torch.Tensor] = {}
     for name, spec in plan.items():
-        if spec is None:
+        if spec is None or not keep(name):
             continue
         layer = model.get_submodule(name)
         if integers is not None and name in integers:
@@ -271,7 +276,7 @@ def packed_state_dict(
     quantized = {f"{n}.weight" for n, s in plan.items() if s is not None}
     seen: set[int] = set()
     for key, t in model.state_dict(keep_vars=True).items():
-        if key in quantized or key in out or id(t) in seen:
+        if key in quantized or key in out or id(t) in seen or not keep(key):
             continue
         seen.add(id(t))
         t = t.detach().cpu()
@@ -288,21 +293,26 @@ def save_packed(
     act: ActSpec | None = None,
     integers: Mapping[str, IntWeight | FloatWeight] | None = None,
     act_scales: Mapping[str, torch.Tensor] | None = None,
+    blocks: Blocks | None = None,
 ) -> dict[str, int]:
     """Write the checkpoint directory: ``config.json`` (with ``quantization_config``, which
-    declares the activation quantization ``act`` if given), ``model.safetensors``, generation
-    config and tokenizer. Returns tensor and byte counts. ``integers``: see
-    :func:`packed_state_dict`. A static ``act`` (one calibrated scale per linear) needs
-    ``act_scales`` (:func:`ptqflow.activation.calibrate_scales` of the fake-quant model),
-    stored as ``<linear>.input_scale`` (float32 ``[1]``, compressed-tensors' name).
+    declares the activation quantization ``act`` if given), the weights, generation config and
+    tokenizer. Returns tensor and byte counts. ``integers``: see :func:`packed_state_dict`. A
+    static ``act`` (one calibrated scale per linear) needs ``act_scales``
+    (:func:`ptqflow.activation.calibrate_scales` of the fake-quant model), stored as
+    ``<linear>.input_scale`` (float32 ``[1]``, compressed-tensors' name).
 
-    ``model.safetensors`` comes last, through a temporary file: a write that fails (a full disk
-    raises :class:`ptqflow.artifacts.DiskFullError`) leaves none, so :func:`load_packed`
-    refuses the directory instead of reading half a checkpoint."""
+    The weights are one ``model.safetensors``; or, given ``blocks`` (the model's decoder blocks
+    on ``meta``, :func:`~ptqflow.models.blockload.open_blockwise`), one shard for what lies
+    outside the blocks and one per block, each block read, transformed, packed, written and
+    released in turn, with the usual ``model.safetensors.index.json``. Each file is written
+    through a temporary file and the weights come last: a write that fails (a full disk
+    raises :class:`ptqflow.artifacts.DiskFullError`) leaves no index or ``model.safetensors``,
+    so :func:`load_packed` refuses the directory instead of reading half a checkpoint."""
     out_dir = Path(out_dir)
     fmt = FORMATS[cfg.format]
-    state = packed_state_dict(model, plan, fmt, cfg.torch_dtype, integers)
-    disk = get_architecture(model.config.model_type).checkpoint_name  # the names on disk
+    arch = get_architecture(model.config.model_type)
+    disk = arch.checkpoint_name  # the names on disk
     specs = {n: s for n, s in plan.items() if s is not None}
     if act is not None and act.static:
         missing = [n for n in specs if act_scales is None or n not in act_scales]
@@ -311,8 +321,68 @@ def save_packed(
                 f"static activation quantization needs a calibrated input scale for every "
                 f"quantized linear; none for {missing[:3]} (of {len(missing)})"
             )
-        for name in specs:
-            state[f"{name}.{INPUT_SCALE}"] = act_scales[name].float().reshape(1).clone()
+    _write_config(model, tokenizer, plan, cfg, out_dir, act, integers, fmt)
+
+    def packed(keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        state = packed_state_dict(model, plan, fmt, cfg.torch_dtype, integers, keep)
+        if act is not None and act.static:
+            for name in specs:
+                if keep is None or keep(name):
+                    state[f"{name}.{INPUT_SCALE}"] = act_scales[name].float().reshape(1).clone()
+        return {disk(k): t for k, t in state.items()}
+
+    if blocks is None:
+        state = packed()
+        save_safetensors(state, out_dir / WEIGHTS, metadata={"format": "pt"})
+        return {
+            "tensors": len(state),
+            "quantized_linears": len(specs),
+            "bytes": (out_dir / WEIGHTS).stat().st_size,
+        }
+    weights, prepare = blocks
+    n = len(arch.blocks(model))
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def write(i: int, state: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        name = SHARD.format(i + 1, n + 1)
+        save_safetensors(state, out_dir / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(state, name))
+        total += sum(t.numel() * t.element_size() for t in state.values())
+
+    write(0, packed(lambda k: arch.block_of(k) is None))  # embeddings, norm, head
+    for i, block in enumerate(arch.blocks(model)):
+        weights.load(i, block, "cpu")
+        prepare(i, block)
+        write(i + 1, packed(lambda k, i=i: arch.block_of(k) == i))
+        weights.release(block)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_text(out_dir / INDEX, json.dumps(index, indent=2) + "\n")
+    return {
+        "tensors": len(weight_map),
+        "quantized_linears": len(specs),
+        "bytes": sum(f.stat().st_size for f in weight_files(out_dir)),
+    }
+
+
+Blocks = tuple[BlockWeights, Callable[[int, nn.Module], None]]
+"""A model's blocks read one at a time: their loader, and what transforms block ``i`` before it
+is packed (scales folded, clips applied)."""
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: ``model.safetensors``, or the shards
+    its index names; empty when it has neither."""
+    return [path / f for f in safetensors_files(path, REPACK)[0]]
+
+
+def _write_config(model, tokenizer, plan, cfg, out_dir, act, integers, fmt) -> None:
+    """``config.json`` with its ``quantization_config``, the generation config and the
+    tokenizer: what the weights do not hold, from the module tree alone (blocks may be on
+    ``meta``)."""
+    disk = get_architecture(model.config.model_type).checkpoint_name
+    specs = {n: s for n, s in plan.items() if s is not None}
     in_features = {n: model.get_submodule(n).in_features for n in specs}
     skipped = [n for n, s in plan.items() if s is None]
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -321,7 +391,6 @@ def save_packed(
     if "lm_head" in specs:  # a quantized head cannot share the embedding's tensor
         config.tie_word_embeddings = False
     ordered = [n for n, w in (integers or {}).items() if w.g_idx is not None and n in specs]
-    state = {disk(k): t for k, t in state.items()}
     specs, in_features = (
         {disk(n): s for n, s in specs.items()},
         {disk(n): k for n, k in in_features.items()},
@@ -339,12 +408,6 @@ def save_packed(
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
         _portable_tokenizer(out_dir / "tokenizer_config.json")
-    save_safetensors(state, out_dir / WEIGHTS, metadata={"format": "pt"})
-    return {
-        "tensors": len(state),
-        "quantized_linears": len(specs),
-        "bytes": (out_dir / WEIGHTS).stat().st_size,
-    }
 
 
 def _portable_config(path: Path) -> None:
@@ -419,10 +482,11 @@ def load_packed(
     from transformers import AutoConfig
 
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
+    files = weight_files(path)
+    if not (path / "config.json").is_file() or not files:
         raise FileNotFoundError(
-            f"'{path}' is not a packed checkpoint (needs config.json and {WEIGHTS}); "
-            "run the real-pack stage first"
+            f"'{path}' is not a packed checkpoint (needs config.json and {WEIGHTS} or "
+            f"{INDEX}); run the real-pack stage first"
         )
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -437,7 +501,9 @@ def load_packed(
         model = auto_class(config).from_config(config)
     arch = get_architecture(config.model_type)
     arch.prepare(model)
-    state, _ = load_safetensors(path / WEIGHTS, f"the checkpoint is damaged: {REPACK}")
+    state = {}
+    for f in files:
+        state.update(load_safetensors(f, f"the checkpoint is damaged: {REPACK}")[0])
     marker = "." + fmt.marker
     names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))
     suffix = f".{INPUT_SCALE}"  # static activation scales

@@ -3,7 +3,8 @@ and the Python API all consume, so none of them recomputes a searched method's i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +36,17 @@ class MethodResult:
     clips: dict[str, torch.Tensor] = field(default_factory=dict)
     rounded: dict[str, Rounded] | None = None
     fingerprints: dict[str, Any] = field(default_factory=dict)
+
+    def part(self, keep: Callable[[str], bool]) -> MethodResult:
+        """The result for the linears whose paths ``keep`` holds (one block's, say)."""
+        return replace(
+            self,
+            scales=[g for g in self.scales if keep(g.linears[0])],
+            clips={n: c for n, c in self.clips.items() if keep(n)},
+            rounded=None
+            if self.rounded is None
+            else {n: r for n, r in self.rounded.items() if keep(n)},
+        )
 
     def transform(self, model: nn.Module) -> None:
         """Fold the scales and clamp the clips into ``model`` (full precision still)."""

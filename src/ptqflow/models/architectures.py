@@ -301,17 +301,18 @@ class Architecture:
                 return f"{head}{layer}.{b}{rel[len(a) :]}"
         return path
 
+    def block_of(self, path: str) -> int | None:
+        """The number of the decoder block a module or tensor path lies in (None: outside)."""
+        head = self.block_prefix + "."
+        return int(path[len(head) :].split(".", 1)[0]) if path.startswith(head) else None
+
     def linears(self, model: nn.Module) -> list[tuple[str, int | None, int]]:
         """Every ``nn.Linear`` as ``(path, decoder layer number or None, in_features)``."""
-        prefix = self.block_prefix + "."
-        out = []
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                layer = None
-                if name.startswith(prefix):
-                    layer = int(name[len(prefix) :].split(".", 1)[0])
-                out.append((name, layer, module.in_features))
-        return out
+        return [
+            (name, self.block_of(name), module.in_features)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+        ]
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (

@@ -87,12 +87,8 @@ class BlockWeights:
 
     def __init__(self, directory: Path, arch: Architecture, dtype: torch.dtype) -> None:
         self.directory, self.arch, self.dtype = directory, arch, dtype
-        if (directory / INDEX).is_file():
-            weight_map = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (directory / SINGLE).is_file():
-            files, weight_map = [SINGLE], None
-        else:
+        files, weight_map = safetensors_files(directory, "download or save the checkpoint again")
+        if not files:
             raise FileNotFoundError(
                 f"'{directory}' holds neither {INDEX} nor {SINGLE}: block-wise loading reads "
                 "safetensors checkpoints; use model.load=whole for other sources"
@@ -141,13 +137,21 @@ class BlockWeights:
         self.materialize(block, f"{self.arch.block_prefix}.{i}.", device)
 
     @staticmethod
-    def release(block: nn.Module) -> None:
-        """Drop ``block``'s parameters (back to ``meta``); its buffers stay."""
-        for name, p in list(block.named_parameters()):
-            owner, _, attr = name.rpartition(".")
-            sub = block.get_submodule(owner) if owner else block
-            meta = torch.empty_like(p, device="meta")
-            setattr(sub, attr, nn.Parameter(meta, requires_grad=False))
+    def release(block: nn.Module, skip: set[int] = frozenset()) -> None:
+        """Drop ``block``'s parameters (back to ``meta``), but those of the ``skip`` modules
+        (ids); its buffers stay."""
+        for sub in block.modules():
+            if id(sub) in skip:
+                continue
+            for attr, p in list(sub.named_parameters(recurse=False)):
+                if not p.is_meta:
+                    meta = torch.empty_like(p, device="meta")
+                    setattr(sub, attr, nn.Parameter(meta, requires_grad=False))
+
+    def release_outside(self, model: nn.Module) -> None:
+        """Drop what lies outside the decoder blocks (embeddings, final norm, head: the passes
+        need them only before the first block and after the last)."""
+        self.release(model, skip={id(m) for m in self.arch.blocks(model).modules()})
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -165,11 +169,30 @@ def return_freed_memory(threshold: int = 1 << 20) -> None:
     libc.mallopt(M_TRIM_THRESHOLD, threshold)
 
 
+def safetensors_files(directory: Path, remedy: str) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files of a checkpoint directory (the shards its index names, or
+    ``model.safetensors``; none when it has neither), and the index's tensor-to-file map
+    (None without an index).
+
+    Raises:
+        ValueError: the index is not readable JSON with a ``weight_map`` (``remedy`` says what
+            to do).
+    """
+    if (directory / INDEX).is_file():
+        try:
+            weight_map = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{directory / INDEX} is not a readable index ({e}); {remedy}"
+            ) from None
+        return files, weight_map
+    return ([SINGLE] if (directory / SINGLE).is_file() else []), None
+
+
 def _block_of(arch: Architecture, name: str) -> str:
-    head = arch.block_prefix + "."
-    if name.startswith(head):
-        return f"block {name[len(head) :].split('.', 1)[0]}"
-    return "outside the blocks"
+    i = arch.block_of(name)
+    return "outside the blocks" if i is None else f"block {i}"
 
 
 def _checked_skeleton(

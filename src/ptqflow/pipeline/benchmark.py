@@ -22,7 +22,7 @@ from ptqflow.artifacts import atomic_write_text, check_inputs, read_manifest, to
 from ptqflow.bench import bench_kernels, decode_speed, device_name, module_bytes, plot
 from ptqflow.config import BenchConfig, parse, quant_label
 from ptqflow.models import load_model, load_tokenizer
-from ptqflow.pack import WEIGHTS, QuantLinear, load_packed
+from ptqflow.pack import QuantLinear, load_packed, weight_files
 from ptqflow.pipeline.common import StageRun, open_stage, tracked
 from ptqflow.pipeline.table import BY_NAME
 
@@ -71,7 +71,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             decode["fp_bf16"]["weight_bytes"] = module_bytes(bf16)
             del bf16
         del fp
-        packed_bytes = (packed_dir / WEIGHTS).stat().st_size
+        packed_bytes = sum(f.stat().st_size for f in weight_files(packed_dir))
         result = {
             "device": {"name": device_name(device), "cuda": device.type == "cuda"},
             "kernels_need_gpu": device.type != "cuda",

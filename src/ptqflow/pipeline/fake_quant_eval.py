@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from contextlib import closing
 from typing import Any
 
 from ptqflow.artifacts import check_writable, params_hash
 from ptqflow.config import EvalConfig, parse
-from ptqflow.evaluate import eval_windows, perplexity
+from ptqflow.evaluate import eval_windows
 from ptqflow.models import get_architecture, load_config, load_tokenizer
 from ptqflow.multimodal import build_batch, family_of
 from ptqflow.pipeline.common import StageRun, data_source, stage_params, tracked
@@ -40,7 +39,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     ev = parse(EvalConfig, "eval", cfg["eval"])
     stage = BY_NAME[f"eval-{ev.method}"]
-    evaluated = subject(ev, cfg, run)
+    evaluated = subject(ev, cfg, run, "eval")
     config = load_config(evaluated.ref)
     multimodal = get_architecture(config.model_type).multimodal
     where = {"text_field": ev.text_field, "split": ev.split}
@@ -68,12 +67,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             windows = build_batch(family_of(config), tokenizer, pairs, ev.n_windows, ev.seqlen)
             text_digest = windows.sha256()
         mlrun.log_dataset(f"eval:{ev.source}", ev.source, text_digest)
-        t0 = time.perf_counter()
-        model, done = evaluated.build()
-        quant_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = perplexity(model, windows, ev.batch_size)
-        eval_s = time.perf_counter() - t0
+        result, done, seconds = evaluated.perplexity(windows, ev.batch_size)
         # Only figures and the config tag: the params are DVC's and MLflow's already.
         metrics = {
             "quant": tag or "fp",
@@ -91,8 +85,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
                 "nll": result.nll,
                 "bits_per_weight": evaluated.bits_per_weight,
                 "linear_bytes": evaluated.linear_bytes,
-                "eval_seconds": eval_s,
-                "quantize_seconds": quant_s,
+                **seconds,
             }
         )
         write_result(out, metrics, None if run.job is None else params)

@@ -38,7 +38,7 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     le = parse(LmEvalConfig, "lm_eval", cfg["lm_eval"])
     stage = BY_NAME[f"lm-eval-{ev.method}"]
     lmeval.check_tasks(le.tasks)
-    evaluated = subject(ev, cfg, run)
+    evaluated = subject(ev, cfg, run, "lm-eval")
     tag = evaluated.tag
     params = stage_params(stage, cfg)
     key = params_hash(params).removeprefix("sha256:")[:8]

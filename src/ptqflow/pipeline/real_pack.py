@@ -6,15 +6,19 @@ the current config); ``pack.method=rtn`` packs plain round-to-nearest; ``gptq`` 
 layers and their specs exactly as in fake-quant evaluation, so the packed model computes the
 fake-quant model's function. Writes ``<artifacts>/packed/``: ``config.json`` with
 ``quantization_config``, ``model.safetensors``, tokenizer, generation config and
-``manifest.json``. A spec the chosen ``pack.format`` cannot hold fails before any weight loads.
-Static activation scales (``quant.a_granularity=tensor``) are calibrated here on the
-fake-quant model, as the evaluation calibrates them, and stored beside each linear.
+``manifest.json``; with ``model.load=blocks``, one shard per decoder block (and one for the
+rest) with their index, each block read, packed and written in turn. A spec the chosen
+``pack.format`` cannot hold fails before any weight loads. Static activation scales
+(``quant.a_granularity=tensor``) are calibrated here on the fake-quant model, as the evaluation
+calibrates them, and stored beside each linear (whole models only).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from torch import nn
 
 from ptqflow import activation
 from ptqflow.artifacts import atomic_dir, write_manifest
@@ -23,6 +27,8 @@ from ptqflow.formats import FORMATS, check_packable, get_format
 from ptqflow.methods import rounding
 from ptqflow.methods.gptq.config import GPTQConfig
 from ptqflow.models import linear_shapes, load_model, load_tokenizer
+from ptqflow.models.blockload import open_blockwise
+from ptqflow.models.source import checkpoint_dir
 from ptqflow.pack import PackConfig, save_packed
 from ptqflow.pipeline.common import StageRun, quant_tag, stage_params, tracked
 from ptqflow.pipeline.dag import stage_code
@@ -46,8 +52,9 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
     run = run or StageRun.here()
     pack = parse(PackConfig, "pack", cfg["pack"])
     setup = quant_setup(cfg, run)
-    setup.model_cfg.whole("real-pack")
     act = parse_act(cfg["quant"])
+    setup.model_cfg.static_scales(cfg["quant"])
+    streamed = setup.model_cfg.load == "blocks"
     check_packable(get_format(pack.format), setup.plan, linear_shapes(setup.hf_config), act)
     if rounding(pack.method).name == "gptq":
         check_contiguous(cfg, pack)
@@ -68,11 +75,26 @@ def run(cfg: dict[str, Any], run: StageRun | None = None) -> dict[str, Any]:
             model = model.to(device)
             act_scales = activation.calibrate_scales(model, done, act, calib)
             del model
-        model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
-        result.transform(model)
+        blocks = None
+        if streamed:  # one block read, transformed, packed and written at a time
+            model, weights = open_blockwise(
+                checkpoint_dir(setup.ref), setup.hf_config, setup.model_cfg.torch_dtype, head=True
+            )
+            arch = setup.arch
+            result.part(lambda n: arch.block_of(n) is None).transform(model)
+
+            def transform(i: int, block: nn.Module) -> None:
+                result.part(lambda n: arch.block_of(n) == i).transform(model)
+
+            blocks = (weights, transform)
+        else:
+            model = load_model(setup.ref, setup.model_cfg.dtype, setup.hf_config)
+            result.transform(model)
         with atomic_dir(out_dir) as tmp:
             tokenizer = load_tokenizer(setup.ref)
-            stats = save_packed(model, tokenizer, setup.plan, pack, tmp, act, integers, act_scales)
+            stats = save_packed(
+                model, tokenizer, setup.plan, pack, tmp, act, integers, act_scales, blocks
+            )
             code = stage_code(STAGE, run.root)
             write_manifest(tmp, STAGE.name, stage_params(STAGE, cfg), inputs, stats, code)
         mlrun.log_metrics(

@@ -5,6 +5,7 @@ read, and where its figures go. Shared by the perplexity and the lm-eval stages.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,21 @@ from ptqflow.artifacts import (
     to_json,
 )
 from ptqflow.config import EvalConfig, ModelConfig, parse_act, quant_label
+from ptqflow.evaluate import PerplexityResult, perplexity, perplexity_blockwise
+from ptqflow.methods.result import MethodResult
 from ptqflow.models import (
     ModelRef,
     linear_layers,
     linear_shapes,
     load_model,
 )
-from ptqflow.pack import PACKED_LINEARS, WEIGHTS, load_packed
+from ptqflow.models.blockload import BlockWeights, open_blockwise
+from ptqflow.models.source import checkpoint_dir
+from ptqflow.multimodal import ImageTextBatch
+from ptqflow.pack import PACKED_LINEARS, load_packed, weight_files
 from ptqflow.pipeline.common import StageRun, open_stage, quant_tag
 from ptqflow.pipeline.quantizing import load_calib, load_method, quant_setup
+from ptqflow.quant import QuantSpec
 
 
 @dataclass
@@ -47,6 +54,9 @@ class Subject:
         linear_bytes: bytes the decoder-block linears take in a checkpoint (bias aside), and
             ``bits_per_weight`` the same per weight.
         build: loads the model; returns it and its quantized linears.
+        blockwise: with ``model.load=blocks``, opens the skeleton and returns it, its blocks'
+            weights and what prepares each block (the block's linears quantized); the names
+            of the quantized linears fill the list it is given.
     """
 
     model_cfg: ModelConfig
@@ -58,12 +68,36 @@ class Subject:
     linear_bytes: int
     bits_per_weight: float
     build: Callable[[], tuple[nn.Module, list[str]]]
+    blockwise: Callable[[list[str]], Blockwise] | None = None
 
     def size(self) -> dict[str, Any]:
         return {
             "bits_per_weight": round(self.bits_per_weight, 6),
             "linear_bytes": self.linear_bytes,
         }
+
+    def perplexity(
+        self, windows: torch.Tensor | ImageTextBatch, batch_size: int
+    ) -> tuple[PerplexityResult, list[str], dict[str, float]]:
+        """The perplexity of the model on ``windows``, loaded whole or one block at a time
+        (``model.load``), its quantized linears and the seconds spent quantizing and scoring."""
+        t0 = time.perf_counter()
+        if self.model_cfg.load == "whole":
+            model, done = self.build()
+            quant_s = time.perf_counter() - t0
+            result = perplexity(model, windows, batch_size)
+            return (
+                result,
+                done,
+                {"quantize_seconds": quant_s, "eval_seconds": time.perf_counter() - t0 - quant_s},
+            )
+        done: list[str] = []
+        model, weights, prepare = self.blockwise(done)
+        result = perplexity_blockwise(model, weights, windows, batch_size, prepare)
+        return result, done, {"eval_seconds": time.perf_counter() - t0}
+
+
+Blockwise = tuple[nn.Module, BlockWeights, Callable[[int, nn.Module], None] | None]
 
 
 def stored_bytes(packed_dir: Path, config) -> tuple[int, int]:
@@ -73,14 +107,15 @@ def stored_bytes(packed_dir: Path, config) -> tuple[int, int]:
     decoder = [n for n, layer, _ in linear_layers(config) if layer is not None]
     prefixes = tuple(f"{n}." for n in decoder)
     size = 0
-    with open_safetensors(packed_dir / WEIGHTS, damaged("real-pack")) as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            if key.startswith(prefixes) and not key.endswith(".bias"):
-                piece = f.get_slice(key)
-                numel = 1
-                for d in piece.get_shape():
-                    numel *= d
-                size += numel * _ELEMENT_BYTES[piece.get_dtype()]
+    for path in weight_files(packed_dir):
+        with open_safetensors(path, damaged("real-pack")) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if key.startswith(prefixes) and not key.endswith(".bias"):
+                    piece = f.get_slice(key)
+                    numel = 1
+                    for d in piece.get_shape():
+                        numel *= d
+                    size += numel * _ELEMENT_BYTES[piece.get_dtype()]
     return size, sum(shapes[n][0] * shapes[n][1] for n in decoder)
 
 
@@ -90,12 +125,14 @@ _ELEMENT_BYTES = {
 }
 
 
-def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
+def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun, stage: str) -> Subject:
     """Check the whole request against the model's shapes and the upstream artifacts before
-    any weight is read."""
+    any weight is read. ``stage``: the asking stage (``eval``, whose fp and fake-quantized
+    models also load one block at a time, or ``lm-eval``)."""
     if ev.method in ("fp", "packed"):
         opened = open_stage(cfg, run)
-        opened.model_cfg.whole("evaluation")
+        if ev.method == "packed" or stage != "eval":
+            opened.model_cfg.whole(f"{stage}-{ev.method}")
         model_cfg, reports, ref, device = (
             opened.model_cfg,
             opened.reports,
@@ -107,6 +144,14 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         if ev.method == "fp":
             size, weights = planned_bytes({}, config)
             build = lambda: (load_model(ref, model_cfg.dtype, config).to(device), [])  # noqa: E731
+
+            def blockwise(done: list[str]) -> Blockwise:
+                dtype = model_cfg.torch_dtype
+                return (
+                    *open_blockwise(checkpoint_dir(ref), config, dtype, device, head=True),
+                    None,
+                )
+
             return Subject(
                 model_cfg,
                 ref,
@@ -117,6 +162,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
                 size,
                 8 * size / weights,
                 build,
+                blockwise,
             )
         packed_dir = opened.artifacts / "packed"
         manifest = read_manifest(packed_dir, "real-pack")
@@ -135,10 +181,13 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         )
 
     setup = quant_setup(cfg, run)
-    setup.model_cfg.whole("evaluation")
+    act, calib = parse_act(cfg["quant"]), None
+    if stage != "eval":
+        setup.model_cfg.whole(f"{stage}-{ev.method}")
+    else:
+        setup.model_cfg.static_scales(cfg["quant"])
     tag = quant_tag(cfg)
     inputs = {"model": setup.fingerprint, **setup.recipe_inputs}
-    act, calib = parse_act(cfg["quant"]), None
     if act is not None and act.static:
         calib, inputs["calib_tokens"] = load_calib(setup, cfg)
     if ev.method == "awq" and not (ev.scales or ev.clips):
@@ -158,6 +207,27 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         quantize_activations(model, done, act, calib)
         return model, done
 
+    def blockwise(done: list[str]) -> Blockwise:
+        device, arch = setup.model_cfg.torch_device(), setup.arch
+        model, weights = open_blockwise(
+            checkpoint_dir(setup.ref), setup.hf_config, setup.model_cfg.torch_dtype, device, True
+        )
+
+        def quantize(part: MethodResult, plan: dict[str, QuantSpec | None]) -> None:
+            names = part.fake_quantize(model, plan)
+            quantize_activations(model, names, act, None)  # dynamic scales (checked above)
+            done.extend(names)
+
+        def block_plan(keep: Callable[[str], bool]) -> tuple[MethodResult, dict]:
+            return result.part(keep), {n: s for n, s in setup.plan.items() if keep(n)}
+
+        quantize(*block_plan(lambda n: arch.block_of(n) is None))  # a head, say
+
+        def prepare(i: int, block: nn.Module) -> None:
+            quantize(*block_plan(lambda n: arch.block_of(n) == i))
+
+        return model, weights, prepare
+
     size, weights = planned_bytes(setup.plan, setup.hf_config)
     return Subject(
         setup.model_cfg,
@@ -169,6 +239,7 @@ def subject(ev: EvalConfig, cfg: dict[str, Any], run: StageRun) -> Subject:
         size,
         8 * size / weights,
         build_fake,
+        blockwise,
     )
 
 

@@ -31,9 +31,11 @@ take the same coarse step on all tokens. Both ``1``: every point on every sequen
 full-precision reference is the output recorded in the block's forward pass, not recomputed.
 
 When the inspected module is the single linear itself (v->o, up->down), the squared error is
-computed from the input's Gram matrix ``G = X^T X``: ``||X D^T||^2 = sum((D G) * D)`` with
-``D = Q(W s)/s - W``. That is the same loss (no approximation; it avoids the cancellation in
-``out - ref``) at ``in/N`` of the cost of re-running the matmul on all ``N`` tokens.
+``||X D^T||^2`` with ``D = Q(W s)/s - W`` (no ``out - ref``, so no cancellation). With more
+tokens ``N`` than input channels it is computed from the input's Gram matrix ``G = X^T X`` as
+``sum((D G) * D)``, at ``in/N`` of the cost of the matmul on all tokens; with fewer (a few
+calibration sequences on a wide layer), from ``X`` itself, which costs less and needs no
+``in x in`` matrix (485 MB for a 7B model's down projection).
 
 The result of one group is a :class:`GroupScale`; :func:`block_record` and :func:`load_scales`
 write and read them, one ``block_NNN.safetensors`` per decoder block.
@@ -105,7 +107,7 @@ def candidate_scales(
     return s / (s.max() * s.min()).sqrt()
 
 
-CHUNK = 1 << 24
+CHUNK = 1 << 22
 """Weight elements above which a candidate is quantized (and scored) in chunks of rows, so a
 large linear's search holds a chunk's temporaries instead of the whole weight's several
 times over. Integer specs only: their groups never span rows."""
@@ -126,6 +128,26 @@ def gram(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Te
     if token_weights is None:
         return x2.T @ x2
     return (x2 * token_weights.reshape(-1, 1).float()).T @ x2
+
+
+def _squared_error(
+    x: torch.Tensor, token_weights: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``d -> `` the terms whose sum is ``||X d^T||^2`` (tokens weighted if given), one row per
+    row of ``d``: from the Gram matrix when the tokens outnumber the input channels, else from
+    ``X`` itself (module docstring)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if x2.shape[0] >= x2.shape[1]:
+        g = gram(x, token_weights)
+        return lambda d: (d @ g) * d
+    tw = None if token_weights is None else token_weights.reshape(-1, 1).float()
+
+    def terms(d: torch.Tensor) -> torch.Tensor:
+        y = x2 @ d.T  # [N, rows]
+        y = y * y if tw is None else y * y * tw
+        return y.T
+
+    return terms
 
 
 def _weighted_loss(
@@ -274,8 +296,11 @@ def search_group(
     quantized = [(lin, specs[n]) for lin, n in zip(linears, group.linears, strict=True) if specs[n]]
     if not quantized:
         return None
-    # Clones: on the CPU `.cpu()`/`.detach()` share storage with the weight changed below.
-    originals = [lin.weight.detach().clone() for lin in linears]
+    # The Gram-matrix loss needs the input unchanged across candidates: not so under Q_a.
+    alone = group.linears == (group.inspect,) and cfg.loss == "mse" and act is None
+    # Clones where the candidates are written into the weights (on the CPU `.cpu()`/`.detach()`
+    # share storage with them); the lone linear's loss never changes its weight.
+    originals = [lin.weight.detach() if alone else lin.weight.detach().clone() for lin in linears]
     if cfg.grid == "smoothquant":
         x_stat, w_stat = activation_max(x), weight_max(originals)
     else:
@@ -287,23 +312,20 @@ def search_group(
     def scales(i: int) -> torch.Tensor:
         return candidate_scales(x_stat, w_stat, i / cfg.n_grid).to(x.device)
 
-    # The Gram-matrix loss needs the input unchanged across candidates: not so under Q_a.
-    if group.linears == (group.inspect,) and cfg.loss == "mse" and act is None:
-        g = gram(x, token_weights)
+    if alone:
         n_tok = x.shape[:-1].numel() if token_weights is None else fixed_sum(token_weights.float())
         norm = float(n_tok) * linears[0].out_features
         w, spec = originals[0].float(), quantized[0][1]
         chunks = row_chunks(w, spec)
+        squared = _squared_error(x, token_weights)
 
         def score(i: int, batch: _Batch | None = None) -> float:
             s = scales(i)
             if len(chunks) == 1:
-                d = fake_quantize(w * s, spec) / s - w
-                return fixed_sum((d @ g) * d).item() / norm
+                return fixed_sum(squared(fake_quantize(w * s, spec) / s - w)).item() / norm
             per_row = []  # a large weight: row sums chunk by chunk, then one fixed sum
             for r in chunks:
-                d = fake_quantize(w[r] * s, spec) / s - w[r]
-                per_row.append(((d @ g) * d).sum(1))
+                per_row.append(squared(fake_quantize(w[r] * s, spec) / s - w[r]).sum(-1))
             return fixed_sum(torch.cat(per_row)).item() / norm
 
         full = coarse = None
@@ -351,8 +373,9 @@ def search_group(
             else:
                 losses, coarse_losses = descend(score, cfg.n_grid, start), rough
     finally:
-        for lin, w in zip(linears, originals, strict=True):
-            lin.weight.copy_(w)
+        if not alone:
+            for lin, w in zip(linears, originals, strict=True):
+                lin.weight.copy_(w)
     best = _argmin(losses)
     if best is None:
         raise FloatingPointError(

@@ -293,13 +293,23 @@ def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, m
     shards) gives the scale, clip and GPTQ searches exactly the bytes of the whole model, and
     leaves no weight loaded: the embeddings go once the first block's input is known. The
     perplexity evaluation, block by block, scores what the whole model scores; the packed
-    checkpoint, streamed one shard per block, holds the whole model's tensors."""
+    checkpoint of GPTQ's integers, streamed one shard per block, holds the whole model's
+    tensors, and reads each block's integers only when it packs that block (after one pass
+    that checks them all)."""
     from safetensors.torch import load_file
 
+    import ptqflow.methods.gptq.block as gptq_block
     import ptqflow.pipeline.quantizing as quantizing
     import ptqflow.pipeline.subject as subject
 
     whole, real_open, opened = quantizing.load_model, quantizing.open_blockwise, []
+    real_read, reads = gptq_block.read_safetensors, []
+
+    def read_safetensors(path, stage):
+        reads.append(path.name)
+        return real_read(path, stage)
+
+    monkeypatch.setattr(gptq_block, "read_safetensors", read_safetensors)
 
     def open_blockwise(*args, **kwargs):
         model, weights = real_open(*args, **kwargs)
@@ -326,7 +336,10 @@ def test_block_by_block_loading_searches_the_same_bytes(kind, texts, tmp_path, m
         scale_search.run(cfg)
         clip_search.run(cfg)
         gptq_search.run_awq_gptq(cfg)
-        real_pack.run(cfg)
+        reads.clear()
+        real_pack.run({**cfg, "pack": {**cfg["pack"], "method": "awq_gptq"}})
+        stored = [f"block_{i:03d}.safetensors" for i in range(SHAPE["num_hidden_layers"])]
+        assert reads == stored * 2  # checked, then read block by block
         files[load] = {
             p.relative_to(work): p.read_bytes()
             for d in ("scales", "clips", "awq_gptq")

@@ -41,6 +41,7 @@ from ptqflow.formats import (
     FloatWeight,
     IntWeight,
     PackFormat,
+    act_ordered,
     detect_format,
     get_format,
     weight_record,
@@ -256,7 +257,7 @@ def packed_state_dict(
     another module (tied embeddings) is stored once, under the first name. Integers with a
     group index (``g_idx``) are refused, before any packing, unless ``fmt.holds_g_idx``.
     """
-    ordered = sorted(n for n, w in (integers or {}).items() if w.g_idx is not None)
+    ordered = act_ordered(integers)
     if ordered:  # refused before any packing by a format that cannot hold a g_idx
         fmt.check_g_idx(ordered)
     keep = keep or (lambda name: True)
@@ -390,7 +391,7 @@ def _write_config(model, tokenizer, plan, cfg, out_dir, act, integers, fmt) -> N
     config.architectures = [type(model).__name__]
     if "lm_head" in specs:  # a quantized head cannot share the embedding's tensor
         config.tie_word_embeddings = False
-    ordered = [n for n, w in (integers or {}).items() if w.g_idx is not None and n in specs]
+    ordered = [n for n in act_ordered(integers) if n in specs]
     specs, in_features = (
         {disk(n): s for n, s in specs.items()},
         {disk(n): k for n, k in in_features.items()},

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from ptqflow.activation import ActSpec
 from ptqflow.formats.awq_gemm import AwqGemm
-from ptqflow.formats.base import FloatWeight, IntWeight, PackFormat, chosen_record, weight_record
+from ptqflow.formats.base import (
+    FloatWeight,
+    IntWeight,
+    PackFormat,
+    act_ordered,
+    chosen_record,
+    weight_record,
+)
 from ptqflow.formats.bitstream import Bitstream
 from ptqflow.formats.compressed_tensors import CompressedTensors
 from ptqflow.quant import QuantSpec
@@ -21,6 +28,7 @@ __all__ = [
     "IntWeight",
     "PackFormat",
     "check_packable",
+    "act_ordered",
     "chosen_record",
     "detect_format",
     "get_format",

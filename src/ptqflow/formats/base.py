@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -217,6 +218,18 @@ def chosen_record(
             raise ValueError(f"{spec.tag}: a group index (g_idx) is for integer weights")
         return FloatWeight.from_values(q, scale, spec)
     return IntWeight.from_integers(q, scale, zero, spec, g_idx)
+
+
+def act_ordered(chosen: Mapping[str, Any] | None) -> list[str]:
+    """The names, sorted, whose chosen values (:class:`IntWeight` records or GPTQ's
+    ``Rounded``) have groups that follow a group index (``g_idx``). A mapping that reads its
+    values lazily says so in its ``ordered`` attribute, and is not read here."""
+    if chosen is None:
+        return []
+    known = getattr(chosen, "ordered", None)
+    if known is not None:
+        return sorted(known)
+    return sorted(n for n, w in chosen.items() if w.g_idx is not None)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ptqflow.fields import check_value
+from ptqflow.formats import act_ordered
 from ptqflow.gguf.archs import GGUFArch, gguf_arch
 from ptqflow.gguf.blocks import BlockType, block_type, named
 from ptqflow.gguf.vocab import Value
@@ -86,7 +87,7 @@ def plan_types(
 def check_rounded(rounded: Mapping[str, Rounded] | None) -> None:
     """Refuse values whose groups follow a column permutation (GPTQ's act-order ``g_idx``): a
     GGUF block is 32 consecutive inputs."""
-    ordered = sorted(n for n, r in (rounded or {}).items() if r.g_idx is not None)
+    ordered = act_ordered(rounded)
     if ordered:
         raise ValueError(
             f"{len(ordered)} linears (first: {ordered[0]}) hold act-order group indices; GGUF "

@@ -3,14 +3,14 @@ and the Python API all consume, so none of them recomputes a searched method's i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ptqflow.formats import FloatWeight, IntWeight, chosen_record
+from ptqflow.formats import FloatWeight, IntWeight, act_ordered, chosen_record
 from ptqflow.methods.awq.apply import apply_clips, apply_scales
 from ptqflow.methods.awq.scale import GroupScale
 from ptqflow.methods.gptq.block import apply_rounded
@@ -34,7 +34,7 @@ class MethodResult:
     method: str
     scales: list[GroupScale] = field(default_factory=list)
     clips: dict[str, torch.Tensor] = field(default_factory=dict)
-    rounded: dict[str, Rounded] | None = None
+    rounded: Mapping[str, Rounded] | None = None
     fingerprints: dict[str, Any] = field(default_factory=dict)
 
     def part(self, keep: Callable[[str], bool]) -> MethodResult:
@@ -45,7 +45,7 @@ class MethodResult:
             clips={n: c for n, c in self.clips.items() if keep(n)},
             rounded=None
             if self.rounded is None
-            else {n: r for n, r in self.rounded.items() if keep(n)},
+            else {n: self.rounded[n] for n in self.rounded if keep(n)},  # only these are read
         )
 
     def transform(self, model: nn.Module) -> None:
@@ -63,12 +63,26 @@ class MethodResult:
 
     def integers(
         self, plan: dict[str, QuantSpec | None]
-    ) -> dict[str, IntWeight | FloatWeight] | None:
+    ) -> Mapping[str, IntWeight | FloatWeight] | None:
         """The chosen integers as the packed formats take them (None: round to nearest, which
         the packer computes from the transformed weights)."""
-        if self.rounded is None:
-            return None
-        return {
-            n: chosen_record(r.q, r.scale, r.zero, plan[n], r.g_idx)
-            for n, r in self.rounded.items()
-        }
+        return None if self.rounded is None else _Records(self.rounded, plan)
+
+
+class _Records(Mapping[str, IntWeight | FloatWeight]):
+    """:meth:`MethodResult.integers`: each record built when asked for, so a pass over one block
+    reads only that block's results."""
+
+    def __init__(self, rounded: Mapping[str, Rounded], plan: dict[str, QuantSpec | None]) -> None:
+        self._rounded, self._plan = rounded, plan
+        self.ordered = act_ordered(rounded)
+
+    def __getitem__(self, name: str) -> IntWeight | FloatWeight:
+        r = self._rounded[name]
+        return chosen_record(r.q, r.scale, r.zero, self._plan[name], r.g_idx)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rounded)
+
+    def __len__(self) -> int:
+        return len(self._rounded)

@@ -17,7 +17,7 @@ holds them exactly), ``<path>.scale`` (float32 ``[out, groups]``),
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from copy import deepcopy
 from pathlib import Path
 
@@ -287,44 +287,88 @@ def load_rounded(
     stage: str,
     specs: Mapping[str, QuantSpec | None],
     shapes: Mapping[str, tuple[int, int]],
-) -> dict[str, Rounded]:
-    """Every linear's GPTQ result in a finished output, checked against the plan: exactly the
-    quantized linears, with the shapes, bit range and group count their spec implies.
+) -> RoundedFiles:
+    """Every linear's GPTQ result in a finished output, checked against the plan (see
+    :class:`RoundedFiles`)."""
+    return RoundedFiles(out_dir, stage, specs, shapes)
+
+
+class RoundedFiles(Mapping[str, Rounded]):
+    """A finished GPTQ output as ``{linear: Rounded}``, read one block file at a time.
+
+    On opening, every block file is read once, one at a time, and checked against the plan:
+    exactly the quantized linears, with the shapes, bit range and group count their spec
+    implies. Afterwards a result is read when asked for, and only its block's file is held, so
+    a pass that goes block by block (the streamed pack, the block-wise evaluation) never holds
+    the whole model's integers (as int32, a 70B model's are 280 GB). ``ordered``: the linears
+    whose groups follow a group index (act-order ``g_idx``), known without reading them again.
 
     Raises:
         ValueError: a linear missing, extra or of the wrong shape or range, naming it.
     """
-    found: dict[str, Rounded] = {}
-    for path in block_files(out_dir, stage):
-        tensors, _ = read_safetensors(path, stage)
-        found.update(from_record(tensors))
-    want = {n for n, s in specs.items() if s is not None}
-    rerun = f"rerun `dvc repro {stage}`"
-    if set(found) != want:
-        odd = sorted(set(found) ^ want)[:3]
-        raise ValueError(
-            f"{out_dir}: the GPTQ results do not cover the recipe's quantized linears "
-            f"(differing: {odd}); {rerun}"
-        )
-    for name, r in found.items():
-        spec = specs[name]
-        out_f, in_f = shapes[name]
-        groups = in_f // spec.group_for(in_f)
-        lo, hi = (-spec.element.max, spec.element.max) if spec.is_float else int_range(spec)
-        ok = (
-            tuple(r.q.shape) == (out_f, in_f)
-            and tuple(r.scale.shape) == (out_f, groups)
-            and (r.zero is None) != spec.zero_point
-            and r.q.dtype == (torch.float32 if spec.is_float else torch.int32)
-            and float(r.q.min()) >= lo
-            and float(r.q.max()) <= hi
-        )
-        if not ok:
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        stage: str,
+        specs: Mapping[str, QuantSpec | None],
+        shapes: Mapping[str, tuple[int, int]],
+    ) -> None:
+        self._stage = stage
+        self._where: dict[str, Path] = {}
+        ordered = []
+        rerun = f"rerun `dvc repro {stage}`"
+        for path in block_files(out_dir, stage):
+            for name, r in self._read(path).items():
+                spec = specs.get(name)
+                if spec is not None and not _fits(r, spec, shapes[name]):
+                    raise ValueError(
+                        f"{out_dir}: the GPTQ result of '{name}' does not fit its spec "
+                        f"{spec.tag} and shape {shapes[name]}; {rerun}"
+                    )
+                self._where[name] = path
+                if r.g_idx is not None:
+                    ordered.append(name)
+        self.ordered = tuple(sorted(ordered))
+        want = {n for n, s in specs.items() if s is not None}
+        if set(self._where) != want:
+            odd = sorted(set(self._where) ^ want)[:3]
             raise ValueError(
-                f"{out_dir}: the GPTQ result of '{name}' does not fit its spec {spec.tag} and "
-                f"shape {(out_f, in_f)}; {rerun}"
+                f"{out_dir}: the GPTQ results do not cover the recipe's quantized linears "
+                f"(differing: {odd}); {rerun}"
             )
-    return found
+        self._held: tuple[Path | None, dict[str, Rounded]] = (None, {})
+
+    def _read(self, path: Path) -> dict[str, Rounded]:
+        return from_record(read_safetensors(path, self._stage)[0])
+
+    def __getitem__(self, name: str) -> Rounded:
+        path = self._where[name]
+        if self._held[0] != path:
+            self._held = (None, {})  # the previous block's results go before the next's come
+            self._held = (path, self._read(path))
+        return self._held[1][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _fits(r: Rounded, spec: QuantSpec, shape: tuple[int, int]) -> bool:
+    """Whether a stored result has the shape, value range and group count ``spec`` implies."""
+    out_f, in_f = shape
+    groups = in_f // spec.group_for(in_f)
+    lo, hi = (-spec.element.max, spec.element.max) if spec.is_float else int_range(spec)
+    return (
+        tuple(r.q.shape) == (out_f, in_f)
+        and tuple(r.scale.shape) == (out_f, groups)
+        and (r.zero is None) != spec.zero_point
+        and r.q.dtype == (torch.float32 if spec.is_float else torch.int32)
+        and float(r.q.min()) >= lo
+        and float(r.q.max()) <= hi
+    )
 
 
 @torch.no_grad()

@@ -9,8 +9,11 @@ where it stopped and ends with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -289,11 +292,17 @@ class BlockStore:
     its ``KEY`` file as JSON; a killed run restarts from the blocks already there, and a run
     with another key starts afresh. :meth:`finalize` renames the partial directory into
     place, so the output appears whole or not at all, with the same bytes either way.
+
+    One run at a time writes an output: the store holds an exclusive lock on ``.<name>.lock``
+    from its creation until :meth:`finalize` (or the process's end), and a second run into the
+    same directory is refused, naming the first, instead of deleting its blocks.
     """
 
     def __init__(self, out_dir: str | Path, key: Mapping[str, Any]) -> None:
         key = to_json(key)
         self.out_dir = Path(out_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _hold_lock(self.out_dir.parent / f".{self.out_dir.name}.lock", self.out_dir)
         self.partial = self.out_dir.parent / f".{self.out_dir.name}.partial"
         key_file = self.partial / "KEY"
         if self.partial.exists() and (
@@ -325,6 +334,31 @@ class BlockStore:
         (self.partial / "KEY").unlink()
         write_extra(self.partial)
         publish_dir(self.partial, self.out_dir)
+        self._lock.close()  # closing the file releases its lock
+
+
+def _hold_lock(path: Path, out_dir: Path):
+    """``path`` opened and exclusively locked, with this run named in it.
+
+    Raises:
+        RuntimeError: another live run holds it (named: host and process id).
+    """
+    f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held until finalize)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RuntimeError(
+            f"{out_dir} is being written by another run ({holder}, holding {path}): two runs "
+            "into one output would destroy each other's blocks; wait for it to finish, or give "
+            "this run its own paths.artifacts"
+        ) from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ device, dtype, package versions). ``make ui`` serves the database on 127.0.0.1.
 A relative ``sqlite:///`` path resolves against the project root (the main repository's, also
 from inside a queued experiment's temporary clone under ``<repo>/.dvc/tmp/exps/``, so those runs
 outlive the clone). Artifacts go beside the database, in ``mlartifacts/``. A SQLite database
-locked by another writer is waited for (:data:`SQLITE_TIMEOUT_S`).
+locked by another writer is waited for (:data:`SQLITE_TIMEOUT_S`). A shared tracking server
+(``http://...``, on PostgreSQL) takes the same runs from many machines at once: a session's
+stages and sweep jobs starting together share one parent (:func:`parent_run`), and the
+parent's status is derived from its children's (:func:`settle_parent`), so none is lost.
 
 Tracking is a side channel: it never costs a stage its output. Every MLflow call a stage makes
 is fenced; on the first failure the stage warns once (naming the tracking URI and the error),
@@ -20,6 +23,7 @@ goes on, and keeps what it would have logged in ``<project>/mlflow-pending/``, f
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -35,6 +39,10 @@ from typing import Any
 _EXP_TMP = (".dvc", "tmp", "exps")
 SESSION_TAG = "ptqflow.session"
 PARENT_TAG = "mlflow.parentRunId"
+CLAIM_PREFIX = "ptqflow-session-"  # a session's claim on its parent run (see parent_run)
+CLAIM_TAG = "ptqflow.parent_run"
+SETTLE_ROUNDS = 10  # at most this many writes of a parent's status per settle_parent call
+SEARCH_MAX_RESULTS = 50000  # a session's stage runs; the most a tracking server returns at once
 # A saved view of the runs table that shows the figures worth comparing as columns (MLflow 3's
 # runs table shows only Source, Models and Dataset until a user picks more): an experiment tag
 # the UI loads from ``#/experiments/<id>/runs?viewStateShareKey=ptqflow`` (:func:`runs_url`).
@@ -287,25 +295,68 @@ class _Fenced(_NoRun):
         self._call("log_output", str(Path(path).resolve()))
 
 
+def _already_exists(error: Exception) -> bool:
+    return getattr(error, "error_code", None) == "RESOURCE_ALREADY_EXISTS"
+
+
+@contextmanager
+def _first_use(uri: str) -> Iterator[None]:
+    """Around a process's first calls on a ``sqlite:///`` database: an exclusive lock on
+    ``<database>.lock``, so processes starting together do not each create the schema of a
+    new database (MLflow migrates it on first use, and SQLite lets two try)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    lock = Path(uri[len(prefix) :].split("?")[0] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _connect(uri: str, experiment: str):
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow's usage telemetry would call home (ptqflow runs offline), and its thread races a
+    # run's own REST calls over one environment variable (KeyError '_MLFLOW_TELEMETRY_...')
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     mlflow.set_tracking_uri(_with_timeout(uri))
-    client = mlflow.MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    exp_id = (
-        found.experiment_id
-        if found is not None
-        else client.create_experiment(experiment, artifact_location=artifact_location(uri))
-    )
-    if found is None or f"mlflow.sharedViewState.{VIEW_KEY}" not in found.tags:
-        view = {"selectedColumns": list(VIEW_COLUMNS)}
-        envelope = {"name": "ptqflow: results", "createdAt": 0, "state": json.dumps(view)}
-        client.set_experiment_tag(
-            exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(envelope)
+    view_tag = f"mlflow.sharedViewState.{VIEW_KEY}"
+    view = {"name": "ptqflow: results", "createdAt": 0}
+    view["state"] = json.dumps({"selectedColumns": list(VIEW_COLUMNS)})
+    with _first_use(uri):
+        client = mlflow.MlflowClient()
+        found = client.get_experiment_by_name(experiment)
+    if found is None:
+        try:
+            client.create_experiment(
+                experiment, artifact_location(uri), tags={view_tag: json.dumps(view)}
+            )
+        except Exception as error:
+            if not _already_exists(error):
+                raise
+            # another process created it between the look-up and the creation: use theirs
+        found = client.get_experiment_by_name(experiment)
+    if found.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"MLflow experiment '{experiment}' at {uri} is deleted: restore it (`mlflow "
+            f"experiments restore --experiment-id {found.experiment_id}`) or log elsewhere "
+            "(tracking.experiment=<another name>)"
         )
+    exp_id = found.experiment_id
+    if view_tag not in found.tags:  # an experiment made before the view existed
+        try:
+            client.set_experiment_tag(exp_id, view_tag, json.dumps(view))
+        except Exception:
+            # two processes adding it at once: one insert fails on the tag's key
+            if view_tag not in client.get_experiment(exp_id).tags:
+                raise
     mlflow.set_experiment(experiment_id=exp_id)
     return mlflow, client, exp_id
 
@@ -316,21 +367,78 @@ def runs_url(uri: str, experiment: str, base: str = "http://127.0.0.1:5000") -> 
     return f"{base}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
+def _claim_name(exp_id: str, session: Session) -> str:
+    digest = hashlib.sha256(f"{exp_id}\0{session.key}".encode()).hexdigest()[:32]
+    return f"{CLAIM_PREFIX}{digest}"
+
+
 def parent_run(client, exp_id: str, session: Session, tags: Mapping[str, str]) -> str:
-    """The id of ``session``'s parent run, created on first use."""
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{SESSION_TAG}` = '{session.key}'", max_results=1
-    )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(
-        exp_id, run_name=session.name, tags={SESSION_TAG: session.key, **tags, **session.tags}
-    )
-    return run.info.run_id
+    """The id of ``session``'s parent run, created on first use, once however many processes
+    of the session start together.
+
+    The parent is created, then claimed: the claim is an MLflow experiment named after the
+    session, holding the parent's id as a tag. Every backend (SQLite, PostgreSQL, a tracking
+    server) refuses a second experiment of one name, so exactly one claim succeeds; a process
+    whose claim fails deletes the parent it made and takes the claimed one. A claim is deleted
+    as soon as it is made (kept out of the experiment list; its name stays reserved).
+    """
+    claim = _claim_name(exp_id, session)
+    found = client.get_experiment_by_name(claim)
+    if found is None:
+        run = client.create_run(
+            exp_id, run_name=session.name, tags={SESSION_TAG: session.key, **tags, **session.tags}
+        )
+        mine = run.info.run_id
+        try:
+            claim_id = client.create_experiment(claim, tags={CLAIM_TAG: mine})
+        except Exception as error:
+            if not _already_exists(error):
+                raise
+            client.delete_run(mine)
+            found = client.get_experiment_by_name(claim)
+        else:
+            client.delete_experiment(claim_id)
+            return mine
+    return found.tags[CLAIM_TAG]
+
+
+def settle_parent(client, exp_id: str, parent: str) -> str:
+    """Set the parent run's status from its children's, and return it: FAILED when one failed
+    (or was killed), else RUNNING while one runs, else FINISHED.
+
+    Status is derived, never read, changed and written back, so a child's FAILED cannot be
+    overwritten by a sibling that read the parent before it: each process that ends a child
+    writes what it sees, then looks again and writes again until what it wrote is what it
+    sees; the last writer has seen every child that ended before it.
+    """
+    wrote = None
+    for _ in range(SETTLE_ROUNDS):
+        children = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}'",
+            max_results=SEARCH_MAX_RESULTS,
+        )
+        statuses = {r.info.status for r in children}
+        want = (
+            "FAILED"
+            if statuses & {"FAILED", "KILLED"}
+            else "RUNNING"
+            if statuses & {"RUNNING", "SCHEDULED"}
+            else "FINISHED"
+        )
+        if want == wrote:
+            return want
+        if want == "RUNNING":
+            client.update_run(parent, status="RUNNING")
+        else:
+            client.set_terminated(parent, want)
+        wrote = want
+    return wrote
 
 
 def _start(uri: str, experiment: str, run_name: str, params, tags, session) -> tuple:
-    """Open the run (and its session's parent run): ``(mlflow, client, parent id or None)``."""
+    """Open the run (and its session's parent run):
+    ``(mlflow, client, experiment id, parent id or None)``."""
     mlflow, client, exp_id = _connect(uri, experiment)
     tags = dict(tags)
     parent = None
@@ -341,18 +449,19 @@ def _start(uri: str, experiment: str, run_name: str, params, tags, session) -> t
     mlflow.start_run(run_name=run_name, tags=tags)
     try:
         mlflow.log_params(flatten(params))
+        if parent is not None:
+            settle_parent(client, exp_id, parent)
     except Exception:
         with contextlib.suppress(Exception):  # leave no half-open run in this process
             mlflow.end_run("FAILED")
         raise
-    return mlflow, client, parent
+    return mlflow, client, exp_id, parent
 
 
-def _end(mlflow, client, parent: str | None, status: str) -> None:
+def _end(mlflow, client, exp_id: str, parent: str | None, status: str) -> None:
     mlflow.end_run(status)
     if parent is not None:
-        previous = client.get_run(parent).info.status
-        client.set_terminated(parent, "FAILED" if "FAILED" in (status, previous) else status)
+        settle_parent(client, exp_id, parent)
 
 
 @contextmanager

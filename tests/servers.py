@@ -1,0 +1,128 @@
+"""The real servers a test starts on 127.0.0.1 and stops after it: PostgreSQL and an MLflow
+tracking server. Each start is bounded in time; a part that is not installed is an error
+naming the install step (the project's Makefile and .ci/run install them), never a skip."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from glob import glob
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(ready, what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``ready()`` until it is true; a process that exits first, or the timeout, fails."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} was not ready after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not found:
+        raise FileNotFoundError(
+            f"PostgreSQL's {name} is missing: install Debian's postgresql "
+            "(`apt-get install postgresql`, as .ci/run does)"
+        )
+    return found[-1]
+
+
+@contextlib.contextmanager
+def postgres(timeout: float = 60.0) -> Iterator[str]:
+    """A fresh PostgreSQL cluster on 127.0.0.1 with one database; yields its SQLAlchemy URI.
+    Run as the ``postgres`` user when this process is root (PostgreSQL refuses root)."""
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="ptqflow-pg-"))
+    if as_user:
+        shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    run = dict(check=True, capture_output=True, timeout=timeout)
+    subprocess.run(
+        [*as_user, _pg_bin("initdb"), "-D", str(data / "db"), "-U", "ptqflow", "--auth=trust"],
+        **run,
+    )
+    server = subprocess.Popen(
+        [*as_user, _pg_bin("postgres"), "-D", str(data / "db"), "-p", str(port)]
+        + ["-h", "127.0.0.1", "-k", str(data), "-c", "max_connections=200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: _listening(port), "postgres", timeout, server)
+        created = [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "ptqflow"]
+        deadline = time.monotonic() + timeout
+        while subprocess.run([*created, "mlflow"], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:  # listening before it accepts connections
+                raise TimeoutError(f"postgres accepted no database after {timeout:.0f} s")
+            time.sleep(0.2)
+        yield f"postgresql://ptqflow@127.0.0.1:{port}/mlflow"
+    finally:
+        server.send_signal(signal.SIGINT)  # a fast shutdown
+        try:
+            server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend: str, artifacts: str, timeout: float = 180.0) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 over ``backend`` (a database URI), serving artifacts
+    from ``artifacts``; yields its http URI."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+            + ["--port", str(port), "--backend-store-uri", backend]
+            + ["--artifacts-destination", artifacts, "--workers", "2"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its workers stop with it
+        )
+        try:
+            try:
+                wait_until(healthy, "mlflow server", timeout, server)
+            except (RuntimeError, TimeoutError) as error:
+                log.seek(0)
+                raise RuntimeError(f"{error}:\n{log.read().decode()[-3000:]}") from None
+            yield uri
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)

@@ -90,6 +90,28 @@ def postgres(timeout: float = 60.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def serving(cmd: list[str], what: str, ready, timeout: float) -> Iterator[None]:
+    """Run ``cmd`` in its own process group until the block ends (then stop the group), once
+    ``ready()`` holds; a start that fails shows the end of its output."""
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            try:
+                wait_until(ready, what, timeout, server)
+            except (RuntimeError, TimeoutError) as error:
+                log.seek(0)
+                raise RuntimeError(f"{error}:\n{log.read().decode()[-3000:]}") from None
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
 def mlflow_server(backend: str, artifacts: str, timeout: float = 180.0) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 over ``backend`` (a database URI), serving artifacts
     from ``artifacts``; yields its http URI."""
@@ -103,26 +125,37 @@ def mlflow_server(backend: str, artifacts: str, timeout: float = 180.0) -> Itera
         except OSError:
             return False
 
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
-            + ["--port", str(port), "--backend-store-uri", backend]
-            + ["--artifacts-destination", artifacts, "--workers", "2"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its workers stop with it
-        )
-        try:
-            try:
-                wait_until(healthy, "mlflow server", timeout, server)
-            except (RuntimeError, TimeoutError) as error:
-                log.seek(0)
-                raise RuntimeError(f"{error}:\n{log.read().decode()[-3000:]}") from None
-            yield uri
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", backend, "--artifacts-destination", artifacts]
+    with serving([*cmd, "--workers", "2"], "mlflow server", healthy, timeout):
+        yield uri
+
+
+S3_ENV = {  # moto accepts any credentials; DVC and boto3 read these
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str, timeout: float = 60.0) -> Iterator[str]:
+    """An S3-compatible server (moto's server mode, as DVC's own tests use) on 127.0.0.1 with
+    ``bucket`` created; yields its endpoint URL. Set :data:`S3_ENV` for clients."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with serving(cmd, "moto_server", lambda: _listening(port), timeout):
+        s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
+        s3.create_bucket(Bucket=bucket)
+        yield endpoint
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+    }

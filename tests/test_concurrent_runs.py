@@ -74,9 +74,8 @@ def check_runs(uri: str) -> None:
     assert len(children) == JOBS and len(found) == JOBS + 1
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     status = {r.info.run_name: r.info.status for r in children}
-    assert status == {f"job{j}": "FAILED" if j == FAILING else "FINISHED" for j in range(JOBS)}, (
-        status
-    )
+    want = {f"job{j}": "FAILED" if j == FAILING else "FINISHED" for j in range(JOBS)}
+    assert status == want, status
     assert parents[0].info.status == "FAILED"
     assert sorted(r.data.metrics["job"] for r in children) == list(range(JOBS))
 

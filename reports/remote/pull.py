@@ -62,7 +62,7 @@ def main() -> None:
         cache = clone / ".dvc" / "cache"
         files = [p for p in cache.rglob("*") if p.is_file()]
         record = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": f"{_cpu()}, {os.cpu_count()} cores",
             "remote": "moto server (S3 API) on 127.0.0.1",
             "files_pulled": len(files),
             "bytes_pulled": sum(p.stat().st_size for p in files),
@@ -80,6 +80,13 @@ def main() -> None:
     out = ROOT / "reports" / "remote" / "pull.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def _count(text: str, pattern: str) -> int | None:

@@ -1,6 +1,7 @@
-"""The real servers a test starts on 127.0.0.1 and stops after it: PostgreSQL and an MLflow
-tracking server. Each start is bounded in time; a part that is not installed is an error
-naming the install step (the project's Makefile and .ci/run install them), never a skip."""
+"""The real servers a test starts on 127.0.0.1 and stops after it: PostgreSQL, an MLflow
+tracking server and an S3-compatible server. Each start is bounded in time; a part that is
+not installed is an error naming the install step (the project's Makefile and .ci/run install
+them), never a skip."""
 
 from __future__ import annotations
 
@@ -60,39 +61,30 @@ def postgres(timeout: float = 60.0) -> Iterator[str]:
     if as_user:
         shutil.chown(data, "postgres", "postgres")
     port = free_port()
-    run = dict(check=True, capture_output=True, timeout=timeout)
-    subprocess.run(
-        [*as_user, _pg_bin("initdb"), "-D", str(data / "db"), "-U", "ptqflow", "--auth=trust"],
-        **run,
-    )
-    server = subprocess.Popen(
-        [*as_user, _pg_bin("postgres"), "-D", str(data / "db"), "-p", str(port)]
-        + ["-h", "127.0.0.1", "-k", str(data), "-c", "max_connections=200"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    initdb = [_pg_bin("initdb"), "-D", str(data / "db"), "-U", "ptqflow", "--auth=trust"]
+    subprocess.run([*as_user, *initdb], check=True, capture_output=True, timeout=timeout)
+    cmd = [*as_user, _pg_bin("postgres"), "-D", str(data / "db"), "-p", str(port)]
+    cmd += ["-h", "127.0.0.1", "-k", str(data), "-c", "max_connections=200"]
+    created = [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "ptqflow"]
     try:
-        wait_until(lambda: _listening(port), "postgres", timeout, server)
-        created = [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "ptqflow"]
-        deadline = time.monotonic() + timeout
-        while subprocess.run([*created, "mlflow"], capture_output=True).returncode != 0:
-            if time.monotonic() > deadline:  # listening before it accepts connections
-                raise TimeoutError(f"postgres accepted no database after {timeout:.0f} s")
-            time.sleep(0.2)
-        yield f"postgresql://ptqflow@127.0.0.1:{port}/mlflow"
+        # SIGINT: PostgreSQL's fast shutdown (SIGTERM would wait for clients to leave)
+        with serving(cmd, "postgres", lambda: _listening(port), timeout, signal.SIGINT):
+            deadline = time.monotonic() + timeout
+            while subprocess.run([*created, "mlflow"], capture_output=True).returncode != 0:
+                if time.monotonic() > deadline:  # listening before it accepts connections
+                    raise TimeoutError(f"postgres accepted no database after {timeout:.0f} s")
+                time.sleep(0.2)
+            yield f"postgresql://ptqflow@127.0.0.1:{port}/mlflow"
     finally:
-        server.send_signal(signal.SIGINT)  # a fast shutdown
-        try:
-            server.wait(timeout)
-        except subprocess.TimeoutExpired:
-            server.kill()
         shutil.rmtree(data, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str], what: str, ready, timeout: float) -> Iterator[None]:
-    """Run ``cmd`` in its own process group until the block ends (then stop the group), once
-    ``ready()`` holds; a start that fails shows the end of its output."""
+def serving(
+    cmd: list[str], what: str, ready, timeout: float, stop: int = signal.SIGTERM
+) -> Iterator[None]:
+    """Run ``cmd`` in its own process group until the block ends (then send the group
+    ``stop``), once ``ready()`` holds; a start that fails shows the end of its output."""
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -104,7 +96,7 @@ def serving(cmd: list[str], what: str, ready, timeout: float) -> Iterator[None]:
             yield
         finally:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
+                os.killpg(server.pid, stop)
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:

@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,7 +106,7 @@ def run_point(point: str) -> dict:
         (artifacts / "calib").symlink_to(main_calib)
     start = time.perf_counter()
     print(f"== {point}", flush=True)
-    with with_qkv_group() if ablation else _nothing():
+    with with_qkv_group() if ablation else nullcontext():
         if method in ("awq", "awq_gptq") and not (artifacts / "clips").is_dir():
             scale_search.run(cfg, here)
             clip_search.run(cfg, here)
@@ -115,11 +115,6 @@ def run_point(point: str) -> dict:
         metrics = fake_quant_eval.run({**cfg, "eval": {**cfg["eval"], "method": method}}, here)
     print(f"{point}: {metrics['perplexity']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     return metrics
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def main(selected: list[str]) -> None:

@@ -56,7 +56,7 @@ def main() -> None:
             _, clone_s = run("git", "clone", "-q", str(ROOT), str(clone), cwd=work)
             run("dvc", "remote", "add", "--local", REMOTE, url, cwd=clone)
             run("dvc", "remote", "modify", "--local", REMOTE, "endpointurl", endpoint, cwd=clone)
-            pulled, pull_s = run("dvc", "pull", "-r", REMOTE, cwd=clone)
+            _, pull_s = run("dvc", "pull", "-r", REMOTE, cwd=clone)
             repro, repro_s = run("dvc", "repro", cwd=clone)
             after, _ = run("dvc", "status", cwd=clone)
         cache = clone / ".dvc" / "cache"
